@@ -1,0 +1,174 @@
+//! `agentd bench engine`: prefill and decode throughput of the forward pass, as JSON.
+
+use crate::generate::{Engine, Result};
+use serde::Serialize;
+use std::time::Instant;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct EngineBenchConfig {
+    /// Prompt lengths for the prefill measurement.
+    pub prefill_sizes: Vec<usize>,
+    /// Context lengths at which decode speed is measured.
+    pub decode_contexts: Vec<usize>,
+    /// Tokens decoded per decode measurement.
+    pub decode_tokens: usize,
+    /// Prompt tokens per forward call (as in generation).
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineBenchConfig {
+    fn default() -> Self {
+        Self {
+            prefill_sizes: vec![128, 512, 2048],
+            decode_contexts: vec![0, 512, 2048],
+            decode_tokens: 64,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// One prefill measurement.
+#[derive(Debug, Serialize)]
+pub struct PrefillResult {
+    /// Prompt tokens.
+    pub tokens: usize,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Prompt tokens per second.
+    pub tokens_per_s: f64,
+}
+
+/// One decode measurement.
+#[derive(Debug, Serialize)]
+pub struct DecodeResult {
+    /// Tokens already in the context when decoding starts.
+    pub context: usize,
+    /// Tokens decoded.
+    pub tokens: usize,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Generated tokens per second.
+    pub tokens_per_s: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct EngineBenchReport {
+    /// The model file.
+    pub model: String,
+    /// Worker threads.
+    pub threads: usize,
+    /// Whether the AVX2 kernels ran.
+    pub avx2: bool,
+    /// Seconds to load the model.
+    pub load_seconds: f64,
+    /// Bytes of weights in memory.
+    pub weight_bytes: usize,
+    /// Prefill throughput per prompt length.
+    pub prefill: Vec<PrefillResult>,
+    /// Decode throughput per context length.
+    pub decode: Vec<DecodeResult>,
+    /// Peak resident memory of the process, in MiB (Linux `VmHWM`).
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// A deterministic stream of real text tokens, `n` long.
+fn text_tokens(engine: &Engine, n: usize) -> Result<Vec<u32>> {
+    const TEXT: &str =
+        "The history of computing is a story of abstractions stacked on abstractions. \
+        Early machines were programmed by rewiring panels; later, stored programs made software \
+        a thing of its own. Compilers, operating systems and networks followed, each hiding the \
+        layer below. fn main() { let v: Vec<u32> = (0..10).collect(); println!(\"{v:?}\"); } ";
+    let base = engine.tokenizer.encode(TEXT, false)?;
+    Ok(base.iter().copied().cycle().take(n).collect())
+}
+
+fn prefill(engine: &Engine, tokens: &[u32], chunk: usize) -> Result<crate::model::KvCache> {
+    let mut cache = engine.model.new_cache();
+    for c in tokens.chunks(chunk) {
+        engine.model.forward(c, &mut cache)?;
+    }
+    Ok(cache)
+}
+
+/// Runs the measurements.
+pub fn run_engine_bench(engine: &Engine, cfg: &EngineBenchConfig) -> Result<EngineBenchReport> {
+    let longest = cfg
+        .prefill_sizes
+        .iter()
+        .chain(&cfg.decode_contexts)
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let ctx = engine.model.config().context_length;
+    if longest + cfg.decode_tokens + 1 > ctx {
+        return Err(crate::generate::EngineError::InvalidRequest(format!(
+            "benchmark needs {} positions, the model's context length is {ctx}",
+            longest + cfg.decode_tokens + 1
+        )));
+    }
+    let tokens = text_tokens(engine, longest.max(1) + 1)?;
+    // Warm up caches, the thread pool and lazily initialised tables.
+    prefill(engine, &tokens[..32.min(tokens.len())], cfg.prefill_chunk)?;
+
+    let mut prefill_results = Vec::new();
+    for &n in &cfg.prefill_sizes {
+        let start = Instant::now();
+        prefill(engine, &tokens[..n], cfg.prefill_chunk)?;
+        let seconds = start.elapsed().as_secs_f64();
+        prefill_results.push(PrefillResult {
+            tokens: n,
+            seconds,
+            tokens_per_s: n as f64 / seconds,
+        });
+    }
+    let mut decode_results = Vec::new();
+    for &context in &cfg.decode_contexts {
+        let mut cache = prefill(engine, &tokens[..context.max(1)], cfg.prefill_chunk)?;
+        let mut tok = tokens[context.max(1) - 1];
+        let start = Instant::now();
+        for _ in 0..cfg.decode_tokens {
+            let logits = engine.model.forward(&[tok], &mut cache)?;
+            tok = argmax(&logits);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        decode_results.push(DecodeResult {
+            context,
+            tokens: cfg.decode_tokens,
+            seconds,
+            tokens_per_s: cfg.decode_tokens as f64 / seconds,
+        });
+    }
+    Ok(EngineBenchReport {
+        model: engine.path.display().to_string(),
+        threads: rayon::current_num_threads(),
+        avx2: agentd_kernels::cpu::features().avx2,
+        load_seconds: engine.load_time.as_secs_f64(),
+        weight_bytes: engine.model.weight_bytes(),
+        prefill: prefill_results,
+        decode: decode_results,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0 as u32
+}
+
+/// Peak resident set size of this process in MiB, from `/proc/self/status` (Linux only).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

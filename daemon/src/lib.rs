@@ -1,0 +1,19 @@
+//! agentd: a daemon that hosts a Llama-family GGUF model for many agent sessions.
+//!
+//! The pieces, from the file on disk to text on the screen:
+//! - [`model_store`] finds the model file (and fetches the default one).
+//! - [`model`] loads a GGUF file's hyperparameters and weights and runs the forward pass.
+//! - [`tokenizer`] builds a byte-level BPE tokenizer from the GGUF's metadata.
+//! - [`chat`] renders messages through the GGUF's chat template.
+//! - [`sampling`] turns logits into the next token; [`detok`] and [`stop`] turn tokens into text.
+//! - [`generate`] ties them together into a streaming generation loop.
+
+pub mod bench;
+pub mod chat;
+pub mod detok;
+pub mod generate;
+pub mod model;
+pub mod model_store;
+pub mod sampling;
+pub mod stop;
+pub mod tokenizer;

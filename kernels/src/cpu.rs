@@ -1,0 +1,34 @@
+//! Which SIMD instruction sets this CPU offers, detected once at run time.
+
+use std::sync::OnceLock;
+
+/// The instruction sets the kernels can use on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// AVX2 + FMA + F16C, the set the x86 fast paths need together.
+    pub avx2: bool,
+}
+
+/// The features of the CPU we run on (detected on first call; `AGENTD_FORCE_SCALAR=1` turns
+/// the SIMD paths off, for debugging and for measuring what they buy).
+pub fn features() -> Features {
+    static FEATURES: OnceLock<Features> = OnceLock::new();
+    *FEATURES.get_or_init(|| {
+        let forced_off = std::env::var_os("AGENTD_FORCE_SCALAR").is_some_and(|v| v == "1");
+        Features {
+            avx2: !forced_off && detect_avx2(),
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx2() -> bool {
+    false
+}

@@ -1,0 +1,49 @@
+//! Compute kernels for agentd's engine.
+//!
+//! Every kernel works on plain slices (`&[f32]`, raw GGUF block bytes) so the engine can call it
+//! from any tensor library. Kernels that matter for speed have an AVX2 implementation chosen at
+//! run time ([`cpu::features`]) and a portable scalar twin that tests compare it against; nothing
+//! here depends on building with `target-cpu=native`.
+//!
+//! - [`quant`]: GGUF block formats (Q4_0, Q4_1, Q8_0), dequantisation, and 8-bit activations.
+//! - [`matvec`]: a quantized weight matrix times a vector (decode's workhorse), parallel over rows.
+//! - [`vecops`]: f32 dot products, `axpy`, a fast vectorised `exp`, SiLU.
+//! - [`norm`], [`rope`]: RMSNorm and rotary position embeddings.
+//! - [`attention`]: causal grouped-query attention with an online softmax (FlashAttention-style
+//!   tiles), reading each K/V head once per query group and never materialising repeated K/V.
+//!
+//! A CUDA backend (cudarc, NVRTC) will sit beside `cpu` behind a `cuda` feature; it is not built yet.
+
+pub mod attention;
+pub mod cpu;
+pub mod matvec;
+pub mod norm;
+pub mod quant;
+pub mod rope;
+pub mod vecops;
+
+/// Errors a kernel reports when its inputs do not fit together.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    /// A buffer's length does not match the shape it is used with.
+    #[error("{what}: expected {expected} elements, got {got}")]
+    Length {
+        /// Which buffer.
+        what: &'static str,
+        /// The length the shape implies.
+        expected: usize,
+        /// The length given.
+        got: usize,
+    },
+    /// A row length that is not a whole number of quantisation blocks.
+    #[error("row length {cols} is not a multiple of the block size {block}")]
+    PartialBlock {
+        /// Elements per row.
+        cols: usize,
+        /// Elements per block.
+        block: usize,
+    },
+}
+
+/// Result alias for kernel calls.
+pub type Result<T> = std::result::Result<T, KernelError>;
