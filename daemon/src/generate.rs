@@ -180,6 +180,12 @@ impl Engine {
                 "max_tokens must be at least 1".into(),
             ));
         }
+        if opts.max_tokens > ctx {
+            return Err(EngineError::InvalidRequest(format!(
+                "max_tokens {} exceeds the model's context length {ctx}",
+                opts.max_tokens
+            )));
+        }
         if opts.prefill_chunk == 0 {
             return Err(EngineError::InvalidRequest(
                 "prefill_chunk must be at least 1".into(),

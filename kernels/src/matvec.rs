@@ -1,14 +1,15 @@
 //! A quantized weight matrix and its product with a vector: the decode step's workhorse.
 //!
 //! Decode multiplies every weight by one activation vector, so it is bound by memory bandwidth:
-//! reading 4-bit weights instead of f32 ones is what makes it fast. Rows are split across the
-//! rayon pool.
+//! reading 4-bit weights instead of f32 ones is what makes it fast. Products that share an input
+//! (Q, K and V; gate and up) run as one parallel pass ([`matvec_many`]), split into a few
+//! contiguous row ranges so each thread streams its weights front to back.
 
-use crate::quant::{dequantize_row, dot_row, Q8Vector, QuantType, BLOCK};
+use crate::quant::{dequantize_row, dot_rows, repack_row, Q8Vector, QuantType, BLOCK};
 use crate::{KernelError, Result};
 use rayon::prelude::*;
 
-/// A row-major matrix of GGUF blocks: `rows` rows of `cols` elements, as GGUF stores a weight
+/// A row-major matrix of packed blocks: `rows` rows of `cols` elements, as GGUF stores a weight
 /// of shape `[rows, cols]` (output features × input features).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
@@ -22,18 +23,26 @@ pub struct QMatrix {
 const PARALLEL_MIN_ROWS: usize = 64;
 
 impl QMatrix {
-    /// Wraps GGUF block bytes; checks that they hold exactly `rows × cols` elements.
-    pub fn new(ty: QuantType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+    /// Takes GGUF block bytes, checks that they hold exactly `rows × cols` elements, and repacks
+    /// each row for the SIMD kernels ([`repack_row`]).
+    pub fn new(ty: QuantType, rows: usize, cols: usize, gguf: Vec<u8>) -> Result<Self> {
         if !cols.is_multiple_of(BLOCK) {
             return Err(KernelError::PartialBlock { cols, block: BLOCK });
         }
         let expected = rows * ty.row_bytes(cols);
-        if data.len() != expected {
+        if gguf.len() != expected {
             return Err(KernelError::Length {
                 what: "quantized matrix bytes",
                 expected,
-                got: data.len(),
+                got: gguf.len(),
             });
+        }
+        let mut data = vec![0u8; gguf.len()];
+        let rb = ty.row_bytes(cols);
+        if rb > 0 {
+            data.par_chunks_mut(rb)
+                .zip(gguf.par_chunks(rb))
+                .for_each(|(out, row)| repack_row(ty, row, out));
         }
         Ok(Self {
             ty,
@@ -76,47 +85,73 @@ impl QMatrix {
     /// The whole matrix as f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(self.cols)
-            .enumerate()
-            .for_each(|(r, o)| self.dequantize_row_into(r, o));
+        if self.cols > 0 {
+            out.par_chunks_mut(self.cols)
+                .enumerate()
+                .for_each(|(r, o)| self.dequantize_row_into(r, o));
+        }
         out
     }
 
     /// `out = W · x` with `x` already quantised (`cols` elements); `out` has `rows` elements.
     pub fn matvec(&self, x: &Q8Vector, out: &mut [f32]) -> Result<()> {
-        if x.len() != self.cols {
-            return Err(KernelError::Length {
-                what: "matvec input",
-                expected: self.cols,
-                got: x.len(),
-            });
-        }
-        if out.len() != self.rows {
-            return Err(KernelError::Length {
-                what: "matvec output",
-                expected: self.rows,
-                got: out.len(),
-            });
-        }
-        if self.rows < PARALLEL_MIN_ROWS {
-            for (r, o) in out.iter_mut().enumerate() {
-                *o = dot_row(self.ty, self.row(r), x);
-            }
-            return Ok(());
-        }
-        let chunk = (self.rows / (rayon::current_num_threads() * 8)).max(16);
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-            for (i, o) in o.iter_mut().enumerate() {
-                *o = dot_row(self.ty, self.row(c * chunk + i), x);
-            }
-        });
-        Ok(())
+        matvec_many(&[self], x, out)
     }
+}
+
+/// The products of several matrices with the same input, in one parallel pass: `out` holds
+/// their outputs one after another (`Σ rows` elements).
+pub fn matvec_many(mats: &[&QMatrix], x: &Q8Vector, out: &mut [f32]) -> Result<()> {
+    let total: usize = mats.iter().map(|m| m.rows).sum();
+    if out.len() != total {
+        return Err(KernelError::Length {
+            what: "matvec output",
+            expected: total,
+            got: out.len(),
+        });
+    }
+    if let Some(m) = mats.iter().find(|m| m.cols != x.len()) {
+        return Err(KernelError::Length {
+            what: "matvec input",
+            expected: m.cols,
+            got: x.len(),
+        });
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = if total < PARALLEL_MIN_ROWS {
+        total.max(1)
+    } else {
+        total.div_ceil(threads * 2)
+    };
+    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+        // This chunk covers global rows start..start + o.len(), possibly across matrices.
+        let (mut start, mut o) = (c * chunk, o);
+        let mut first_row = 0;
+        for m in mats {
+            if o.is_empty() {
+                break;
+            }
+            if start >= first_row + m.rows {
+                first_row += m.rows;
+                continue;
+            }
+            let r0 = start - first_row;
+            let n = o.len().min(m.rows - r0);
+            let rb = m.ty.row_bytes(m.cols);
+            let (head, rest) = o.split_at_mut(n);
+            dot_rows(m.ty, &m.data[r0 * rb..(r0 + n) * rb], x, head);
+            o = rest;
+            start += n;
+            first_row += m.rows;
+        }
+    });
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::QuantType;
 
     #[test]
     fn matvec_equals_row_dots_and_checks_shapes() {
@@ -146,6 +181,11 @@ mod tests {
             );
         }
         assert!(m.matvec(&xq, &mut out[..3]).is_err());
+        // Several matrices in one pass give each one's product, one after another.
+        let mut both = vec![0f32; 2 * rows];
+        matvec_many(&[&m, &m], &xq, &mut both).unwrap();
+        assert_eq!(&both[..rows], &out[..]);
+        assert_eq!(&both[rows..], &out[..]);
         assert!(QMatrix::new(QuantType::Q4_1, 2, 30, vec![]).is_err());
         assert!(QMatrix::new(QuantType::Q4_1, 2, 32, vec![0; 39]).is_err());
     }

@@ -1,6 +1,7 @@
 //! The forward pass over a sequence's new tokens, and the per-sequence KV cache it extends.
 
 use super::error::{ModelError, Result};
+use super::weights::forward_shared;
 use super::Model;
 use agentd_kernels::attention::{causal_attention, AttentionShape};
 use agentd_kernels::norm::rms_norm;
@@ -65,6 +66,7 @@ struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     q8: Q8Vector,
+    fused: Vec<f32>,
 }
 
 impl Model {
@@ -108,9 +110,14 @@ impl Model {
         };
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut s.norm);
-            layer.wq.forward(&s.norm, n, &mut s.q, &mut s.q8)?;
-            layer.wk.forward(&s.norm, n, &mut s.k, &mut s.q8)?;
-            layer.wv.forward(&s.norm, n, &mut s.v, &mut s.q8)?;
+            forward_shared(
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &s.norm,
+                n,
+                &mut [&mut s.q, &mut s.k, &mut s.v],
+                &mut s.q8,
+                &mut s.fused,
+            )?;
             self.rope.apply(&mut s.q, pos0, c.heads, c.head_dim);
             self.rope.apply(&mut s.k, pos0, c.kv_heads, c.head_dim);
             cache.k[li].extend_from_slice(&s.k);
@@ -129,8 +136,14 @@ impl Model {
             vecops::add(&mut x, &s.proj);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut s.norm);
-            layer.gate.forward(&s.norm, n, &mut s.gate, &mut s.q8)?;
-            layer.up.forward(&s.norm, n, &mut s.up, &mut s.q8)?;
+            forward_shared(
+                &[&layer.gate, &layer.up],
+                &s.norm,
+                n,
+                &mut [&mut s.gate, &mut s.up],
+                &mut s.q8,
+                &mut s.fused,
+            )?;
             vecops::silu_mul(&mut s.gate, &s.up);
             layer.down.forward(&s.gate, n, &mut s.proj, &mut s.q8)?;
             vecops::add(&mut x, &s.proj);

@@ -148,4 +148,6 @@ impl Model {
 }
 
 #[cfg(test)]
+mod load_tests;
+#[cfg(test)]
 mod oracle_tests;

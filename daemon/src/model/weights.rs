@@ -8,7 +8,7 @@
 
 use super::error::{ModelError, Result};
 use super::gguf::GgufFile;
-use agentd_kernels::matvec::QMatrix;
+use agentd_kernels::matvec::{matvec_many, QMatrix};
 use agentd_kernels::quant::{Q8Vector, QuantType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -274,4 +274,43 @@ impl Embedding {
             Table::Dense(_, d) => d.len() * 8,
         }
     }
+}
+
+/// `outs[i] = ws[i] · x` for layers that read the same input (Q, K and V; gate and up). On the
+/// quantized decode path the input is quantised once and every product runs in one parallel
+/// pass; `fused` is scratch for that pass.
+pub fn forward_shared(
+    ws: &[&Linear],
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut Vec<f32>],
+    q8: &mut Q8Vector,
+    fused: &mut Vec<f32>,
+) -> Result<()> {
+    let quantized: Option<Vec<&QMatrix>> = if n == 1 {
+        ws.iter()
+            .map(|w| match &w.weight {
+                Weight::Quant { q, .. } if n <= w.quant_max_rows => Some(&**q),
+                _ => None,
+            })
+            .collect()
+    } else {
+        None
+    };
+    let Some(mats) = quantized else {
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            w.forward(x, n, out, q8)?;
+        }
+        return Ok(());
+    };
+    q8.quantize_from(x);
+    fused.resize(ws.iter().map(|w| w.rows).sum(), 0.0);
+    matvec_many(&mats, q8, fused)?;
+    let mut at = 0;
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        out.clear();
+        out.extend_from_slice(&fused[at..at + w.rows]);
+        at += w.rows;
+    }
+    Ok(())
 }
