@@ -7,8 +7,11 @@
 
 use crate::cpu;
 use crate::vecops::{axpy_body, dot_body, exp_sub_sum_body, scale_body};
+
 use crate::{KernelError, Result};
 use rayon::prelude::*;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
 
 /// The head layout of one attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +76,12 @@ pub fn causal_attention(
                     n_keys: pos0 + 1,
                     scale,
                 };
-                dispatch(|| one_query(&params, qh, o));
+                #[cfg(target_arch = "x86_64")]
+                if cpu::features().avx2 {
+                    // SAFETY: AVX2 and FMA were detected at run time.
+                    return unsafe { one_query_avx2(&params, qh, o) };
+                }
+                one_query(&params, qh, o);
             });
         return Ok(());
     }
@@ -99,7 +107,13 @@ pub fn causal_attention(
                 scale,
             };
             let mut res = vec![0f32; p.rows.len() * group * head_dim];
-            dispatch(|| block_queries(&p, &mut res));
+            #[cfg(target_arch = "x86_64")]
+            if cpu::features().avx2 {
+                // SAFETY: AVX2 and FMA were detected at run time.
+                unsafe { block_queries_avx2(&p, &mut res) };
+                return res;
+            }
+            block_queries(&p, &mut res);
             res
         })
         .collect();
@@ -116,20 +130,16 @@ pub fn causal_attention(
 /// Query rows per prefill task.
 const QUERY_BLOCK: usize = 16;
 
-/// Runs `f` compiled for AVX2+FMA when the CPU has them.
-#[inline(always)]
-fn dispatch(f: impl FnOnce()) {
-    #[cfg(target_arch = "x86_64")]
-    if cpu::features().avx2 {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn fast(f: impl FnOnce()) {
-            f()
-        }
-        // SAFETY: AVX2 and FMA were detected at run time.
-        unsafe { fast(f) };
-        return;
-    }
-    f()
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn one_query_avx2(p: &OneQuery<'_>, q: &[f32], out: &mut [f32]) {
+    one_query(p, q, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_queries_avx2(p: &Block<'_>, out: &mut [f32]) {
+    block_queries(p, out)
 }
 
 /// One prefill task: the query heads of K/V head `kvh` for query rows `rows`.
@@ -172,12 +182,7 @@ fn block_queries(p: &Block<'_>, out: &mut [f32]) {
                 let qv = &p.q[r * p.q_row + head * d..][..d];
                 let acc = &mut out[qi * d..(qi + 1) * d];
                 let s = &mut scores[..n];
-                let mut tmax = f32::NEG_INFINITY;
-                for (j, s) in s.iter_mut().enumerate() {
-                    let at = (t0 + j) * p.kv_row + kv_off;
-                    *s = dot_body(qv, &p.k[at..at + d]) * p.scale;
-                    tmax = tmax.max(*s);
-                }
+                let tmax = tile_scores(qv, &p.k[t0 * p.kv_row + kv_off..], p.kv_row, p.scale, s);
                 if tmax > m[qi] {
                     if l[qi] > 0.0 {
                         let c = (m[qi] - tmax).exp();
@@ -187,10 +192,7 @@ fn block_queries(p: &Block<'_>, out: &mut [f32]) {
                     m[qi] = tmax;
                 }
                 l[qi] += exp_sub_sum_body(s, m[qi]);
-                for (j, &w) in s.iter().enumerate() {
-                    let at = (t0 + j) * p.kv_row + kv_off;
-                    axpy_body(acc, w, &p.v[at..at + d]);
-                }
+                tile_accumulate(acc, &p.v[t0 * p.kv_row + kv_off..], p.kv_row, s);
             }
         }
         t0 += TILE;
@@ -213,7 +215,6 @@ struct OneQuery<'a> {
 
 #[inline(always)]
 fn one_query(p: &OneQuery<'_>, q: &[f32], out: &mut [f32]) {
-    let d = q.len();
     let mut scores = [0f32; TILE];
     let mut m = f32::NEG_INFINITY;
     let mut l = 0f32;
@@ -222,12 +223,7 @@ fn one_query(p: &OneQuery<'_>, q: &[f32], out: &mut [f32]) {
     while t0 < p.n_keys {
         let n = TILE.min(p.n_keys - t0);
         let s = &mut scores[..n];
-        let mut tmax = f32::NEG_INFINITY;
-        for (j, s) in s.iter_mut().enumerate() {
-            let at = (t0 + j) * p.kv_row + p.kv_off;
-            *s = dot_body(q, &p.k[at..at + d]) * p.scale;
-            tmax = tmax.max(*s);
-        }
+        let tmax = tile_scores(q, &p.k[t0 * p.kv_row + p.kv_off..], p.kv_row, p.scale, s);
         if tmax > m {
             if l > 0.0 {
                 let c = (m - tmax).exp();
@@ -237,14 +233,94 @@ fn one_query(p: &OneQuery<'_>, q: &[f32], out: &mut [f32]) {
             m = tmax;
         }
         l += exp_sub_sum_body(s, m);
-        for (j, &w) in s.iter().enumerate() {
-            let at = (t0 + j) * p.kv_row + p.kv_off;
-            axpy_body(out, w, &p.v[at..at + d]);
-        }
+        tile_accumulate(out, &p.v[t0 * p.kv_row + p.kv_off..], p.kv_row, s);
         t0 += n;
     }
     if l > 0.0 {
         scale_body(out, 1.0 / l);
+    }
+}
+
+/// `scores[j] = scale · q·k_j` for the keys of a tile (`k` starts at the tile's first key of the
+/// head; consecutive keys are `stride` apart); returns the largest score.
+#[inline(always)]
+fn tile_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) -> f32 {
+    let d = q.len();
+    #[cfg(target_arch = "x86_64")]
+    if d == 64 && cpu::features().avx2 && k.len() >= (scores.len() - 1) * stride + d {
+        // SAFETY: AVX2/FMA detected; the bounds were checked just above.
+        return unsafe { tile_scores_avx2_64(q, k, stride, scale, scores) };
+    }
+    let mut tmax = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = dot_body(q, &k[j * stride..j * stride + d]) * scale;
+        tmax = tmax.max(*s);
+    }
+    tmax
+}
+
+/// `acc += Σ_j w[j] · v_j` over the values of a tile (laid out as in [`tile_scores`]).
+#[inline(always)]
+fn tile_accumulate(acc: &mut [f32], v: &[f32], stride: usize, w: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if acc.len() == 64 && cpu::features().avx2 && v.len() >= (w.len() - 1) * stride + 64 {
+        // SAFETY: AVX2/FMA detected; the bounds were checked just above.
+        return unsafe { tile_accumulate_avx2_64(acc, v, stride, w) };
+    }
+    let d = acc.len();
+    for (j, &wj) in w.iter().enumerate() {
+        axpy_body(acc, wj, &v[j * stride..j * stride + d]);
+    }
+}
+
+/// [`tile_scores`] for 64-element heads: the query stays in eight registers across the tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_scores_avx2_64(
+    q: &[f32],
+    k: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+) -> f32 {
+    let qp = q.as_ptr();
+    let qr: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(qp.add(8 * i)));
+    let mut tmax = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let kp = k.as_ptr().add(j * stride);
+        let mut a0 = _mm256_mul_ps(qr[0], _mm256_loadu_ps(kp));
+        let mut a1 = _mm256_mul_ps(qr[1], _mm256_loadu_ps(kp.add(8)));
+        a0 = _mm256_fmadd_ps(qr[2], _mm256_loadu_ps(kp.add(16)), a0);
+        a1 = _mm256_fmadd_ps(qr[3], _mm256_loadu_ps(kp.add(24)), a1);
+        a0 = _mm256_fmadd_ps(qr[4], _mm256_loadu_ps(kp.add(32)), a0);
+        a1 = _mm256_fmadd_ps(qr[5], _mm256_loadu_ps(kp.add(40)), a1);
+        a0 = _mm256_fmadd_ps(qr[6], _mm256_loadu_ps(kp.add(48)), a0);
+        a1 = _mm256_fmadd_ps(qr[7], _mm256_loadu_ps(kp.add(56)), a1);
+        let a = _mm256_add_ps(a0, a1);
+        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        *s = _mm_cvtss_f32(h) * scale;
+        tmax = tmax.max(*s);
+    }
+    tmax
+}
+
+/// [`tile_accumulate`] for 64-element heads: the accumulator stays in eight registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_accumulate_avx2_64(acc: &mut [f32], v: &[f32], stride: usize, w: &[f32]) {
+    let ap = acc.as_mut_ptr();
+    let mut r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(ap.add(8 * i)));
+    for (j, &wj) in w.iter().enumerate() {
+        let vp = v.as_ptr().add(j * stride);
+        let wv = _mm256_set1_ps(wj);
+        for (i, r) in r.iter_mut().enumerate() {
+            *r = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vp.add(8 * i)), *r);
+        }
+    }
+    for (i, r) in r.iter().enumerate() {
+        _mm256_storeu_ps(ap.add(8 * i), *r);
     }
 }
 
