@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 pub struct Features {
     /// AVX2 + FMA + F16C, the set the x86 fast paths need together.
     pub avx2: bool,
+    /// AVX-VNNI on top of `avx2`: one instruction for a 4-way byte dot product.
+    pub avx_vnni: bool,
 }
 
 /// The features of the CPU we run on (detected on first call; `AGENTD_FORCE_SCALAR=1` turns
@@ -15,8 +17,10 @@ pub fn features() -> Features {
     static FEATURES: OnceLock<Features> = OnceLock::new();
     *FEATURES.get_or_init(|| {
         let forced_off = std::env::var_os("AGENTD_FORCE_SCALAR").is_some_and(|v| v == "1");
+        let avx2 = !forced_off && detect_avx2();
         Features {
-            avx2: !forced_off && detect_avx2(),
+            avx2,
+            avx_vnni: avx2 && detect_avx_vnni(),
         }
     })
 }
@@ -30,5 +34,15 @@ fn detect_avx2() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_avx2() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx_vnni() -> bool {
+    is_x86_feature_detected!("avxvnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx_vnni() -> bool {
     false
 }

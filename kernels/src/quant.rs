@@ -214,10 +214,14 @@ pub fn dot_rows(ty: QuantType, rows: &[u8], x: &Q8Vector, out: &mut [f32]) {
     if cpu::features().avx2 {
         // SAFETY: the features these functions need were detected at run time.
         unsafe {
-            match ty {
-                QuantType::Q4_0 => avx2::dot_rows::<{ avx2::Q4_0 }>(rows, x, out),
-                QuantType::Q4_1 => avx2::dot_rows::<{ avx2::Q4_1 }>(rows, x, out),
-                QuantType::Q8_0 => avx2::dot_rows::<{ avx2::Q8_0 }>(rows, x, out),
+            use avx2::{Q4_0, Q4_1, Q8_0};
+            match (ty, cpu::features().avx_vnni) {
+                (QuantType::Q4_0, false) => avx2::dot_rows::<Q4_0>(rows, x, out),
+                (QuantType::Q4_1, false) => avx2::dot_rows::<Q4_1>(rows, x, out),
+                (QuantType::Q8_0, false) => avx2::dot_rows::<Q8_0>(rows, x, out),
+                (QuantType::Q4_0, true) => avx2::dot_rows_vnni::<Q4_0>(rows, x, out),
+                (QuantType::Q4_1, true) => avx2::dot_rows_vnni::<Q4_1>(rows, x, out),
+                (QuantType::Q8_0, true) => avx2::dot_rows_vnni::<Q8_0>(rows, x, out),
             }
         }
         return;
@@ -293,26 +297,54 @@ mod avx2 {
         }
     }
 
+    /// Σ u·s over 32 unsigned × signed byte pairs, as 8 i32 partial sums; with `VNNI` one
+    /// `vpdpbusd` instead of `vpmaddubsw` + `vpmaddwd`.
+    #[inline(always)]
+    unsafe fn dot_u8_i8<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+        if VNNI {
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
+    }
+
     /// The 8 partial sums of block `b`'s integer dot product.
     #[inline(always)]
-    unsafe fn block_sums<const T: u8>(values: *const u8, ys: *const i8, b: usize) -> __m256i {
+    unsafe fn block_sums<const T: u8, const VNNI: bool>(
+        values: *const u8,
+        ys: *const i8,
+        b: usize,
+    ) -> __m256i {
         let y = _mm256_loadu_si256(ys.add(b * BLOCK) as *const __m256i);
-        let pairs = match T {
+        match T {
             Q4_0 => {
                 let q = _mm256_sub_epi8(nibbles(values.add(b * 16)), _mm256_set1_epi8(8));
-                _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
+                dot_u8_i8::<VNNI>(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
             }
-            Q4_1 => _mm256_maddubs_epi16(nibbles(values.add(b * 16)), y),
+            Q4_1 => dot_u8_i8::<VNNI>(nibbles(values.add(b * 16)), y),
             _ => {
                 let q = _mm256_loadu_si256(values.add(b * 32) as *const __m256i);
-                _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
+                dot_u8_i8::<VNNI>(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
             }
-        };
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows<const T: u8>(rows: &[u8], x: &Q8Vector, out: &mut [f32]) {
+        dot_rows_body::<T, false>(rows, x, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn dot_rows_vnni<const T: u8>(rows: &[u8], x: &Q8Vector, out: &mut [f32]) {
+        dot_rows_body::<T, true>(rows, x, out)
+    }
+
+    #[inline(always)]
+    unsafe fn dot_rows_body<const T: u8, const VNNI: bool>(
+        rows: &[u8],
+        x: &Q8Vector,
+        out: &mut [f32],
+    ) {
         let ty = quant_type(T);
         let n = out.len();
         if n == 0 {
@@ -322,12 +354,16 @@ mod avx2 {
         let blocks = rb / ty.block_bytes();
         debug_assert!(x.qs.len() >= blocks * BLOCK && x.d.len() >= blocks);
         for (r, o) in out.iter_mut().enumerate() {
-            *o = dot_one::<T>(&rows[r * rb..(r + 1) * rb], blocks, x);
+            *o = dot_one::<T, VNNI>(&rows[r * rb..(r + 1) * rb], blocks, x);
         }
     }
 
     #[inline(always)]
-    unsafe fn dot_one<const T: u8>(row: &[u8], blocks: usize, x: &Q8Vector) -> f32 {
+    unsafe fn dot_one<const T: u8, const VNNI: bool>(
+        row: &[u8],
+        blocks: usize,
+        x: &Q8Vector,
+    ) -> f32 {
         let ty = quant_type(T);
         let p = split(ty, row);
         let (values, ys) = (p.values.as_ptr(), x.qs.as_ptr());
@@ -349,8 +385,8 @@ mod avx2 {
             while j < 8 {
                 let s0 = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j as i32));
                 let s1 = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j as i32 + 1));
-                let p0 = _mm256_cvtepi32_ps(block_sums::<T>(values, ys, b + j));
-                let p1 = _mm256_cvtepi32_ps(block_sums::<T>(values, ys, b + j + 1));
+                let p0 = _mm256_cvtepi32_ps(block_sums::<T, VNNI>(values, ys, b + j));
+                let p1 = _mm256_cvtepi32_ps(block_sums::<T, VNNI>(values, ys, b + j + 1));
                 acc0 = _mm256_fmadd_ps(s0, p0, acc0);
                 acc1 = _mm256_fmadd_ps(s1, p1, acc1);
                 j += 2;
@@ -360,7 +396,7 @@ mod avx2 {
         let mut tail_min = 0f32;
         while b < blocks {
             let d = _cvtsh_ss(*scales.add(b)) * *x.d.get_unchecked(b);
-            let p0 = _mm256_cvtepi32_ps(block_sums::<T>(values, ys, b));
+            let p0 = _mm256_cvtepi32_ps(block_sums::<T, VNNI>(values, ys, b));
             acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d), p0, acc0);
             if T == Q4_1 {
                 tail_min += _cvtsh_ss(*mins.add(b)) * *x.s.get_unchecked(b);
@@ -432,6 +468,40 @@ mod tests {
         out
     }
 
+    /// Every SIMD kernel this CPU can run, by name, on one row (the last is what `dot_row` picks).
+    fn simd_variants(ty: QuantType, row: &[u8], x: &Q8Vector) -> Vec<(&'static str, f32)> {
+        let mut out = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx2::{Q4_0, Q4_1, Q8_0};
+            let f = cpu::features();
+            let mut o = [0f32];
+            if f.avx2 {
+                // SAFETY: AVX2 was detected.
+                unsafe {
+                    match ty {
+                        QuantType::Q4_0 => avx2::dot_rows::<Q4_0>(row, x, &mut o),
+                        QuantType::Q4_1 => avx2::dot_rows::<Q4_1>(row, x, &mut o),
+                        QuantType::Q8_0 => avx2::dot_rows::<Q8_0>(row, x, &mut o),
+                    }
+                }
+                out.push(("avx2", o[0]));
+            }
+            if f.avx_vnni {
+                // SAFETY: AVX-VNNI was detected.
+                unsafe {
+                    match ty {
+                        QuantType::Q4_0 => avx2::dot_rows_vnni::<Q4_0>(row, x, &mut o),
+                        QuantType::Q4_1 => avx2::dot_rows_vnni::<Q4_1>(row, x, &mut o),
+                        QuantType::Q8_0 => avx2::dot_rows_vnni::<Q8_0>(row, x, &mut o),
+                    }
+                }
+                out.push(("avx-vnni", o[0]));
+            }
+        }
+        out
+    }
+
     fn types() -> impl Strategy<Value = QuantType> {
         prop_oneof![
             Just(QuantType::Q4_0),
@@ -452,9 +522,11 @@ mod tests {
             let bytes = quantize_row(ty, &w);
             prop_assert_eq!(bytes.len(), ty.row_bytes(w.len()));
             let xq = Q8Vector::quantize(&x);
-            let fast = dot_row(ty, &bytes, &xq);
             let slow = dot_row_scalar(ty, &bytes, &xq);
-            prop_assert!((fast - slow).abs() <= 1e-3 * (1.0 + slow.abs()), "simd {fast} vs scalar {slow}");
+            for (name, fast) in simd_variants(ty, &bytes, &xq) {
+                prop_assert!((fast - slow).abs() <= 1e-3 * (1.0 + slow.abs()), "{name} {fast} vs scalar {slow}");
+            }
+            prop_assert_eq!(dot_row(ty, &bytes, &xq), simd_variants(ty, &bytes, &xq).last().map_or(slow, |v| v.1));
 
             let mut deq = vec![0f32; w.len()];
             dequantize_row(ty, &bytes, &mut deq);
