@@ -63,26 +63,30 @@ pub fn causal_attention(
     }
     let group = heads / kv_heads;
     if n_q == 1 {
-        // Decode: one task per query head.
-        out.par_chunks_mut(head_dim)
-            .enumerate()
-            .for_each(|(head, o)| {
-                let qh = &q[head * head_dim..][..head_dim];
-                let params = OneQuery {
-                    k,
-                    v,
-                    kv_row,
-                    kv_off: (head / group) * head_dim,
-                    n_keys: pos0 + 1,
-                    scale,
-                };
-                #[cfg(target_arch = "x86_64")]
-                if cpu::features().avx2 {
-                    // SAFETY: AVX2 and FMA were detected at run time.
-                    return unsafe { one_query_avx2(&params, qh, o) };
-                }
-                one_query(&params, qh, o);
-            });
+        // Decode: one task per query head; short contexts stay on this thread, where the work
+        // is smaller than the cost of handing it to another.
+        let one_head = |(head, o): (usize, &mut [f32])| {
+            let qh = &q[head * head_dim..][..head_dim];
+            let params = OneQuery {
+                k,
+                v,
+                kv_row,
+                kv_off: (head / group) * head_dim,
+                n_keys: pos0 + 1,
+                scale,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if cpu::features().avx2 {
+                // SAFETY: AVX2 and FMA were detected at run time.
+                return unsafe { one_query_avx2(&params, qh, o) };
+            }
+            one_query(&params, qh, o);
+        };
+        if (pos0 + 1) * heads < SERIAL_DECODE_KEYS {
+            out.chunks_mut(head_dim).enumerate().for_each(one_head);
+        } else {
+            out.par_chunks_mut(head_dim).enumerate().for_each(one_head);
+        }
         return Ok(());
     }
     // Prefill: one task per (K/V head, block of query rows). The block's queries walk the keys
@@ -126,6 +130,9 @@ pub fn causal_attention(
     }
     Ok(())
 }
+
+/// Keys × heads below which decode attention runs on the calling thread.
+const SERIAL_DECODE_KEYS: usize = 2048;
 
 /// Query rows per prefill task.
 const QUERY_BLOCK: usize = 16;
