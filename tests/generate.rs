@@ -174,3 +174,44 @@ fn default_model_is_found_in_agentd_home() {
         .unwrap();
     assert_eq!(stdout(&out).trim(), target.display().to_string());
 }
+
+#[test]
+fn a_closed_stdout_cancels_generation_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let m = model();
+    let prompt = "Tell me a long story about a dragon.";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("--model")
+        .arg(&m)
+        .args([
+            "generate",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4000",
+            "--stats",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    let stats: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(stats["finish"], "cancelled", "{stats}");
+    assert!(
+        stats["generated_tokens"].as_u64().unwrap() < 4000,
+        "{stats}"
+    );
+}

@@ -8,6 +8,7 @@ use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::stop::{StopError, StopMatcher, StopOutcome};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 use agentd_sdk::Message;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,8 @@ pub enum FinishReason {
     MaxTokens,
     /// The sequence reached the model's context length.
     ContextFull,
+    /// The reader of the stream cancelled.
+    Cancelled,
 }
 
 /// What to generate and how.
@@ -158,12 +161,14 @@ impl Engine {
     }
 
     /// Generates a continuation of `prompt`, calling `on_text` with each piece of text as soon
-    /// as it is final (whole UTF-8 characters, never part of a stop string).
+    /// as it is final (whole UTF-8 characters, never part of a stop string). `on_text` returns
+    /// [`ControlFlow::Break`] to cancel (a reader that went away): generation stops at once with
+    /// [`FinishReason::Cancelled`].
     pub fn generate(
         &self,
         prompt: &[u32],
         opts: &GenerateOptions,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<GenerateOutput> {
         let span = tracing::info_span!(
             "generate",
@@ -213,11 +218,13 @@ impl Engine {
         let mut text = String::new();
         let mut detok = IncrementalDecoder::new();
         let mut first_token_at = None;
+        // Passes text on; false once the reader has cancelled.
         let mut emit = |s: &str, text: &mut String| {
-            if !s.is_empty() {
-                on_text(s);
-                text.push_str(s);
+            if s.is_empty() {
+                return true;
             }
+            text.push_str(s);
+            on_text(s).is_continue()
         };
         let mut finish = loop {
             let tok = sampler.sample(&mut logits, &history);
@@ -229,7 +236,11 @@ impl Engine {
             tokens.push(tok);
             let piece = detok.push(&self.tokenizer, tok)?;
             match stop.push(&piece) {
-                StopOutcome::Continue(s) => emit(&s, &mut text),
+                StopOutcome::Continue(s) => {
+                    if !emit(&s, &mut text) {
+                        break FinishReason::Cancelled;
+                    }
+                }
                 StopOutcome::Stopped { emit: s, stop } => {
                     emit(&s, &mut text);
                     break FinishReason::Stop(stop);
@@ -243,17 +254,18 @@ impl Engine {
             }
             logits = self.model.forward(&[tok], &mut cache)?;
         };
-        if !matches!(finish, FinishReason::Stop(_)) {
+        if !matches!(finish, FinishReason::Stop(_) | FinishReason::Cancelled) {
             let tail = detok.finish(&self.tokenizer)?;
-            match stop.push(&tail) {
-                StopOutcome::Continue(s) => emit(&s, &mut text),
+            let rest = match stop.push(&tail) {
+                StopOutcome::Continue(s) => s + &stop.finish(),
                 StopOutcome::Stopped { emit: s, stop } => {
-                    emit(&s, &mut text);
                     finish = FinishReason::Stop(stop);
+                    s
                 }
+            };
+            if !emit(&rest, &mut text) {
+                finish = FinishReason::Cancelled;
             }
-            let rest = stop.finish();
-            emit(&rest, &mut text);
         }
         let first = first_token_at.unwrap_or_else(Instant::now);
         let out = GenerateOutput {

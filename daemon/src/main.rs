@@ -9,6 +9,7 @@ use agentd_sdk::Message;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 /// agentd: a local LLM runtime for agents, sharing KV-cache prefixes across sessions.
@@ -201,17 +202,17 @@ fn generate(engine: &Engine, args: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
-    let result = engine.generate(&prompt, &opts, &mut |text| {
-        if write_err.is_none() {
-            if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-                write_err = Some(e);
-            }
+    // A closed stdout (e.g. `agentd generate … | head -c 10`) cancels the generation.
+    let result = engine.generate(&prompt, &opts, &mut |text| match out
+        .write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+    {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => {
+            write_err = Some(e);
+            ControlFlow::Break(())
         }
     })?;
-    writeln!(out)?;
-    if let Some(e) = write_err {
-        return Err(e).context("writing to stdout");
-    }
     if args.stats {
         let decode_s = result.decode_time.as_secs_f64();
         eprintln!(
@@ -225,5 +226,10 @@ fn generate(engine: &Engine, args: GenerateArgs) -> Result<()> {
             })
         );
     }
-    Ok(())
+    match write_err {
+        // The reader went away (`| head`): stop quietly, as other Unix tools do.
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Some(e) => Err(e).context("writing to stdout"),
+        None => Ok(writeln!(out)?),
+    }
 }

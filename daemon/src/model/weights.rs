@@ -271,7 +271,8 @@ impl Embedding {
     pub fn size_bytes(&self) -> usize {
         match &self.table {
             Table::Quant(q) => q.size_bytes(),
-            Table::Dense(_, d) => d.len() * 8,
+            // The f32 tensor plus the flat copy used for look-ups.
+            Table::Dense(_, d) => 2 * d.len() * std::mem::size_of::<f32>(),
         }
     }
 }
