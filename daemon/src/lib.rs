@@ -7,8 +7,10 @@
 //! - [`chat`] renders messages through the GGUF's chat template.
 //! - [`sampling`] turns logits into the next token; [`detok`] and [`stop`] turn tokens into text.
 //! - [`generate`] ties them together into a streaming generation loop.
+//! - [`cache`] holds the paged KV pool's page accounting and the radix tree of cached prefixes.
 
 pub mod bench;
+pub mod cache;
 pub mod chat;
 pub mod detok;
 pub mod generate;
