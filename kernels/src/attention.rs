@@ -6,12 +6,11 @@
 //! repeated per query head.
 
 use crate::cpu;
-use crate::vecops::{axpy_body, dot_body, exp_sub_sum_body, scale_body};
+use crate::tile;
+use crate::vecops::{exp_sub_sum_body, scale_body};
 
 use crate::{KernelError, Result};
 use rayon::prelude::*;
-#[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::*;
 
 /// The head layout of one attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,96 +247,25 @@ fn one_query(p: &OneQuery<'_>, q: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `scores[j] = scale · q·k_j` for the keys of a tile (`k` starts at the tile's first key of the
-/// head; consecutive keys are `stride` apart); returns the largest score.
+/// `scores[j] = scale · q·k_j` for the keys of a tile (see [`tile::scores`]).
 #[inline(always)]
 fn tile_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) -> f32 {
-    let d = q.len();
-    #[cfg(target_arch = "x86_64")]
-    if d == 64 && cpu::features().avx2 && k.len() >= (scores.len() - 1) * stride + d {
-        // SAFETY: AVX2/FMA detected; the bounds were checked just above.
-        return unsafe { tile_scores_avx2_64(q, k, stride, scale, scores) };
-    }
-    let mut tmax = f32::NEG_INFINITY;
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = dot_body(q, &k[j * stride..j * stride + d]) * scale;
-        tmax = tmax.max(*s);
-    }
-    tmax
+    tile::scores(cpu::features().avx2, q, k, stride, scale, scores)
 }
 
-/// `acc += Σ_j w[j] · v_j` over the values of a tile (laid out as in [`tile_scores`]).
+/// `acc += Σ_j w[j] · v_j` over the values of a tile (see [`tile::accumulate`]).
 #[inline(always)]
 fn tile_accumulate(acc: &mut [f32], v: &[f32], stride: usize, w: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if acc.len() == 64 && cpu::features().avx2 && v.len() >= (w.len() - 1) * stride + 64 {
-        // SAFETY: AVX2/FMA detected; the bounds were checked just above.
-        return unsafe { tile_accumulate_avx2_64(acc, v, stride, w) };
-    }
-    let d = acc.len();
-    for (j, &wj) in w.iter().enumerate() {
-        axpy_body(acc, wj, &v[j * stride..j * stride + d]);
-    }
-}
-
-/// [`tile_scores`] for 64-element heads: the query stays in eight registers across the tile.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_scores_avx2_64(
-    q: &[f32],
-    k: &[f32],
-    stride: usize,
-    scale: f32,
-    scores: &mut [f32],
-) -> f32 {
-    let qp = q.as_ptr();
-    let qr: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(qp.add(8 * i)));
-    let mut tmax = f32::NEG_INFINITY;
-    for (j, s) in scores.iter_mut().enumerate() {
-        let kp = k.as_ptr().add(j * stride);
-        let mut a0 = _mm256_mul_ps(qr[0], _mm256_loadu_ps(kp));
-        let mut a1 = _mm256_mul_ps(qr[1], _mm256_loadu_ps(kp.add(8)));
-        a0 = _mm256_fmadd_ps(qr[2], _mm256_loadu_ps(kp.add(16)), a0);
-        a1 = _mm256_fmadd_ps(qr[3], _mm256_loadu_ps(kp.add(24)), a1);
-        a0 = _mm256_fmadd_ps(qr[4], _mm256_loadu_ps(kp.add(32)), a0);
-        a1 = _mm256_fmadd_ps(qr[5], _mm256_loadu_ps(kp.add(40)), a1);
-        a0 = _mm256_fmadd_ps(qr[6], _mm256_loadu_ps(kp.add(48)), a0);
-        a1 = _mm256_fmadd_ps(qr[7], _mm256_loadu_ps(kp.add(56)), a1);
-        let a = _mm256_add_ps(a0, a1);
-        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        *s = _mm_cvtss_f32(h) * scale;
-        tmax = tmax.max(*s);
-    }
-    tmax
-}
-
-/// [`tile_accumulate`] for 64-element heads: the accumulator stays in eight registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_accumulate_avx2_64(acc: &mut [f32], v: &[f32], stride: usize, w: &[f32]) {
-    let ap = acc.as_mut_ptr();
-    let mut r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(ap.add(8 * i)));
-    for (j, &wj) in w.iter().enumerate() {
-        let vp = v.as_ptr().add(j * stride);
-        let wv = _mm256_set1_ps(wj);
-        for (i, r) in r.iter_mut().enumerate() {
-            *r = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vp.add(8 * i)), *r);
-        }
-    }
-    for (i, r) in r.iter().enumerate() {
-        _mm256_storeu_ps(ap.add(8 * i), *r);
-    }
+    tile::accumulate(cpu::features().avx2, acc, v, stride, w)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Softmax attention written the obvious way, with K/V heads repeated per query head.
-    fn naive(
+    /// Softmax attention written the obvious way (f64), with K/V heads repeated per query head.
+    pub(crate) fn naive(
         shape: AttentionShape,
         q: &[f32],
         k: &[f32],

@@ -11,6 +11,8 @@
 //! - [`norm`], [`rope`]: RMSNorm and rotary position embeddings.
 //! - [`attention`]: causal grouped-query attention with an online softmax (FlashAttention-style
 //!   tiles), reading each K/V head once per query group and never materialising repeated K/V.
+//! - [`paged_attention`]: the same attention reading f16 K/V straight from fixed-size pages of a
+//!   preallocated pool through a page table, plus `write_kv` to store new rows in their pages.
 //!
 //! A CUDA backend (cudarc, NVRTC) will sit beside `cpu` behind a `cuda` feature; it is not built yet.
 
@@ -18,8 +20,10 @@ pub mod attention;
 pub mod cpu;
 pub mod matvec;
 pub mod norm;
+pub mod paged_attention;
 pub mod quant;
 pub mod rope;
+mod tile;
 pub mod vecops;
 
 /// Errors a kernel reports when its inputs do not fit together.

@@ -56,7 +56,7 @@ pub(crate) fn dot_body(a: &[f32], b: &[f32]) -> f32 {
 }
 
 dispatch! {
-    /// Σ a[i]·b[i] over the shorter of the two slices.
+    /// `Σ a[i]·b[i]` over the shorter of the two slices.
     pub fn dot(a: &[f32], b: &[f32]) -> f32 => dot_body
 }
 
@@ -123,7 +123,7 @@ pub(crate) fn exp_sub_sum_body(y: &mut [f32], m: f32) -> f32 {
 }
 
 dispatch! {
-    /// `y[i] = e^(y[i] - m)`, returning Σ y[i]: the numerator of a softmax with maximum `m`.
+    /// `y[i] = e^(y[i] - m)`, returning `Σ y[i]`: the numerator of a softmax with maximum `m`.
     pub fn exp_sub_sum(y: &mut [f32], m: f32) -> f32 => exp_sub_sum_body
 }
 
