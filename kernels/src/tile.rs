@@ -125,6 +125,21 @@ unsafe fn scores_avx2<E: KvElem>(
 ) -> f32 {
     let (qp, d) = (q.as_ptr(), q.len());
     let mut tmax = f32::NEG_INFINITY;
+    if d == 64 {
+        let qr: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(qp.add(8 * i)));
+        for (j, s) in out.iter_mut().enumerate() {
+            let kp = k.as_ptr().add(j * stride);
+            let mut a0 = _mm256_mul_ps(qr[0], E::load8(kp));
+            let mut a1 = _mm256_mul_ps(qr[1], E::load8(kp.add(8)));
+            for i in (2..8).step_by(2) {
+                a0 = _mm256_fmadd_ps(qr[i], E::load8(kp.add(8 * i)), a0);
+                a1 = _mm256_fmadd_ps(qr[i + 1], E::load8(kp.add(8 * i + 8)), a1);
+            }
+            *s = hsum(_mm256_add_ps(a0, a1)) * scale;
+            tmax = tmax.max(*s);
+        }
+        return tmax;
+    }
     for (j, s) in out.iter_mut().enumerate() {
         let kp = k.as_ptr().add(j * stride);
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -137,14 +152,18 @@ unsafe fn scores_avx2<E: KvElem>(
         if c < d {
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), E::load8(kp.add(c)), a0);
         }
-        let a = _mm256_add_ps(a0, a1);
-        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        *s = _mm_cvtss_f32(h) * scale;
+        *s = hsum(_mm256_add_ps(a0, a1)) * scale;
         tmax = tmax.max(*s);
     }
     tmax
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum(a: __m256) -> f32 {
+    let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
 }
 
 /// [`accumulate`] with AVX2: for 64-element heads the accumulator stays in eight registers.
