@@ -138,6 +138,8 @@ fn bad_inputs_fail_cleanly_with_a_reason() {
     assert!(err.contains("stop"), "{err}");
     let err = failure(&m, &["generate", "hi", "--max-tokens", "9000"]);
     assert!(err.contains("context"), "{err}");
+    let err = failure(&m, &["--threads", "0", "generate", "hi"]);
+    assert!(err.contains("--threads must be at least 1"), "{err}");
 }
 
 #[test]
