@@ -122,50 +122,111 @@ fn huge_page_buffer(len: usize) -> Vec<u8> {
 /// The products of several matrices with the same input, in one parallel pass: `out` holds
 /// their outputs one after another (`Σ rows` elements).
 pub fn matvec_many(mats: &[&QMatrix], x: &Q8Vector, out: &mut [f32]) -> Result<()> {
+    matvec_many_batch(mats, std::slice::from_ref(x), out)
+}
+
+/// [`matvec_many`] for several inputs at once (a batch of decode rows): `out` holds, for each
+/// input in turn, the outputs of every matrix (`xs.len() × Σ rows` elements). Each weight block
+/// is read once for the whole batch while it sits in cache, which is what makes a batched
+/// decode step cheaper per token than one step per sequence. Every output equals the one
+/// [`matvec_many`] gives for that input alone, bit for bit.
+pub fn matvec_many_batch(mats: &[&QMatrix], xs: &[Q8Vector], out: &mut [f32]) -> Result<()> {
     let total: usize = mats.iter().map(|m| m.rows).sum();
-    if out.len() != total {
+    if out.len() != total * xs.len() {
         return Err(KernelError::Length {
             what: "matvec output",
-            expected: total,
+            expected: total * xs.len(),
             got: out.len(),
         });
     }
-    if let Some(m) = mats.iter().find(|m| m.cols != x.len()) {
-        return Err(KernelError::Length {
-            what: "matvec input",
-            expected: m.cols,
-            got: x.len(),
-        });
+    for x in xs {
+        if let Some(m) = mats.iter().find(|m| m.cols != x.len()) {
+            return Err(KernelError::Length {
+                what: "matvec input",
+                expected: m.cols,
+                got: x.len(),
+            });
+        }
+    }
+    if xs.is_empty() || total == 0 {
+        return Ok(());
     }
     let threads = rayon::current_num_threads().max(1);
     let chunk = if total < PARALLEL_MIN_ROWS {
-        total.max(1)
+        total
     } else {
         total.div_ceil(threads * 2)
     };
-    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-        // This chunk covers global rows start..start + o.len(), possibly across matrices.
-        let (mut start, mut o) = (c * chunk, o);
-        let mut first_row = 0;
-        for m in mats {
-            if o.is_empty() {
-                break;
-            }
-            if start >= first_row + m.rows {
-                first_row += m.rows;
-                continue;
-            }
-            let r0 = start - first_row;
-            let n = o.len().min(m.rows - r0);
-            let rb = m.ty.row_bytes(m.cols);
-            let (head, rest) = o.split_at_mut(n);
-            dot_rows(m.ty, &m.data[r0 * rb..(r0 + n) * rb], x, head);
-            o = rest;
-            start += n;
-            first_row += m.rows;
+    if xs.len() == 1 {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            rows_of_chunk(mats, c * chunk, o.len(), |m, r0, at, n| {
+                let rb = m.ty.row_bytes(m.cols);
+                dot_rows(
+                    m.ty,
+                    &m.data[r0 * rb..(r0 + n) * rb],
+                    &xs[0],
+                    &mut o[at..at + n],
+                );
+            });
+        });
+        return Ok(());
+    }
+    // Several inputs: each task fills its rows for every input into a local buffer (input-major),
+    // walking the rows in small blocks so a block's weights are reused from L1 by every input.
+    const BLOCK_ROWS: usize = 16;
+    let n_chunks = total.div_ceil(chunk);
+    let parts: Vec<Vec<f32>> = (0..n_chunks)
+        .into_par_iter()
+        .map(|c| {
+            let (start, len) = (c * chunk, chunk.min(total - c * chunk));
+            let mut local = vec![0f32; len * xs.len()];
+            rows_of_chunk(mats, start, len, |m, r0, at, n| {
+                let rb = m.ty.row_bytes(m.cols);
+                for b in (0..n).step_by(BLOCK_ROWS) {
+                    let nb = BLOCK_ROWS.min(n - b);
+                    let rows = &m.data[(r0 + b) * rb..(r0 + b + nb) * rb];
+                    for (j, x) in xs.iter().enumerate() {
+                        let o = j * len + at + b;
+                        dot_rows(m.ty, rows, x, &mut local[o..o + nb]);
+                    }
+                }
+            });
+            local
+        })
+        .collect();
+    for (c, local) in parts.iter().enumerate() {
+        let (start, len) = (c * chunk, local.len() / xs.len());
+        for j in 0..xs.len() {
+            out[j * total + start..j * total + start + len]
+                .copy_from_slice(&local[j * len..(j + 1) * len]);
         }
-    });
+    }
     Ok(())
+}
+
+/// Splits the global rows `start..start + len` (counted across `mats` one after another) into
+/// per-matrix runs and calls `f(matrix, first row in it, offset in the range, rows)` for each.
+fn rows_of_chunk(
+    mats: &[&QMatrix],
+    start: usize,
+    len: usize,
+    mut f: impl FnMut(&QMatrix, usize, usize, usize),
+) {
+    let (mut pos, mut first_row, end) = (start, 0, start + len);
+    for m in mats {
+        if pos >= end {
+            break;
+        }
+        if pos >= first_row + m.rows {
+            first_row += m.rows;
+            continue;
+        }
+        let r0 = pos - first_row;
+        let n = (end - pos).min(m.rows - r0);
+        f(m, r0, pos - start, n);
+        pos += n;
+        first_row += m.rows;
+    }
 }
 
 #[cfg(test)]
@@ -206,6 +267,24 @@ mod tests {
         matvec_many(&[&m, &m], &xq, &mut both).unwrap();
         assert_eq!(&both[..rows], &out[..]);
         assert_eq!(&both[rows..], &out[..]);
+        // A batch of inputs gives each input's own product, bit for bit.
+        let xs: Vec<Q8Vector> = (0..5)
+            .map(|k| {
+                Q8Vector::quantize(&x.iter().map(|v| v * (k as f32 - 1.7)).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut batch = vec![0f32; 5 * 2 * rows];
+        matvec_many_batch(&[&m, &m], &xs, &mut batch).unwrap();
+        for (k, xk) in xs.iter().enumerate() {
+            let mut one = vec![0f32; 2 * rows];
+            matvec_many(&[&m, &m], xk, &mut one).unwrap();
+            assert_eq!(
+                &batch[k * 2 * rows..(k + 1) * 2 * rows],
+                &one[..],
+                "input {k}"
+            );
+        }
+        assert!(matvec_many_batch(&[&m], &xs, &mut batch[..7]).is_err());
         assert!(QMatrix::new(QuantType::Q4_1, 2, 30, vec![]).is_err());
         assert!(QMatrix::new(QuantType::Q4_1, 2, 32, vec![0; 39]).is_err());
     }

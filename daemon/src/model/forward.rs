@@ -1,29 +1,53 @@
-//! The forward pass over a sequence's new tokens, and the per-sequence KV cache it extends.
+//! The forward pass: a batch of sequences' new tokens through the network, their keys and
+//! values written into KV pages, logits out for the sequences that ask for them.
 
 use super::error::{ModelError, Result};
-use super::weights::forward_shared;
+use super::kv::KvPages;
+use super::weights::{forward_shared, MatScratch, RowSplit};
 use super::Model;
-use agentd_kernels::attention::{causal_attention, AttentionShape};
+use agentd_kernels::attention::AttentionShape;
 use agentd_kernels::norm::rms_norm;
-use agentd_kernels::quant::Q8Vector;
+use agentd_kernels::paged_attention::{paged_causal_attention, write_kv, PagedKv, PagedKvMut};
 use agentd_kernels::vecops;
+use rayon::prelude::*;
 
-/// Keys and values of every layer for one sequence's tokens so far (f32, rows of
-/// `kv_heads × head_dim` per position).
-#[derive(Debug, Clone)]
+/// How a sequence's rows in a step are computed (see [`RowSplit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    /// Prompt tokens: dense f32 products.
+    Prompt,
+    /// Sampled tokens fed back: quantized products, batched across sequences.
+    Decode,
+}
+
+/// One sequence's part of a batched forward step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqStep<'a> {
+    /// The new tokens, at positions `pos0, pos0 + 1, …`.
+    pub tokens: &'a [u32],
+    /// Tokens already in the sequence's pages.
+    pub pos0: usize,
+    /// The sequence's pages in position order; must cover positions `0..pos0 + tokens.len()`.
+    pub page_table: &'a [u32],
+    /// How the rows are computed.
+    pub kind: RowKind,
+    /// Whether to return the logits of the last new token.
+    pub logits: bool,
+}
+
+/// A single sequence's KV in its own growable pages: for callers outside the scheduler
+/// (oracle tests, the engine benchmark).
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    row: usize,
+    pages: KvPages,
+    table: Vec<u32>,
     len: usize,
 }
 
 impl KvCache {
-    pub(super) fn new(layers: usize, row: usize) -> Self {
+    pub(super) fn new(pages: KvPages) -> Self {
         Self {
-            k: vec![Vec::new(); layers],
-            v: vec![Vec::new(); layers],
-            row,
+            pages,
+            table: Vec::new(),
             len: 0,
         }
     }
@@ -40,17 +64,12 @@ impl KvCache {
 
     /// Forgets every position from `len` on (to re-run from a shared prefix).
     pub fn truncate(&mut self, len: usize) {
-        let len = len.min(self.len);
-        for (k, v) in self.k.iter_mut().zip(&mut self.v) {
-            k.truncate(len * self.row);
-            v.truncate(len * self.row);
-        }
-        self.len = len;
+        self.len = self.len.min(len);
     }
 
     /// Bytes held for keys and values.
     pub fn size_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|b| b.len() * 4).sum()
+        self.pages.size_bytes()
     }
 }
 
@@ -65,45 +84,121 @@ struct Scratch {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    q8: Q8Vector,
-    fused: Vec<f32>,
+    mat: MatScratch,
 }
 
 impl Model {
     /// Runs `tokens` (the sequence's next tokens, at positions `cache.len()…`) through the
     /// network, appends their keys and values to `cache`, and returns the logits for the last
-    /// of them.
+    /// of them. One token is a decode row, several are prompt rows.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let ps = cache.pages.page_size();
+        let need = (cache.len + tokens.len()).div_ceil(ps);
+        if need > cache.table.len() {
+            cache.pages.grow(need.next_power_of_two());
+            cache.table = (0..cache.pages.num_pages() as u32).collect();
+        }
+        let kind = if tokens.len() == 1 {
+            RowKind::Decode
+        } else {
+            RowKind::Prompt
+        };
+        let step = SeqStep {
+            tokens,
+            pos0: cache.len,
+            page_table: &cache.table,
+            kind,
+            logits: true,
+        };
+        let mut out = self.forward_batch(&[step], &mut cache.pages)?;
+        cache.len += tokens.len();
+        Ok(out.pop().flatten().expect("logits were asked for"))
+    }
+
+    fn check_step(&self, s: &SeqStep<'_>, page_size: usize, num_pages: usize) -> Result<()> {
         let c = &self.config;
-        let n = tokens.len();
-        let pos0 = cache.len;
+        let n = s.tokens.len();
+        let bad = |reason: String| ModelError::BadTensor {
+            name: "input".into(),
+            reason,
+        };
         if n == 0 {
-            return Err(ModelError::BadTensor {
-                name: "input".into(),
-                reason: "no tokens to run".into(),
-            });
+            return Err(bad("no tokens to run".into()));
         }
         let limit = c.context_length.min(self.rope.positions());
-        if pos0 + n > limit {
+        if s.pos0 + n > limit {
             return Err(ModelError::ContextOverflow {
-                needed: pos0 + n,
+                needed: s.pos0 + n,
                 limit,
             });
         }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+        if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= c.vocab) {
             return Err(ModelError::TokenOutOfRange { id, vocab: c.vocab });
         }
+        let pages = (s.pos0 + n).div_ceil(page_size);
+        if s.page_table.len() < pages {
+            return Err(bad(format!(
+                "page table has {} pages, positions up to {} need {pages}",
+                s.page_table.len(),
+                s.pos0 + n
+            )));
+        }
+        if let Some(p) = s.page_table[..pages]
+            .iter()
+            .find(|&&p| p as usize >= num_pages)
+        {
+            return Err(bad(format!("page {p} is outside the pool of {num_pages}")));
+        }
+        Ok(())
+    }
+
+    /// One forward step over a batch of sequences: every sequence's new tokens run through the
+    /// network together (decode rows in one quantized pass over the weights, prompt rows in one
+    /// dense product), each sequence's keys and values go into its pages in `kv`, and attention
+    /// reads them back from the pages. Returns, per sequence in order, the logits of its last new
+    /// token when it asked for them.
+    pub fn forward_batch(
+        &self,
+        seqs: &[SeqStep<'_>],
+        kv: &mut KvPages,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let c = &self.config;
+        for s in seqs {
+            self.check_step(s, kv.page_size(), kv.num_pages())?;
+        }
+        // Decode rows first, then prompt rows; `order[i]` is the i-th sequence in row order.
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].kind == RowKind::Prompt);
+        let mut row0 = vec![0usize; seqs.len()];
+        let mut split = RowSplit {
+            decode: 0,
+            prompt: 0,
+        };
+        for &i in &order {
+            row0[i] = split.total();
+            match seqs[i].kind {
+                RowKind::Decode => split.decode += seqs[i].tokens.len(),
+                RowKind::Prompt => split.prompt += seqs[i].tokens.len(),
+            }
+        }
+        let n = split.total();
         let hidden = c.hidden;
         let mut x = vec![0f32; n * hidden];
-        for (row, &t) in x.chunks_exact_mut(hidden).zip(tokens) {
-            self.embedding.lookup(t as usize, row);
+        for (i, s) in seqs.iter().enumerate() {
+            for (j, &t) in s.tokens.iter().enumerate() {
+                let r = row0[i] + j;
+                self.embedding
+                    .lookup(t as usize, &mut x[r * hidden..(r + 1) * hidden]);
+            }
         }
         let shape = AttentionShape {
             heads: c.heads,
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
         };
+        let (q_row, kv_row) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let page_size = kv.page_size();
         let mut s = Scratch {
             norm: vec![0f32; n * hidden],
             ..Default::default()
@@ -113,47 +208,97 @@ impl Model {
             forward_shared(
                 &[&layer.wq, &layer.wk, &layer.wv],
                 &s.norm,
-                n,
+                split,
                 &mut [&mut s.q, &mut s.k, &mut s.v],
-                &mut s.q8,
-                &mut s.fused,
+                &mut s.mat,
             )?;
-            self.rope.apply(&mut s.q, pos0, c.heads, c.head_dim);
-            self.rope.apply(&mut s.k, pos0, c.kv_heads, c.head_dim);
-            cache.k[li].extend_from_slice(&s.k);
-            cache.v[li].extend_from_slice(&s.v);
+            let (k_pool, v_pool) = kv.layer_mut(li);
+            for (i, seq) in seqs.iter().enumerate() {
+                let rows = row0[i]..row0[i] + seq.tokens.len();
+                let q = &mut s.q[rows.start * q_row..rows.end * q_row];
+                self.rope.apply(q, seq.pos0, c.heads, c.head_dim);
+                let k = &mut s.k[rows.start * kv_row..rows.end * kv_row];
+                self.rope.apply(k, seq.pos0, c.kv_heads, c.head_dim);
+                let v = &s.v[rows.start * kv_row..rows.end * kv_row];
+                let dst = PagedKvMut {
+                    k_pool: &mut *k_pool,
+                    v_pool: &mut *v_pool,
+                    page_size,
+                    page_table: seq.page_table,
+                };
+                write_kv(shape, dst, seq.pos0, k, v)?;
+            }
             s.attn.resize(s.q.len(), 0.0);
-            causal_attention(
-                shape,
-                &s.q,
-                &cache.k[li],
-                &cache.v[li],
-                pos0,
-                scale,
-                &mut s.attn,
-            )?;
-            layer.wo.forward(&s.attn, n, &mut s.proj, &mut s.q8)?;
+            let (k_pool, v_pool) = kv.layer(li);
+            // Each sequence's output rows, in row order, paired with the sequence.
+            let mut outs: Vec<(usize, &mut [f32])> = Vec::with_capacity(seqs.len());
+            let mut rest = &mut s.attn[..];
+            for &i in &order {
+                let (head, tail) = rest.split_at_mut(seqs[i].tokens.len() * q_row);
+                outs.push((i, head));
+                rest = tail;
+            }
+            let q = &s.q;
+            let attend = |(i, out): (usize, &mut [f32])| {
+                let seq = &seqs[i];
+                let kv = PagedKv {
+                    k_pool,
+                    v_pool,
+                    page_size,
+                    page_table: seq.page_table,
+                };
+                let rows = row0[i]..row0[i] + seq.tokens.len();
+                let q = &q[rows.start * q_row..rows.end * q_row];
+                paged_causal_attention(shape, q, kv, seq.pos0, scale, out)
+            };
+            if outs.len() == 1 {
+                outs.into_iter().try_for_each(attend)?;
+            } else {
+                outs.into_par_iter().try_for_each(attend)?;
+            }
+            layer.wo.forward(&s.attn, split, &mut s.proj, &mut s.mat)?;
             vecops::add(&mut x, &s.proj);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut s.norm);
             forward_shared(
                 &[&layer.gate, &layer.up],
                 &s.norm,
-                n,
+                split,
                 &mut [&mut s.gate, &mut s.up],
-                &mut s.q8,
-                &mut s.fused,
+                &mut s.mat,
             )?;
             vecops::silu_mul(&mut s.gate, &s.up);
-            layer.down.forward(&s.gate, n, &mut s.proj, &mut s.q8)?;
+            layer
+                .down
+                .forward(&s.gate, split, &mut s.proj, &mut s.mat)?;
             vecops::add(&mut x, &s.proj);
         }
-        cache.len += n;
-        let last = &x[(n - 1) * hidden..];
-        let mut normed = vec![0f32; hidden];
-        rms_norm(last, &self.output_norm, c.rms_eps, &mut normed);
-        let mut logits = Vec::with_capacity(c.vocab);
-        self.head.forward(&normed, 1, &mut logits, &mut s.q8)?;
-        Ok(logits)
+        // The head runs only on the rows whose logits are wanted, all as decode rows (it has
+        // no dense copy; one quantized pass serves the whole batch).
+        let wanted: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].logits).collect();
+        let mut normed = vec![0f32; wanted.len() * hidden];
+        for (j, &i) in wanted.iter().enumerate() {
+            let r = row0[i] + seqs[i].tokens.len() - 1;
+            rms_norm(
+                &x[r * hidden..(r + 1) * hidden],
+                &self.output_norm,
+                c.rms_eps,
+                &mut normed[j * hidden..(j + 1) * hidden],
+            );
+        }
+        let mut logits = Vec::new();
+        let head_rows = RowSplit {
+            decode: wanted.len(),
+            prompt: 0,
+        };
+        if !wanted.is_empty() {
+            self.head
+                .forward(&normed, head_rows, &mut logits, &mut s.mat)?;
+        }
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
+        for (j, &i) in wanted.iter().enumerate() {
+            out[i] = Some(logits[j * c.vocab..(j + 1) * c.vocab].to_vec());
+        }
+        Ok(out)
     }
 }

@@ -1,7 +1,8 @@
 //! A Llama-family model loaded from GGUF, and its forward pass.
 //!
 //! [`Model`] holds only weights and immutable tables; all per-sequence state lives in a
-//! [`KvCache`] the caller owns, so one model serves any number of sequences.
+//! KV pages the caller owns ([`KvPages`], or a single sequence's [`KvCache`]), so one model
+//! serves any number of sequences; [`Model::forward_batch`] runs a batch of them in one step.
 //!
 //! The layer loop is embedding → L × [RMSNorm → attention → residual → RMSNorm → SwiGLU →
 //! residual] → RMSNorm → output head, with every dimension read from the file ([`LlamaConfig`]).
@@ -10,12 +11,14 @@ mod config;
 mod error;
 mod forward;
 mod gguf;
+mod kv;
 mod weights;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
-pub use forward::KvCache;
+pub use forward::{KvCache, RowKind, SeqStep};
 pub use gguf::{GgufFile, Meta};
+pub use kv::KvPages;
 pub use weights::LoadOptions;
 
 use agentd_kernels::rope::RopeTable;
@@ -140,10 +143,7 @@ impl Model {
 
     /// A fresh, empty per-sequence cache for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(
-            self.config.layers,
-            self.config.kv_heads * self.config.head_dim,
-        )
+        KvCache::new(KvPages::new(&self.config, 0, 16))
     }
 }
 

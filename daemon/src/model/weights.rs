@@ -8,7 +8,7 @@
 
 use super::error::{ModelError, Result};
 use super::gguf::GgufFile;
-use agentd_kernels::matvec::{matvec_many, QMatrix};
+use agentd_kernels::matvec::{matvec_many_batch, QMatrix};
 use agentd_kernels::quant::{Q8Vector, QuantType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -88,8 +88,8 @@ pub struct Linear {
     rows: usize,
     cols: usize,
     weight: Weight,
-    /// Row counts up to which products use the quantized matrix-vector kernel.
-    quant_max_rows: usize,
+    /// Whether decode rows use the quantized kernel (false with [`LoadOptions::exact_decode`]).
+    quant_decode: bool,
 }
 
 /// How a weight is held: quantized (with an optional dense copy for prefill) or dense only.
@@ -99,18 +99,6 @@ enum Weight {
         dense: Option<Tensor>,
     },
     Dense(Tensor),
-}
-
-/// Row counts up to which a product uses quantized matrix-vector kernels rather than a dense
-/// matrix product (unless [`LoadOptions::exact_decode`]).
-const QUANT_MAX_ROWS: usize = 1;
-
-fn quant_max_rows(opts: LoadOptions) -> usize {
-    if opts.exact_decode {
-        0
-    } else {
-        QUANT_MAX_ROWS
-    }
 }
 
 impl Linear {
@@ -141,7 +129,7 @@ impl Linear {
             rows,
             cols,
             weight,
-            quant_max_rows: quant_max_rows(opts),
+            quant_decode: !opts.exact_decode,
         })
     }
 
@@ -167,7 +155,7 @@ impl Linear {
             rows,
             cols,
             weight,
-            quant_max_rows: quant_max_rows(opts),
+            quant_decode: !opts.exact_decode,
         })
     }
 
@@ -181,26 +169,21 @@ impl Linear {
         }
     }
 
-    /// `out[i] = W · x[i]` for the `n` rows of `x`; `q8` is scratch reused across calls.
+    /// `out[i] = W · x[i]` for the rows of `x`: the first `rows.decode` are decode rows, the
+    /// rest prompt rows (see [`forward_shared`]).
     pub fn forward(
         &self,
         x: &[f32],
-        n: usize,
+        rows: RowSplit,
         out: &mut Vec<f32>,
-        q8: &mut Q8Vector,
+        s: &mut MatScratch,
     ) -> Result<()> {
-        out.resize(n * self.rows, 0.0);
+        forward_shared(&[self], x, rows, &mut [out], s)
+    }
+
+    /// Dense products for `n` rows, written to `out` (`n × rows` elements).
+    fn forward_dense(&self, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
         match &self.weight {
-            Weight::Quant { q, .. } if n <= self.quant_max_rows => {
-                for (xr, yr) in x
-                    .chunks_exact(self.cols)
-                    .zip(out.chunks_exact_mut(self.rows))
-                {
-                    q8.quantize_from(xr);
-                    q.matvec(q8, yr)?;
-                }
-                Ok(())
-            }
             Weight::Quant { dense: Some(d), .. } | Weight::Dense(d) => {
                 matmul_into(x, n, self.cols, d, out)
             }
@@ -277,41 +260,87 @@ impl Embedding {
     }
 }
 
-/// `outs[i] = ws[i] · x` for layers that read the same input (Q, K and V; gate and up). On the
-/// quantized decode path the input is quantised once and every product runs in one parallel
-/// pass; `fused` is scratch for that pass.
+/// How the rows of an activation matrix are computed: the first `decode` rows are decode rows
+/// (one sampled token each), the next `prompt` rows prompt rows.
+///
+/// Decode rows go through the quantized kernels (8-bit activations), every decode row of a
+/// batch in one pass over the weights; prompt rows go through a dense f32 matrix product. A
+/// row's result depends only on its kind, never on what else is in the batch, so batched decode
+/// gives exactly the logits of one-at-a-time decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSplit {
+    /// Decode rows (first).
+    pub decode: usize,
+    /// Prompt rows (after them).
+    pub prompt: usize,
+}
+
+impl RowSplit {
+    /// All rows.
+    pub fn total(self) -> usize {
+        self.decode + self.prompt
+    }
+}
+
+/// Scratch buffers for [`forward_shared`], reused across calls.
+#[derive(Default)]
+pub struct MatScratch {
+    q8: Vec<Q8Vector>,
+    fused: Vec<f32>,
+}
+
+/// `outs[i] = ws[i] · x` for layers that read the same input (Q, K and V; gate and up), each
+/// output holding `rows.total()` rows in input order. The decode rows are quantised once and
+/// every product for every decode row runs in one parallel pass over the weights.
 pub fn forward_shared(
     ws: &[&Linear],
     x: &[f32],
-    n: usize,
+    rows: RowSplit,
     outs: &mut [&mut Vec<f32>],
-    q8: &mut Q8Vector,
-    fused: &mut Vec<f32>,
+    s: &mut MatScratch,
 ) -> Result<()> {
-    let quantized: Option<Vec<&QMatrix>> = if n == 1 {
-        ws.iter()
-            .map(|w| match &w.weight {
-                Weight::Quant { q, .. } if n <= w.quant_max_rows => Some(&**q),
-                _ => None,
-            })
-            .collect()
-    } else {
-        None
-    };
-    let Some(mats) = quantized else {
-        for (w, out) in ws.iter().zip(outs.iter_mut()) {
-            w.forward(x, n, out, q8)?;
-        }
-        return Ok(());
-    };
-    q8.quantize_from(x);
-    fused.resize(ws.iter().map(|w| w.rows).sum(), 0.0);
-    matvec_many(&mats, q8, fused)?;
-    let mut at = 0;
+    let cols = ws[0].cols;
+    debug_assert!(ws.iter().all(|w| w.cols == cols));
+    debug_assert_eq!(x.len(), rows.total() * cols);
     for (w, out) in ws.iter().zip(outs.iter_mut()) {
-        out.clear();
-        out.extend_from_slice(&fused[at..at + w.rows]);
-        at += w.rows;
+        out.resize(rows.total() * w.rows, 0.0);
+    }
+    let quantized: Option<Vec<&QMatrix>> = ws
+        .iter()
+        .map(|w| match &w.weight {
+            Weight::Quant { q, .. } if w.quant_decode => Some(&**q),
+            _ => None,
+        })
+        .collect();
+    let (dec_x, prompt_x) = x.split_at(rows.decode * cols);
+    match quantized {
+        Some(mats) if rows.decode > 0 => {
+            s.q8.resize_with(rows.decode, Q8Vector::default);
+            for (q8, xr) in s.q8.iter_mut().zip(dec_x.chunks_exact(cols)) {
+                q8.quantize_from(xr);
+            }
+            let total: usize = ws.iter().map(|w| w.rows).sum();
+            s.fused.resize(total * rows.decode, 0.0);
+            matvec_many_batch(&mats, &s.q8, &mut s.fused)?;
+            for (j, fused) in s.fused.chunks_exact(total).enumerate() {
+                let mut at = 0;
+                for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                    out[j * w.rows..(j + 1) * w.rows].copy_from_slice(&fused[at..at + w.rows]);
+                    at += w.rows;
+                }
+            }
+        }
+        _ if rows.decode > 0 => {
+            for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                w.forward_dense(dec_x, rows.decode, &mut out[..rows.decode * w.rows])?;
+            }
+        }
+        _ => {}
+    }
+    if rows.prompt > 0 {
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            w.forward_dense(prompt_x, rows.prompt, &mut out[rows.decode * w.rows..])?;
+        }
     }
     Ok(())
 }
