@@ -2,10 +2,11 @@
 //! loop (prefill in chunks → sample → detokenise → stop checks → decode).
 
 use crate::chat::{ChatError, ChatTemplate};
-use crate::detok::{Decode, DetokError, IncrementalDecoder};
+use crate::decoding::Decoding;
+use crate::detok::{Decode, DetokError};
 use crate::model::{GgufFile, LoadOptions, Model, ModelError};
-use crate::sampling::{Sampler, SamplingError, SamplingParams};
-use crate::stop::{StopError, StopMatcher, StopOutcome};
+use crate::sampling::{SamplingError, SamplingParams};
+use crate::stop::StopError;
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 use agentd_sdk::Message;
 use std::ops::ControlFlow;
@@ -203,10 +204,7 @@ impl Engine {
             }
             .into());
         }
-        let mut sampler = Sampler::new(opts.sampling.clone())?;
-        let mut stop = StopMatcher::new(opts.stop.clone())?;
-        let stop_ids = self.tokenizer.stop_token_ids();
-
+        let mut dec = Decoding::new(opts, &self.tokenizer)?;
         let start = Instant::now();
         let mut cache = self.model.new_cache();
         let mut logits = Vec::new();
@@ -214,59 +212,21 @@ impl Engine {
             logits = self.model.forward(chunk, &mut cache)?;
         }
         let mut history = prompt.to_vec();
-        let mut tokens = Vec::new();
-        let mut text = String::new();
-        let mut detok = IncrementalDecoder::new();
         let mut first_token_at = None;
-        // Passes text on; false once the reader has cancelled.
-        let mut emit = |s: &str, text: &mut String| {
-            if s.is_empty() {
-                return true;
-            }
-            text.push_str(s);
-            on_text(s).is_continue()
-        };
-        let mut finish = loop {
-            let tok = sampler.sample(&mut logits, &history);
+        let finish = loop {
+            let tok = dec.sample(&mut logits, &history);
             first_token_at.get_or_insert_with(Instant::now);
-            if stop_ids.contains(&tok) {
-                break FinishReason::Eos;
-            }
             history.push(tok);
-            tokens.push(tok);
-            let piece = detok.push(&self.tokenizer, tok)?;
-            match stop.push(&piece) {
-                StopOutcome::Continue(s) => {
-                    if !emit(&s, &mut text) {
-                        break FinishReason::Cancelled;
-                    }
-                }
-                StopOutcome::Stopped { emit: s, stop } => {
-                    emit(&s, &mut text);
-                    break FinishReason::Stop(stop);
-                }
+            let pushed = dec.push(tok, &self.tokenizer, cache.len() >= ctx)?;
+            if !pushed.text.is_empty() && on_text(&pushed.text).is_break() {
+                break FinishReason::Cancelled;
             }
-            if tokens.len() >= opts.max_tokens {
-                break FinishReason::MaxTokens;
-            }
-            if cache.len() >= ctx {
-                break FinishReason::ContextFull;
+            if let Some(finish) = pushed.finish {
+                break finish;
             }
             logits = self.model.forward(&[tok], &mut cache)?;
         };
-        if !matches!(finish, FinishReason::Stop(_) | FinishReason::Cancelled) {
-            let tail = detok.finish(&self.tokenizer)?;
-            let rest = match stop.push(&tail) {
-                StopOutcome::Continue(s) => s + &stop.finish(),
-                StopOutcome::Stopped { emit: s, stop } => {
-                    finish = FinishReason::Stop(stop);
-                    s
-                }
-            };
-            if !emit(&rest, &mut text) {
-                finish = FinishReason::Cancelled;
-            }
-        }
+        let (text, tokens) = (dec.text, dec.tokens);
         let first = first_token_at.unwrap_or_else(Instant::now);
         let out = GenerateOutput {
             text,

@@ -7,15 +7,19 @@
 //! - [`chat`] renders messages through the GGUF's chat template.
 //! - [`sampling`] turns logits into the next token; [`detok`] and [`stop`] turn tokens into text.
 //! - [`generate`] ties them together into a streaming generation loop.
+//! - [`scheduler`] runs many sessions' generations in continuous batches over a paged KV pool
+//!   shared through the radix tree of cached prefixes.
 //! - [`cache`] holds the paged KV pool's page accounting and the radix tree of cached prefixes.
 
 pub mod bench;
 pub mod cache;
 pub mod chat;
+pub mod decoding;
 pub mod detok;
 pub mod generate;
 pub mod model;
 pub mod model_store;
 pub mod sampling;
+pub mod scheduler;
 pub mod stop;
 pub mod tokenizer;

@@ -1,0 +1,116 @@
+//! One generation's output side: sampling a token from logits, then turning the tokens into
+//! text that is safe to stream (whole UTF-8 characters, never part of a stop string), and
+//! deciding when the generation ends. Shared by [`crate::generate`] and the scheduler.
+
+use crate::detok::IncrementalDecoder;
+use crate::generate::{FinishReason, GenerateOptions, Result};
+use crate::sampling::Sampler;
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::tokenizer::GgufTokenizer;
+
+/// The state of one generation's output.
+pub struct Decoding {
+    sampler: Sampler,
+    stop: StopMatcher,
+    detok: IncrementalDecoder,
+    stop_ids: Vec<u32>,
+    max_tokens: usize,
+    /// The tokens sampled so far (an end-of-sequence token is not included).
+    pub tokens: Vec<u32>,
+    /// The text streamed so far.
+    pub text: String,
+}
+
+/// What one sampled token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// Text that is now final and can be streamed (may be empty).
+    pub text: String,
+    /// Set when the generation is over.
+    pub finish: Option<FinishReason>,
+}
+
+impl Decoding {
+    /// Checks `opts` (sampling parameters, stop strings) and starts an empty output.
+    pub fn new(opts: &GenerateOptions, tokenizer: &GgufTokenizer) -> Result<Self> {
+        Ok(Self {
+            sampler: Sampler::new(opts.sampling.clone())?,
+            stop: StopMatcher::new(opts.stop.clone())?,
+            detok: IncrementalDecoder::new(),
+            stop_ids: tokenizer.stop_token_ids().to_vec(),
+            max_tokens: opts.max_tokens,
+            tokens: Vec::new(),
+            text: String::new(),
+        })
+    }
+
+    /// Picks the next token from `logits` (`history`: every token of the sequence so far, for
+    /// the repetition penalties).
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.sampler.sample(logits, history)
+    }
+
+    /// Whether `tok` ends the sequence (end-of-sequence or end-of-turn).
+    pub fn is_stop_token(&self, tok: u32) -> bool {
+        self.stop_ids.contains(&tok)
+    }
+
+    /// Takes the sampled token `tok`; `context_full` says the sequence has no room for another
+    /// token. Returns the text that became final and whether the generation is over. When it is
+    /// over for any reason but a stop string, the decoder's tail is flushed into the text.
+    pub fn push(
+        &mut self,
+        tok: u32,
+        tokenizer: &GgufTokenizer,
+        context_full: bool,
+    ) -> Result<Pushed> {
+        if self.is_stop_token(tok) {
+            return self.finish(FinishReason::Eos, String::new(), tokenizer);
+        }
+        self.tokens.push(tok);
+        let piece = self.detok.push(tokenizer, tok)?;
+        let text = match self.stop.push(&piece) {
+            StopOutcome::Continue(s) => s,
+            StopOutcome::Stopped { emit, stop } => {
+                self.text.push_str(&emit);
+                return Ok(Pushed {
+                    text: emit,
+                    finish: Some(FinishReason::Stop(stop)),
+                });
+            }
+        };
+        if self.tokens.len() >= self.max_tokens {
+            return self.finish(FinishReason::MaxTokens, text, tokenizer);
+        }
+        if context_full {
+            return self.finish(FinishReason::ContextFull, text, tokenizer);
+        }
+        self.text.push_str(&text);
+        Ok(Pushed { text, finish: None })
+    }
+
+    fn finish(
+        &mut self,
+        reason: FinishReason,
+        mut text: String,
+        tokenizer: &GgufTokenizer,
+    ) -> Result<Pushed> {
+        let tail = self.detok.finish(tokenizer)?;
+        let finish = match self.stop.push(&tail) {
+            StopOutcome::Continue(s) => {
+                text += &s;
+                text += &self.stop.finish();
+                reason
+            }
+            StopOutcome::Stopped { emit, stop } => {
+                text += &emit;
+                FinishReason::Stop(stop)
+            }
+        };
+        self.text.push_str(&text);
+        Ok(Pushed {
+            text,
+            finish: Some(finish),
+        })
+    }
+}

@@ -1,0 +1,30 @@
+//! The scheduler: one engine task that owns the model's KV pool and the radix tree, runs every
+//! session's work in continuous batches, and streams tokens back.
+//!
+//! - [`core`]: sessions as token logs (create, append, fork, rewrite, close), pinned and
+//!   published prefixes, and admission (tenants take turns; within a tenant the longest cached
+//!   prefix goes first; a request waits rather than recompute a prefix another request is
+//!   computing).
+//! - [`step`]: one engine step — every running decode plus prefill chunks under a token budget
+//!   in one forward pass; pages allocated (copy on write for shared partial pages); under memory
+//!   pressure the cache is evicted first, then the youngest sequence is preempted and requeued.
+//! - [`actor`]: [`EngineHandle`], the scheduler on its own thread behind a command channel.
+//!
+//! # Invariants
+//! - A page's reference count is the number of radix-tree node lists naming it plus the running
+//!   sequences holding it ([`Scheduler::check_invariants`]). Idle sessions hold no pages: their
+//!   KV lives in the tree as cache and is re-matched on the next generation.
+//! - A page with more than one reference is never written: it is copied first.
+//! - Each row's numerics depend only on its kind (prompt or decode), never on the batch.
+
+mod actor;
+mod core;
+mod step;
+mod types;
+
+pub use actor::EngineHandle;
+pub use core::{PrefixInfo, Scheduler};
+pub use types::*;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,436 @@
+//! Scheduler tests on the real model: cache hits equal recomputation, batched decode equals
+//! one-at-a-time decode, forks, rewrites, tenants, preemption, cancellation.
+
+use super::*;
+use crate::generate::{Engine, FinishReason, GenerateOptions};
+use crate::model::{KvPages, LoadOptions, RowKind, SeqStep};
+use crate::sampling::SamplingParams;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::{Arc, OnceLock};
+
+fn engine() -> Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let path = crate::model_store::ensure_default_model(&mut |m| eprintln!("{m}"))
+                .expect("default model");
+            Arc::new(Engine::load(&path, LoadOptions::default()).expect("load model"))
+        })
+        .clone()
+}
+
+fn random_tokens(rng: &mut ChaCha8Rng, n: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(100..40_000)).collect()
+}
+
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// Runs `prompt` in fresh pages of its own; returns the last logits.
+fn full_logits(engine: &Engine, prompt: &[u32]) -> Vec<f32> {
+    let c = engine.model.config();
+    let mut kv = KvPages::new(c, prompt.len().div_ceil(16), 16);
+    let table: Vec<u32> = (0..kv.num_pages() as u32).collect();
+    let step = SeqStep {
+        tokens: prompt,
+        pos0: 0,
+        page_table: &table,
+        kind: RowKind::Prompt,
+        logits: true,
+    };
+    engine.model.forward_batch(&[step], &mut kv).unwrap()[0]
+        .take()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap()
+}
+
+/// Logits after a token-granular cache hit (full pages shared, the partial page copied) equal
+/// a full recompute's, for random prompts split at random points.
+#[test]
+fn logits_after_a_cache_hit_equal_a_full_recompute() {
+    let engine = engine();
+    let c = engine.model.config();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let ps = 16;
+    for _ in 0..4 {
+        let len = rng.random_range(40..200);
+        let split = rng.random_range(1..len);
+        let prompt = random_tokens(&mut rng, len);
+        let want = full_logits(&engine, &prompt);
+        // The prefix in pages 0.., as an earlier request left it in the cache.
+        let mut kv = KvPages::new(c, 2 * len.div_ceil(ps) + 2, ps);
+        let n_prefix_pages = split.div_ceil(ps);
+        let prefix_table: Vec<u32> = (0..n_prefix_pages as u32).collect();
+        let step = SeqStep {
+            tokens: &prompt[..split],
+            pos0: 0,
+            page_table: &prefix_table,
+            kind: RowKind::Prompt,
+            logits: false,
+        };
+        engine.model.forward_batch(&[step], &mut kv).unwrap();
+        // The new request shares the full pages and copies the partial one.
+        let mut table: Vec<u32> = prefix_table[..split / ps].to_vec();
+        let mut next = n_prefix_pages as u32;
+        if !split.is_multiple_of(ps) {
+            kv.copy_page(prefix_table[split / ps], next, split % ps);
+            table.push(next);
+            next += 1;
+        }
+        while table.len() < len.div_ceil(ps) {
+            table.push(next);
+            next += 1;
+        }
+        let step = SeqStep {
+            tokens: &prompt[split..],
+            pos0: split,
+            page_table: &table,
+            kind: RowKind::Prompt,
+            logits: true,
+        };
+        let got = engine.model.forward_batch(&[step], &mut kv).unwrap()[0]
+            .take()
+            .unwrap();
+        let range = want.iter().fold(f32::MIN, |a, &b| a.max(b))
+            - want.iter().fold(f32::MAX, |a, &b| a.min(b));
+        let diff = max_abs_diff(&got, &want);
+        eprintln!("len {len} split {split}: max |Δ| {diff} over a range of {range}");
+        assert!(diff <= 1e-3 * range, "len {len} split {split}: {diff}");
+        assert_eq!(argmax(&got), argmax(&want));
+    }
+}
+
+/// Decode rows batched together give exactly the logits each gives alone.
+#[test]
+fn batched_decode_equals_one_at_a_time() {
+    let engine = engine();
+    let c = engine.model.config();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let ps = 16;
+    let lens = [5usize, 37, 64, 90];
+    let mut kv = KvPages::new(c, 64, ps);
+    let mut tables = Vec::new();
+    let mut next = 0u32;
+    let prompts: Vec<Vec<u32>> = lens.iter().map(|&l| random_tokens(&mut rng, l)).collect();
+    for p in &prompts {
+        let n = (p.len() + 1).div_ceil(ps) as u32;
+        tables.push((next..next + n).collect::<Vec<u32>>());
+        next += n;
+    }
+    for (p, t) in prompts.iter().zip(&tables) {
+        let step = SeqStep {
+            tokens: &p[..p.len() - 1],
+            pos0: 0,
+            page_table: t,
+            kind: RowKind::Prompt,
+            logits: false,
+        };
+        engine.model.forward_batch(&[step], &mut kv).unwrap();
+    }
+    let steps: Vec<SeqStep<'_>> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| SeqStep {
+            tokens: &p[p.len() - 1..],
+            pos0: p.len() - 1,
+            page_table: t,
+            kind: RowKind::Decode,
+            logits: true,
+        })
+        .collect();
+    let batched = engine.model.forward_batch(&steps, &mut kv).unwrap();
+    for (i, s) in steps.iter().enumerate() {
+        let alone = engine.model.forward_batch(&[*s], &mut kv).unwrap();
+        assert_eq!(alone[0], batched[i], "sequence {i}");
+    }
+}
+
+async fn run_to_end(
+    h: &EngineHandle,
+    tenant: TenantId,
+    sid: SessionId,
+    opts: GenerateOptions,
+) -> (Vec<u32>, Usage) {
+    let mut rx = h.generate(tenant, sid, opts).await.unwrap();
+    let mut ids = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { id, .. } => ids.push(id),
+            Event::Done(u) => return (ids, u),
+            Event::Error(e) => panic!("generation failed: {e}"),
+        }
+    }
+    panic!("stream ended without Done");
+}
+
+fn handle(cfg: SchedulerConfig) -> EngineHandle {
+    EngineHandle::spawn(engine(), cfg).unwrap()
+}
+
+/// Sessions sharing random prefixes generate the same greedy tokens with the cache on (hits)
+/// as with it off, concurrently, and the hits are reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_on_and_off_give_identical_greedy_outputs() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let shared = random_tokens(&mut rng, 150);
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| {
+            let keep = [150, 150, 97, 40, 150, 0][i];
+            let mut p = shared[..keep].to_vec();
+            p.extend(random_tokens(&mut rng, 10 + i * 3));
+            p
+        })
+        .collect();
+    let mut outputs = Vec::new();
+    for cache in [false, true] {
+        let h = handle(SchedulerConfig {
+            cache,
+            step_tokens: 128,
+            ..Default::default()
+        });
+        // The first session warms the cache; the rest run concurrently.
+        let mut results = Vec::new();
+        let first = h.create_session(1, None, prompts[0].clone()).await.unwrap();
+        results.push(run_to_end(&h, 1, first, greedy(12)).await);
+        let mut tasks = Vec::new();
+        for p in &prompts[1..] {
+            let (h, p) = (h.clone(), p.clone());
+            tasks.push(tokio::spawn(async move {
+                let sid = h.create_session(1, None, p).await.unwrap();
+                run_to_end(&h, 1, sid, greedy(12)).await
+            }));
+        }
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        h.check_invariants().await.unwrap().unwrap();
+        let stats = h.stats().await.unwrap();
+        if cache {
+            assert!(stats.cached_tokens >= 150 + 97 + 40 + 150, "{stats:?}");
+            for (i, (_, u)) in results.iter().enumerate().skip(1) {
+                let expect = common_prefix(&prompts[0], &prompts[i]);
+                assert!(u.cached_tokens + 16 > expect, "session {i}: {u:?}");
+            }
+        } else {
+            assert_eq!(stats.cached_tokens, 0);
+        }
+        outputs.push(results);
+    }
+    for (i, (off, on)) in outputs[0].iter().zip(&outputs[1]).enumerate() {
+        assert_eq!(off.0, on.0, "session {i}");
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// With a pool far too small for every sequence at once, sequences are preempted and requeued,
+/// every request still completes with the output it gets alone, and no page leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemption_under_memory_pressure_completes_every_request() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let prompts: Vec<Vec<u32>> = (0..5).map(|_| random_tokens(&mut rng, 120)).collect();
+    let page_bytes = KvPages::bytes_per_token(engine().model.config()) * 16;
+    let mut outputs = Vec::new();
+    for pages in [1000usize, 24] {
+        let h = handle(SchedulerConfig {
+            kv_memory: pages * page_bytes,
+            ..Default::default()
+        });
+        let mut tasks = Vec::new();
+        for p in &prompts {
+            let (h, p) = (h.clone(), p.clone());
+            tasks.push(tokio::spawn(async move {
+                let sid = h.create_session(1, None, p).await.unwrap();
+                run_to_end(&h, 1, sid, greedy(40)).await
+            }));
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        let stats = h.stats().await.unwrap();
+        h.check_invariants().await.unwrap().unwrap();
+        if pages == 24 {
+            assert!(stats.preemptions > 0, "{stats:?}");
+            assert!(stats.peak_pages <= 24);
+        }
+        outputs.push(results);
+    }
+    for (i, (a, b)) in outputs[0].iter().zip(&outputs[1]).enumerate() {
+        assert_eq!(a.0, b.0, "request {i}");
+        assert_eq!(b.1.finish, FinishReason::MaxTokens);
+    }
+}
+
+/// Forking shares the whole log; a rewrite keeps the cache hits before the rewritten range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_and_rewrite_reuse_the_cache() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let h = handle(SchedulerConfig::default());
+    let a = h
+        .create_session(1, None, random_tokens(&mut rng, 100))
+        .await
+        .unwrap();
+    let (first, _) = run_to_end(&h, 1, a, greedy(8)).await;
+    let (log, _) = h.session_tokens(1, a).await.unwrap();
+    assert_eq!(log.len(), 100 + first.len());
+    let b = h.fork(1, a).await.unwrap();
+    h.append(1, b, random_tokens(&mut rng, 5)).await.unwrap();
+    let (_, u) = run_to_end(&h, 1, b, greedy(4)).await;
+    // Everything the first generation computed is reused (its last sampled token had no KV yet).
+    assert_eq!(u.cached_tokens, log.len() - 1, "{u:?}");
+    let epoch = h.rewrite(1, a, 50..100, vec![500, 501]).await.unwrap();
+    assert_eq!(epoch, 1);
+    let (_, u) = run_to_end(&h, 1, a, greedy(4)).await;
+    assert_eq!(u.cached_tokens, 50, "{u:?}");
+    assert!(matches!(
+        h.rewrite(1, a, 10..9999, vec![]).await,
+        Err(SchedError::InvalidRequest(_))
+    ));
+    h.check_invariants().await.unwrap().unwrap();
+}
+
+/// Tenants never see each other's sessions or private prefixes, and do not share cache unless
+/// a prefix is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated_and_published_prefixes_are_shared() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let h = handle(SchedulerConfig::default());
+    let system = random_tokens(&mut rng, 80);
+    let private = h.register_prefix(1, system.clone(), false).await.unwrap();
+    assert_eq!(private.tokens, 80);
+    let s1 = h
+        .create_session(1, Some(private.id), vec![7, 8, 9])
+        .await
+        .unwrap();
+    let (_, u) = run_to_end(&h, 1, s1, greedy(2)).await;
+    assert_eq!(u.cached_tokens, 80);
+    // Tenant 2 cannot name tenant 1's session or prefix: the same error as a missing id.
+    assert_eq!(
+        h.append(2, s1, vec![1]).await,
+        Err(SchedError::UnknownSession(s1.0))
+    );
+    assert_eq!(
+        h.create_session(2, Some(private.id), vec![]).await,
+        Err(SchedError::UnknownPrefix(private.id.0))
+    );
+    assert_eq!(
+        h.append(2, SessionId(999_999), vec![1]).await,
+        Err(SchedError::UnknownSession(999_999))
+    );
+    // The same tokens in tenant 2 are not a hit.
+    let mut same = system.clone();
+    same.extend([7, 8, 9]);
+    let s2 = h.create_session(2, None, same).await.unwrap();
+    let (_, u) = run_to_end(&h, 2, s2, greedy(2)).await;
+    assert_eq!(u.cached_tokens, 0);
+    // A published prefix is shared by every tenant.
+    let public = random_tokens(&mut rng, 64);
+    let p = h.register_prefix(1, public, true).await.unwrap();
+    let s3 = h.create_session(3, Some(p.id), vec![5]).await.unwrap();
+    let (_, u) = run_to_end(&h, 3, s3, greedy(2)).await;
+    assert_eq!(u.cached_tokens, 64);
+    let stats = h.stats().await.unwrap();
+    assert_eq!(stats.tenants[&3].cached_tokens, 64);
+    h.check_invariants().await.unwrap().unwrap();
+}
+
+/// A dropped stream frees its sequence; closing a busy session cancels it; bad requests get
+/// errors that say what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_frees_everything_and_bad_requests_are_refused() {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let h = handle(SchedulerConfig {
+        cache: false,
+        ..Default::default()
+    });
+    let s = h
+        .create_session(1, None, random_tokens(&mut rng, 60))
+        .await
+        .unwrap();
+    let mut rx = h.generate(1, s, greedy(4000)).await.unwrap();
+    assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
+    assert_eq!(
+        h.generate(1, s, greedy(4)).await.err(),
+        Some(SchedError::SessionBusy(s.0))
+    );
+    drop(rx);
+    // The engine notices at its next step; poll until the session is idle again.
+    let mut freed = false;
+    for _ in 0..200 {
+        let st = h.stats().await.unwrap();
+        if st.free_pages == st.pool_pages && st.tenants[&1].running == 0 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(freed, "pages not freed after the stream was dropped");
+    // Closing a session with a generation in flight cancels it.
+    let mut rx = h.generate(1, s, greedy(4000)).await.unwrap();
+    assert!(matches!(rx.recv().await, Some(Event::Token { .. })));
+    h.close(1, s).await.unwrap();
+    let mut last = None;
+    while let Some(ev) = rx.recv().await {
+        last = Some(ev);
+    }
+    assert!(
+        matches!(&last, Some(Event::Done(u)) if u.finish == FinishReason::Cancelled),
+        "{last:?}"
+    );
+    h.check_invariants().await.unwrap().unwrap();
+    // Bad input.
+    let e = h.create_session(1, None, vec![49_152]).await.unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    let e = h.create_session(1, None, vec![5; 9000]).await.unwrap_err();
+    assert!(
+        matches!(e, SchedError::ContextOverflow { limit: 8192, .. }),
+        "{e}"
+    );
+    let empty = h.create_session(1, None, vec![]).await.unwrap();
+    let e = h.generate(1, empty, greedy(4)).await.unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+    h.append(1, empty, vec![1, 2]).await.unwrap();
+    let e = h.generate(1, empty, greedy(0)).await.unwrap_err();
+    assert!(e.to_string().contains("max_tokens"), "{e}");
+    let mut bad = greedy(4);
+    bad.sampling.temperature = -1.0;
+    let e = h.generate(1, empty, bad).await.unwrap_err();
+    assert!(e.to_string().contains("temperature"), "{e}");
+    // A request larger than the whole pool fails with the numbers.
+    let page_bytes = KvPages::bytes_per_token(engine().model.config()) * 16;
+    let small = handle(SchedulerConfig {
+        kv_memory: 4 * page_bytes,
+        ..Default::default()
+    });
+    let s = small
+        .create_session(1, None, random_tokens(&mut rng, 100))
+        .await
+        .unwrap();
+    let mut rx = small.generate(1, s, greedy(4)).await.unwrap();
+    match rx.recv().await {
+        Some(Event::Error(e @ SchedError::PoolTooSmall { .. })) => {
+            assert!(e.to_string().contains("--kv-memory"), "{e}")
+        }
+        other => panic!("expected PoolTooSmall, got {other:?}"),
+    }
+    small.check_invariants().await.unwrap().unwrap();
+}

@@ -1,0 +1,188 @@
+//! The scheduler's public value types: ids, configuration, events, usage, statistics, errors.
+
+use crate::cache::TreeStats;
+use crate::generate::FinishReason;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A tenant: whose sessions and private prefixes these are. The service layer derives it from
+/// the caller's identity; the scheduler only keeps tenants apart.
+pub type TenantId = u64;
+
+/// A session: a token log owned by one tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct SessionId(pub u64);
+
+/// A registered (pinned) prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct PrefixId(pub u64);
+
+/// How the scheduler uses memory and compute.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens per KV page.
+    pub page_size: usize,
+    /// Bytes of KV memory to preallocate (all layers, keys and values).
+    pub kv_memory: usize,
+    /// The most sequences running at once (the decode batch).
+    pub max_batch: usize,
+    /// Tokens one engine step computes at most, decode rows included (chunked prefill).
+    pub step_tokens: usize,
+    /// Reuse cached prefixes (off: every request computes its whole prompt; for benchmarks).
+    pub cache: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            page_size: 16,
+            kv_memory: 1 << 30,
+            max_batch: 64,
+            step_tokens: 512,
+            cache: true,
+        }
+    }
+}
+
+/// What a generation stream carries.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// One sampled token and the text that became final with it (may be empty; the text of a
+    /// multi-token character comes with its last token). The end-of-turn token is sent too.
+    Token {
+        /// The token id.
+        id: u32,
+        /// Text to show.
+        text: String,
+    },
+    /// The generation ended; nothing follows.
+    Done(Usage),
+    /// The generation failed; nothing follows.
+    Error(SchedError),
+}
+
+/// Accounting for one generation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Usage {
+    /// Tokens in the prompt (the session's whole log when the request started).
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the cache instead of being computed.
+    pub cached_tokens: usize,
+    /// Tokens generated (an end-of-turn token is not counted).
+    pub generated_tokens: usize,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// From submission to the first sampled token.
+    pub ttft: Duration,
+    /// From submission to the end.
+    pub total: Duration,
+    /// Times the request was preempted (its KV dropped and recomputed) for lack of memory.
+    pub preemptions: u32,
+}
+
+/// Counters for one tenant.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TenantStats {
+    /// Open sessions.
+    pub sessions: usize,
+    /// Requests running now.
+    pub running: usize,
+    /// Requests waiting.
+    pub waiting: usize,
+    /// Prompt tokens computed.
+    pub prefill_tokens: u64,
+    /// Prompt tokens served from the cache.
+    pub cached_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+}
+
+/// A snapshot of the scheduler.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SchedStats {
+    /// Pages in the KV pool.
+    pub pool_pages: usize,
+    /// Pages free now.
+    pub free_pages: usize,
+    /// The most pages in use at once so far.
+    pub peak_pages: usize,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Bytes per page (all layers, keys and values).
+    pub page_bytes: usize,
+    /// Nodes, tokens and pages in the radix tree.
+    #[serde(skip)]
+    pub tree: TreeStats,
+    /// Tokens cached in the tree.
+    pub tree_tokens: usize,
+    /// Engine steps run.
+    pub steps: u64,
+    /// Prompt tokens computed.
+    pub prefill_tokens: u64,
+    /// Prompt tokens served from the cache.
+    pub cached_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Sequences preempted for lack of memory.
+    pub preemptions: u64,
+    /// Pages freed by evicting cached prefixes.
+    pub evicted_pages: u64,
+    /// Per tenant.
+    pub tenants: BTreeMap<TenantId, TenantStats>,
+}
+
+impl SchedStats {
+    /// Cached prompt tokens over all prompt tokens (0 when none).
+    pub fn hit_rate(&self) -> f64 {
+        let all = self.cached_tokens + self.prefill_tokens;
+        if all == 0 {
+            0.0
+        } else {
+            self.cached_tokens as f64 / all as f64
+        }
+    }
+}
+
+/// Why a scheduler operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedError {
+    /// No such session for this tenant (never existed, closed, or another tenant's).
+    #[error("session {0} not found")]
+    UnknownSession(u64),
+    /// No such prefix visible to this tenant.
+    #[error("prefix {0} not found")]
+    UnknownPrefix(u64),
+    /// The session has a generation in flight.
+    #[error("session {0} is busy with a generation; wait for it to finish or cancel it")]
+    SessionBusy(u64),
+    /// The request is malformed (the message says how).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The sequence would not fit the model's context.
+    #[error("context overflow: {needed} tokens needed, the model's context is {limit}")]
+    ContextOverflow {
+        /// Tokens the request needs.
+        needed: usize,
+        /// The model's context length.
+        limit: usize,
+    },
+    /// The request cannot fit the KV pool even with everything else evicted.
+    #[error("the request needs {needed} KV pages but the pool can give it at most {available} (of {capacity}); raise --kv-memory")]
+    PoolTooSmall {
+        /// Pages needed.
+        needed: usize,
+        /// Pages it could get (capacity minus pinned prefixes).
+        available: usize,
+        /// Pages in the pool.
+        capacity: usize,
+    },
+    /// The model failed (a bug or bad weights; the message says what).
+    #[error("engine error: {0}")]
+    Engine(String),
+    /// The engine has shut down.
+    #[error("the engine has shut down")]
+    Shutdown,
+}
+
+/// Result alias for scheduler operations.
+pub type Result<T> = std::result::Result<T, SchedError>;
