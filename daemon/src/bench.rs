@@ -15,6 +15,10 @@ pub struct EngineBenchConfig {
     pub decode_tokens: usize,
     /// Prompt tokens per forward call (as in generation).
     pub prefill_chunk: usize,
+    /// Batch sizes for the batched decode measurement.
+    pub decode_batches: Vec<usize>,
+    /// Shared context (in pages shared by the whole batch) for the batched decode measurement.
+    pub batch_context: usize,
 }
 
 impl Default for EngineBenchConfig {
@@ -24,6 +28,8 @@ impl Default for EngineBenchConfig {
             decode_contexts: vec![0, 512, 2048],
             decode_tokens: 64,
             prefill_chunk: 512,
+            decode_batches: vec![1, 8, 32],
+            batch_context: 1500,
         }
     }
 }
@@ -52,6 +58,22 @@ pub struct DecodeResult {
     pub tokens_per_s: f64,
 }
 
+/// One batched decode measurement: `batch` sequences sharing `context` tokens of KV pages, each
+/// decoding in the same forward step.
+#[derive(Debug, Serialize)]
+pub struct BatchResult {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Shared context length.
+    pub context: usize,
+    /// Steps run.
+    pub steps: usize,
+    /// Seconds per step.
+    pub seconds_per_step: f64,
+    /// Tokens per second over the whole batch.
+    pub tokens_per_s: f64,
+}
+
 /// The whole report.
 #[derive(Debug, Serialize)]
 pub struct EngineBenchReport {
@@ -69,6 +91,8 @@ pub struct EngineBenchReport {
     pub prefill: Vec<PrefillResult>,
     /// Decode throughput per context length.
     pub decode: Vec<DecodeResult>,
+    /// Batched decode throughput per batch size.
+    pub batched_decode: Vec<BatchResult>,
     /// Peak resident memory of the process, in MiB (Linux `VmHWM`).
     pub peak_rss_mib: Option<f64>,
 }
@@ -98,6 +122,7 @@ pub fn run_engine_bench(engine: &Engine, cfg: &EngineBenchConfig) -> Result<Engi
         .prefill_sizes
         .iter()
         .chain(&cfg.decode_contexts)
+        .chain(std::iter::once(&cfg.batch_context))
         .copied()
         .max()
         .unwrap_or(0);
@@ -140,6 +165,10 @@ pub fn run_engine_bench(engine: &Engine, cfg: &EngineBenchConfig) -> Result<Engi
             tokens_per_s: cfg.decode_tokens as f64 / seconds,
         });
     }
+    let mut batched_decode = Vec::new();
+    for &b in &cfg.decode_batches {
+        batched_decode.push(batched_decode_bench(engine, &tokens, cfg, b)?);
+    }
     Ok(EngineBenchReport {
         model: engine.path.display().to_string(),
         threads: rayon::current_num_threads(),
@@ -148,7 +177,76 @@ pub fn run_engine_bench(engine: &Engine, cfg: &EngineBenchConfig) -> Result<Engi
         weight_bytes: engine.model.weight_bytes(),
         prefill: prefill_results,
         decode: decode_results,
+        batched_decode,
         peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// `batch` sequences over one shared prefix of `cfg.batch_context` tokens (full pages shared, the
+/// partial last page copied per sequence), decoding `cfg.decode_tokens` steps together.
+fn batched_decode_bench(
+    engine: &Engine,
+    tokens: &[u32],
+    cfg: &EngineBenchConfig,
+    batch: usize,
+) -> Result<BatchResult> {
+    use crate::model::{KvPages, RowKind, SeqStep};
+    let ps = 16;
+    let ctx = cfg.batch_context.clamp(1, tokens.len());
+    let steps = cfg.decode_tokens;
+    let shared_pages = ctx.div_ceil(ps);
+    let own_pages = (ctx % ps + steps).div_ceil(ps) + 1;
+    let mut kv = KvPages::new(engine.model.config(), shared_pages + batch * own_pages, ps);
+    let shared: Vec<u32> = (0..shared_pages as u32).collect();
+    for (k, chunk) in tokens[..ctx].chunks(cfg.prefill_chunk).enumerate() {
+        let step = SeqStep {
+            tokens: chunk,
+            pos0: k * cfg.prefill_chunk,
+            page_table: &shared,
+            kind: RowKind::Prompt,
+            logits: false,
+        };
+        engine.model.forward_batch(&[step], &mut kv)?;
+    }
+    let full = ctx / ps;
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            let first = (shared_pages + b * own_pages) as u32;
+            let own: Vec<u32> = (first..first + own_pages as u32).collect();
+            if !ctx.is_multiple_of(ps) {
+                kv.copy_page(shared[full], own[0], ctx % ps);
+            }
+            shared[..full].iter().chain(&own).copied().collect()
+        })
+        .collect();
+    let mut next: Vec<u32> = vec![tokens[ctx - 1]; batch];
+    let start = Instant::now();
+    for i in 0..steps {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let seqs: Vec<SeqStep<'_>> = toks
+            .iter()
+            .zip(&tables)
+            .map(|(t, table)| SeqStep {
+                tokens: t,
+                pos0: ctx + i,
+                page_table: table,
+                kind: RowKind::Decode,
+                logits: true,
+            })
+            .collect();
+        let out = engine.model.forward_batch(&seqs, &mut kv)?;
+        next = out
+            .iter()
+            .map(|l| argmax(l.as_deref().unwrap_or(&[0.0])))
+            .collect();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(BatchResult {
+        batch,
+        context: ctx,
+        steps,
+        seconds_per_step: seconds / steps as f64,
+        tokens_per_s: (batch * steps) as f64 / seconds,
     })
 }
 

@@ -37,7 +37,11 @@ impl Decoding {
             sampler: Sampler::new(opts.sampling.clone())?,
             stop: StopMatcher::new(opts.stop.clone())?,
             detok: IncrementalDecoder::new(),
-            stop_ids: tokenizer.stop_token_ids().to_vec(),
+            stop_ids: if opts.ignore_eos {
+                Vec::new()
+            } else {
+                tokenizer.stop_token_ids().to_vec()
+            },
             max_tokens: opts.max_tokens,
             tokens: Vec::new(),
             text: String::new(),

@@ -69,6 +69,9 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Prompt tokens per forward call during prefill.
     pub prefill_chunk: usize,
+    /// Keep generating past end-of-sequence tokens until `max_tokens` (for benchmarks that need
+    /// a fixed output length, as vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
@@ -78,6 +81,7 @@ impl Default for GenerateOptions {
             max_tokens: 256,
             stop: Vec::new(),
             prefill_chunk: 512,
+            ignore_eos: false,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - [`cache`] holds the paged KV pool's page accounting and the radix tree of cached prefixes.
 
 pub mod bench;
+pub mod bench_prefix;
 pub mod cache;
 pub mod chat;
 pub mod decoding;

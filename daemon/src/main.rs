@@ -1,10 +1,12 @@
 //! The `agentd` command line: a thin layer over the `agentd` library.
 
 use agentd::bench::{run_engine_bench, EngineBenchConfig};
+use agentd::bench_prefix::{run_prefix_bench, PrefixBenchConfig};
 use agentd::generate::{Engine, GenerateOptions};
 use agentd::model::LoadOptions;
 use agentd::model_store;
 use agentd::sampling::SamplingParams;
+use agentd::scheduler::SchedulerConfig;
 use agentd_sdk::Message;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -101,7 +103,66 @@ enum BenchCommand {
         /// Tokens per decode measurement.
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
+        /// Batch sizes for the batched decode measurement.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        decode_batches: Vec<usize>,
+        /// Shared context for the batched decode measurement.
+        #[arg(long, default_value_t = 1500)]
+        batch_context: usize,
     },
+    /// Many sessions sharing one system prompt, with the prefix cache off and on.
+    Prefix {
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 32)]
+        sessions: usize,
+        /// Approximate tokens in the shared system prompt.
+        #[arg(long, default_value_t = 1500)]
+        system_tokens: usize,
+        /// Tokens generated per session.
+        #[arg(long, default_value_t = 32)]
+        gen_tokens: usize,
+        /// Tenant counts to run with the cache on.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        tenants: Vec<usize>,
+        /// Skip the (slow) run with the cache off.
+        #[arg(long)]
+        skip_cache_off: bool,
+        #[command(flatten)]
+        sched: SchedArgs,
+    },
+}
+
+/// How the scheduler uses memory and compute.
+#[derive(Args)]
+struct SchedArgs {
+    /// KV memory to preallocate, e.g. 512MiB, 2GiB, or bytes.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    kv_memory: u64,
+    /// Tokens per KV page.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    page_size: u64,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_batch: u64,
+    /// Most tokens one engine step computes (chunked prefill budget).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    step_tokens: u64,
+}
+
+impl SchedArgs {
+    fn config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            page_size: self.page_size as usize,
+            kv_memory: self.kv_memory as usize,
+            max_batch: self.max_batch as usize,
+            step_tokens: self.step_tokens as usize,
+            cache: true,
+        }
+    }
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    parse_size::parse_size(s).map_err(|e| format!("{e} (examples: 512MiB, 2GiB, 1000000)"))
 }
 
 #[derive(Subcommand)]
@@ -138,15 +199,44 @@ fn main() -> Result<()> {
             prefill,
             decode_contexts,
             decode_tokens,
+            decode_batches,
+            batch_context,
         }) => {
             let engine = load(cli.model, opts)?;
             let cfg = EngineBenchConfig {
                 prefill_sizes: prefill,
                 decode_contexts,
                 decode_tokens,
+                decode_batches,
+                batch_context,
                 ..Default::default()
             };
             let report = run_engine_bench(&engine, &cfg)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Prefix {
+            sessions,
+            system_tokens,
+            gen_tokens,
+            tenants,
+            skip_cache_off,
+            sched,
+        }) => {
+            let engine = std::sync::Arc::new(load(cli.model, opts)?);
+            let cfg = PrefixBenchConfig {
+                sessions,
+                system_tokens,
+                gen_tokens,
+                tenants,
+                cache_off: !skip_cache_off,
+                scheduler: sched.config(),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(run_prefix_bench(engine, &cfg))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
