@@ -12,7 +12,8 @@
 //! - [`attention`]: causal grouped-query attention with an online softmax (FlashAttention-style
 //!   tiles), reading each K/V head once per query group and never materialising repeated K/V.
 //! - [`paged_attention`]: the same attention reading f16 K/V straight from fixed-size pages of a
-//!   preallocated pool through a page table, plus `write_kv` to store new rows in their pages.
+//!   preallocated pool through a page table, plus `write_kv` to store new rows in their pages,
+//!   and partial attention over a key range with a merge (cascade attention).
 //!
 //! A CUDA backend (cudarc, NVRTC) will sit beside `cpu` behind a `cuda` feature; it is not built yet.
 

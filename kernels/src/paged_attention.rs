@@ -291,43 +291,192 @@ fn paged_attention_with(
         }
         return Ok(());
     }
-    // Prefill: one task per (K/V head, block of query rows); the block's queries walk the keys
-    // tile by tile together, so each page is read from memory once for the group.
+    // Prefill: blocks of query rows over all their visible keys.
+    attend_blocks(
+        Span {
+            shape,
+            kv: &kv,
+            keys: 0..pos0 + n_q,
+            causal_pos0: Some(pos0),
+            scale,
+            simd,
+        },
+        q,
+        out,
+        None,
+    );
+    Ok(())
+}
+
+/// Attention for `q` (rows of `heads × head_dim`) over only the keys `keys` of `kv`, returning
+/// each (row, head)'s output normalised over those keys and, in `lse`, the log of its softmax
+/// denominator (`-inf` where the row saw no key). With `causal_pos0 = Some(p)` row `r` sits at
+/// position `p + r` and sees keys below `p + r + 1` only; with `None` every row sees all of
+/// `keys`. Two such partial results over disjoint key ranges combine with
+/// [`merge_partial_attention`] into attention over both: the building block of cascade
+/// attention (a shared prefix attended once for many sequences) and of split-key decode. The
+/// causal prefill path is this function over `0..pos0 + n` without the log-sum-exps. (A
+/// cascade over shared prefix pages was measured on this CPU and gave no gain over attending
+/// per sequence, so the engine does not use one yet.)
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_partial(
+    shape: AttentionShape,
+    q: &[f32],
+    kv: PagedKv<'_>,
+    keys: std::ops::Range<usize>,
+    causal_pos0: Option<usize>,
+    scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    let kv_row = check_shape(shape)?;
+    let q_row = shape.heads * shape.head_dim;
+    let n_q = q.len() / q_row;
+    if q.len() != n_q * q_row || out.len() != q.len() {
+        return Err(KernelError::Length {
+            what: "partial attention queries and output (whole rows of heads × head_dim)",
+            expected: n_q * q_row,
+            got: out.len(),
+        });
+    }
+    if lse.len() != n_q * shape.heads {
+        return Err(KernelError::Length {
+            what: "partial attention log-sum-exp (one per row and head)",
+            expected: n_q * shape.heads,
+            got: lse.len(),
+        });
+    }
+    check_pages(
+        kv_row,
+        kv.page_size,
+        kv.k_pool.len(),
+        kv.v_pool.len(),
+        kv.page_table,
+        keys.end,
+    )?;
+    if n_q == 0 {
+        return Ok(());
+    }
+    let simd = cpu::features().avx2 && cfg!(target_arch = "x86_64");
+    attend_blocks(
+        Span {
+            shape,
+            kv: &kv,
+            keys,
+            causal_pos0,
+            scale,
+            simd,
+        },
+        q,
+        out,
+        Some(lse),
+    );
+    Ok(())
+}
+
+/// Combines two partial attentions over disjoint key ranges (see [`paged_attention_partial`]):
+/// `out`/`lse` become the attention over both. `head_dim` splits the rows into heads.
+pub fn merge_partial_attention(
+    out: &mut [f32],
+    lse: &mut [f32],
+    other: &[f32],
+    other_lse: &[f32],
+    head_dim: usize,
+) -> Result<()> {
+    if other.len() != out.len() || other_lse.len() != lse.len() || out.len() != lse.len() * head_dim
+    {
+        return Err(KernelError::Length {
+            what: "partial attentions to merge (same shapes, one lse per head)",
+            expected: out.len(),
+            got: other.len(),
+        });
+    }
+    for (h, (o, l)) in out
+        .chunks_exact_mut(head_dim)
+        .zip(lse.iter_mut())
+        .enumerate()
+    {
+        let (la, lb) = (*l, other_lse[h]);
+        if lb == f32::NEG_INFINITY {
+            continue;
+        }
+        let ob = &other[h * head_dim..(h + 1) * head_dim];
+        if la == f32::NEG_INFINITY {
+            o.copy_from_slice(ob);
+            *l = lb;
+            continue;
+        }
+        let m = la.max(lb);
+        let (wa, wb) = ((la - m).exp(), (lb - m).exp());
+        let inv = 1.0 / (wa + wb);
+        for (x, y) in o.iter_mut().zip(ob) {
+            *x = (*x * wa + *y * wb) * inv;
+        }
+        *l = m + (wa + wb).ln();
+    }
+    Ok(())
+}
+
+/// What a set of query blocks attends to.
+struct Span<'k, 'a> {
+    shape: AttentionShape,
+    kv: &'k PagedKv<'a>,
+    keys: std::ops::Range<usize>,
+    causal_pos0: Option<usize>,
+    scale: f32,
+    simd: bool,
+}
+
+/// Runs one task per (K/V head, block of query rows) and scatters the results into `out` (and
+/// the log-sum-exps into `lse`).
+fn attend_blocks(sp: Span<'_, '_>, q: &[f32], out: &mut [f32], lse: Option<&mut [f32]>) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = sp.shape;
+    let (q_row, kv_row, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
+    let n_q = q.len() / q_row;
     let blocks = n_q.div_ceil(QUERY_BLOCK);
-    let results: Vec<Vec<f32>> = (0..kv_heads * blocks)
+    let results: Vec<(Vec<f32>, Vec<f32>)> = (0..kv_heads * blocks)
         .into_par_iter()
         .map(|task| {
             let (kvh, blk) = (task / blocks, task % blocks);
             let p = Block {
-                walk: Walk::new(&kv, kv_row, kvh * head_dim),
+                walk: Walk::new(sp.kv, kv_row, kvh * head_dim),
                 q,
                 q_row,
                 kvh,
                 group,
                 head_dim,
                 rows: blk * QUERY_BLOCK..((blk + 1) * QUERY_BLOCK).min(n_q),
-                pos0,
-                scale,
+                keys: sp.keys.clone(),
+                causal_pos0: sp.causal_pos0,
+                scale: sp.scale,
             };
             let mut res = vec![0f32; p.rows.len() * group * head_dim];
+            let mut lse = vec![0f32; p.rows.len() * group];
             #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the caller chose `simd` only where AVX2, FMA and F16C were detected.
-                unsafe { block_queries_avx2(&p, &mut res) };
-                return res;
+            if sp.simd {
+                // SAFETY: `simd` is set only where AVX2, FMA and F16C were detected.
+                unsafe { block_queries_avx2(&p, &mut res, &mut lse) };
+                return (res, lse);
             }
-            block_queries(&p, false, &mut res);
-            res
+            block_queries(&p, false, &mut res, &mut lse);
+            (res, lse)
         })
         .collect();
-    for (task, res) in results.iter().enumerate() {
+    let mut lse_out = lse;
+    for (task, (res, l)) in results.iter().enumerate() {
         let (kvh, blk) = (task / blocks, task % blocks);
         for (i, chunk) in res.chunks_exact(group * head_dim).enumerate() {
             let r = blk * QUERY_BLOCK + i;
             out[r * q_row + kvh * group * head_dim..][..group * head_dim].copy_from_slice(chunk);
+            if let Some(lo) = lse_out.as_deref_mut() {
+                lo[r * heads + kvh * group..][..group].copy_from_slice(&l[i * group..][..group]);
+            }
         }
     }
-    Ok(())
 }
 
 /// One K/V head of a sequence's pages: maps positions to pool offsets.
@@ -426,7 +575,7 @@ unsafe fn one_query_avx2(w: &Walk<'_>, q: &[f32], out: &mut [f32], n_keys: usize
     one_query(w, true, q, out, n_keys, scale)
 }
 
-/// One prefill task: the query heads of K/V head `kvh` for query rows `rows`.
+/// One task: the query heads of K/V head `kvh` for query rows `rows`, over `keys`.
 struct Block<'a> {
     walk: Walk<'a>,
     q: &'a [f32],
@@ -435,49 +584,90 @@ struct Block<'a> {
     group: usize,
     head_dim: usize,
     rows: std::ops::Range<usize>,
-    pos0: usize,
+    keys: std::ops::Range<usize>,
+    causal_pos0: Option<usize>,
     scale: f32,
 }
 
-/// Online-softmax attention for every query of a [`Block`], tile by tile over the keys; writes
-/// rows of `group × head_dim` into `out`.
+impl Walk<'_> {
+    /// Converts keys and values `t0..t0 + n` of this head to f32, `head_dim` apart.
+    #[inline(always)]
+    fn load_tile(&self, simd: bool, t0: usize, n: usize, d: usize, k: &mut [f32], v: &mut [f32]) {
+        self.segments(t0, n, |j, off, len| {
+            for i in 0..len {
+                let src = off + i * self.kv_row;
+                let dst = (j + i) * d;
+                tile::to_f32(simd, &self.k[src..src + d], &mut k[dst..dst + d]);
+                tile::to_f32(simd, &self.v[src..src + d], &mut v[dst..dst + d]);
+            }
+        });
+    }
+}
+
+/// Online-softmax attention for every query of a [`Block`], tile by tile over its keys: each
+/// tile is converted to f32 once and then used by every query of the block. Writes rows of
+/// `group × head_dim` (normalised) into `out` and each query's log-sum-exp into `lse`.
 #[inline(always)]
-fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32]) {
+fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
     let d = p.head_dim;
     let nq = p.rows.len() * p.group;
     let mut m = vec![f32::NEG_INFINITY; nq];
     let mut l = vec![0f32; nq];
-    let last_keys = p.pos0 + p.rows.end;
-    let mut t0 = 0;
-    while t0 < last_keys {
+    out.fill(0.0);
+    let visible_end = |r: usize| match p.causal_pos0 {
+        Some(pos0) => (pos0 + r + 1).min(p.keys.end),
+        None => p.keys.end,
+    };
+    let last = p.rows.clone().map(visible_end).max().unwrap_or(0);
+    let tile_keys = TILE.min(last.saturating_sub(p.keys.start));
+    let mut kt = vec![0f32; tile_keys * d];
+    let mut vt = vec![0f32; tile_keys * d];
+    let mut scores = [0f32; TILE];
+    let mut t0 = p.keys.start;
+    while t0 < last {
+        let n = TILE.min(last - t0);
+        p.walk.load_tile(simd, t0, n, d, &mut kt, &mut vt);
         for (ri, r) in p.rows.clone().enumerate() {
-            let n_keys = p.pos0 + r + 1;
-            if t0 >= n_keys {
+            let end = visible_end(r);
+            if t0 >= end {
                 continue;
             }
-            let n = TILE.min(n_keys - t0);
+            let nr = n.min(end - t0);
+            let s = &mut scores[..nr];
             for g in 0..p.group {
                 let qi = ri * p.group + g;
                 let head = p.kvh * p.group + g;
                 let qv = &p.q[r * p.q_row + head * d..][..d];
                 let acc = &mut out[qi * d..(qi + 1) * d];
-                p.walk
-                    .tile(simd, qv, acc, &mut m[qi], &mut l[qi], t0, n, p.scale);
+                let tmax = tile::scores(simd, qv, &kt, d, p.scale, s);
+                if tmax > m[qi] {
+                    if l[qi] > 0.0 {
+                        let c = (m[qi] - tmax).exp();
+                        scale_body(acc, c);
+                        l[qi] *= c;
+                    }
+                    m[qi] = tmax;
+                }
+                l[qi] += exp_sub_sum_body(s, m[qi]);
+                tile::accumulate(simd, acc, &vt, d, s);
             }
         }
-        t0 += TILE;
+        t0 += n;
     }
     for (qi, acc) in out.chunks_exact_mut(d).enumerate() {
         if l[qi] > 0.0 {
             scale_body(acc, 1.0 / l[qi]);
+            lse[qi] = m[qi] + l[qi].ln();
+        } else {
+            lse[qi] = f32::NEG_INFINITY;
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_queries_avx2(p: &Block<'_>, out: &mut [f32]) {
-    block_queries(p, true, out)
+unsafe fn block_queries_avx2(p: &Block<'_>, out: &mut [f32], lse: &mut [f32]) {
+    block_queries(p, true, out, lse)
 }
 
 /// `scores[j] = scale · q·k_j` for a run of keys (see [`tile::scores`]).

@@ -100,6 +100,25 @@ proptest! {
             paged_attention_with(shape, &q, kv, pos0, scale, &mut simd, true).unwrap();
             assert_close(&simd, &portable, 1e-4, "avx2 vs portable")?;
         }
+
+        // Split at a key `split <= pos0`: every query sees all of `0..split` (the shared-prefix
+        // part, non-causal) and its causal share of the rest; merged, the two partial
+        // attentions equal the whole.
+        let split = (seed as usize * 7919) % (pos0 + 1);
+        let heads_total = n_q * shape.heads;
+        let (mut a, mut la) = (vec![0f32; q.len()], vec![0f32; heads_total]);
+        paged_attention_partial(shape, &q, kv, 0..split, None, scale, &mut a, &mut la).unwrap();
+        let (mut b, mut lb) = (vec![0f32; q.len()], vec![0f32; heads_total]);
+        paged_attention_partial(shape, &q, kv, split..n_kv, Some(pos0), scale, &mut b, &mut lb)
+            .unwrap();
+        merge_partial_attention(&mut a, &mut la, &b, &lb, head_dim).unwrap();
+        assert_close(&a, &contiguous, 1e-4, "partial + merge vs causal_attention")?;
+        // An empty range contributes nothing.
+        let (mut e, mut le) = (vec![0f32; q.len()], vec![0f32; heads_total]);
+        paged_attention_partial(shape, &q, kv, 0..0, None, scale, &mut e, &mut le).unwrap();
+        prop_assert!(le.iter().all(|&x| x == f32::NEG_INFINITY));
+        merge_partial_attention(&mut e, &mut le, &a, &la, head_dim).unwrap();
+        assert_close(&e, &contiguous, 1e-4, "empty + merged vs causal_attention")?;
     }
 }
 

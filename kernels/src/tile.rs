@@ -44,6 +44,28 @@ impl KvElem for f16 {
     }
 }
 
+/// Converts a run of stored elements to f32 (`out.len()` of them; `src` at least as long).
+#[inline(always)]
+pub(crate) fn to_f32<E: KvElem>(simd: bool, src: &[E], out: &mut [f32]) {
+    assert!(src.len() >= out.len(), "source run shorter than its output");
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        let whole = out.len() / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            // SAFETY: the caller detected AVX2 and F16C; i + 8 <= out.len() <= src.len().
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), E::load8(src.as_ptr().add(i))) };
+        }
+        for i in whole..out.len() {
+            out[i] = src[i].to_f32();
+        }
+        return;
+    }
+    let _ = simd;
+    for (o, x) in out.iter_mut().zip(src) {
+        *o = x.to_f32();
+    }
+}
+
 /// `scores[j] = scale · q·k_j` for the keys of a run (`k` starts at the run's first key of the
 /// head; keys are `stride` apart); returns the largest score. `simd` says AVX2/FMA/F16C may be
 /// used (the caller detected them).

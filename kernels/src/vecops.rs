@@ -114,12 +114,18 @@ pub fn exp_approx(x: f32) -> f32 {
 
 #[inline(always)]
 pub(crate) fn exp_sub_sum_body(y: &mut [f32], m: f32) -> f32 {
-    let mut sum = 0f32;
+    // Two passes so both vectorise: a running scalar sum in the exp loop would serialise it.
     for v in y.iter_mut() {
         *v = exp_approx(*v - m);
-        sum += *v;
     }
-    sum
+    let mut lanes = [0f32; 8];
+    let mut chunks = y.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>()
 }
 
 dispatch! {
