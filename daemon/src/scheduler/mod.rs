@@ -27,4 +27,6 @@ pub use core::{PrefixInfo, Scheduler};
 pub use types::*;
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
