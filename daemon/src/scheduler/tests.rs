@@ -8,6 +8,7 @@ use crate::sampling::SamplingParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::{Arc, OnceLock};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 pub(super) fn engine() -> Arc<Engine> {
     static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
@@ -433,4 +434,98 @@ async fn cancellation_frees_everything_and_bad_requests_are_refused() {
         other => panic!("expected PoolTooSmall, got {other:?}"),
     }
     small.check_invariants().await.unwrap().unwrap();
+}
+
+/// Runs the scheduler until idle; returns the order in which the streams ended.
+fn finish_order(
+    s: &mut Scheduler,
+    streams: &mut [(usize, UnboundedReceiver<Event>)],
+) -> Vec<usize> {
+    let mut order = Vec::new();
+    for _ in 0..10_000 {
+        if s.is_idle() {
+            break;
+        }
+        s.step();
+        for (tag, rx) in streams.iter_mut() {
+            while let Ok(ev) = rx.try_recv() {
+                if matches!(ev, Event::Done(_) | Event::Error(_)) {
+                    order.push(*tag);
+                }
+            }
+        }
+    }
+    order
+}
+
+/// With room for one sequence at a time, a tenant that arrives after another tenant's queue is
+/// served next, not after the whole queue.
+#[test]
+fn admission_takes_tenants_in_turn() {
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    let mut s = Scheduler::new(
+        engine(),
+        SchedulerConfig {
+            max_batch: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut streams = Vec::new();
+    for tag in 0..4 {
+        let sid = s
+            .create_session(1, None, random_tokens(&mut rng, 20))
+            .unwrap();
+        let (tx, rx) = unbounded_channel();
+        s.generate(1, sid, &greedy(2), tx).unwrap();
+        streams.push((tag, rx));
+    }
+    let sid = s
+        .create_session(2, None, random_tokens(&mut rng, 20))
+        .unwrap();
+    let (tx, rx) = unbounded_channel();
+    s.generate(2, sid, &greedy(2), tx).unwrap();
+    streams.push((100, rx));
+    let order = finish_order(&mut s, &mut streams);
+    assert_eq!(order.len(), 5, "{order:?}");
+    assert_eq!(
+        order[1], 100,
+        "tenant 2 waited behind tenant 1's queue: {order:?}"
+    );
+    s.check_invariants().unwrap();
+}
+
+/// Within a tenant, the waiting request with the longest cached prefix is admitted first.
+#[test]
+fn admission_prefers_the_longest_cached_prefix() {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let mut s = Scheduler::new(
+        engine(),
+        SchedulerConfig {
+            max_batch: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let shared = random_tokens(&mut rng, 96);
+    let warm = s.create_session(1, None, shared.clone()).unwrap();
+    let (tx, rx) = unbounded_channel();
+    s.generate(1, warm, &greedy(1), tx).unwrap();
+    let mut streams = vec![(0, rx)];
+    assert_eq!(finish_order(&mut s, &mut streams), vec![0]);
+    // A cold request queued first, then one that hits the cached prefix.
+    let mut streams = Vec::new();
+    for (tag, prompt) in [
+        (1, random_tokens(&mut rng, 40)),
+        (2, random_tokens(&mut rng, 40)),
+        (3, [shared.clone(), random_tokens(&mut rng, 8)].concat()),
+    ] {
+        let sid = s.create_session(1, None, prompt).unwrap();
+        let (tx, rx) = unbounded_channel();
+        s.generate(1, sid, &greedy(1), tx).unwrap();
+        streams.push((tag, rx));
+    }
+    let order = finish_order(&mut s, &mut streams);
+    assert_eq!(order[0], 3, "{order:?}");
+    s.check_invariants().unwrap();
 }
