@@ -9,6 +9,7 @@
 //! - [`generate`] ties them together into a streaming generation loop.
 //! - [`scheduler`] runs many sessions' generations in continuous batches over a paged KV pool
 //!   shared through the radix tree of cached prefixes.
+//! - [`service`] is the gRPC service over a Unix socket (`agentd serve`), on the scheduler.
 //! - [`cache`] holds the paged KV pool's page accounting and the radix tree of cached prefixes.
 
 pub mod bench;
@@ -22,5 +23,6 @@ pub mod model;
 pub mod model_store;
 pub mod sampling;
 pub mod scheduler;
+pub mod service;
 pub mod stop;
 pub mod tokenizer;

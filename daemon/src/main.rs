@@ -38,6 +38,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: serve the gRPC API on a Unix socket until SIGTERM/SIGINT.
+    Serve(ServeArgs),
+    /// Print a running daemon's statistics (pool, cache hit rate, the caller's counters) as JSON.
+    Status {
+        /// The daemon's socket (default as for `serve`).
+        #[arg(long, env = "AGENTD_SOCKET")]
+        socket: Option<PathBuf>,
+    },
     /// Answer one question, streaming the reply to stdout.
     Generate(GenerateArgs),
     /// Measure performance and print JSON.
@@ -46,6 +54,22 @@ enum Command {
     /// Manage the model file.
     #[command(subcommand)]
     Model(ModelCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The Unix socket (default: $XDG_RUNTIME_DIR/agentd/agentd.sock, else agentd.sock in the
+    /// data directory).
+    #[arg(long, env = "AGENTD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Give each Unix user (the socket peer's uid) its own tenant; default: one tenant.
+    #[arg(long)]
+    tenant_per_uid: bool,
+    /// Seconds running streams may go on after SIGTERM/SIGINT before they are cancelled.
+    #[arg(long, default_value_t = 10)]
+    grace_seconds: u64,
+    #[command(flatten)]
+    sched: SchedArgs,
 }
 
 #[derive(Args)]
@@ -194,6 +218,8 @@ fn main() -> Result<()> {
         exact_decode: cli.exact,
     };
     match cli.command {
+        Command::Serve(args) => serve(cli.model, opts, args),
+        Command::Status { socket } => status(socket),
         Command::Generate(args) => generate(&load(cli.model, opts)?, args),
         Command::Bench(BenchCommand::Engine {
             prefill,
@@ -250,6 +276,69 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn serve(model: Option<PathBuf>, opts: LoadOptions, args: ServeArgs) -> Result<()> {
+    use agentd::service::serve::{bind_socket, serve, ServeConfig};
+    use agentd::service::Tenancy;
+    let socket = args.socket.unwrap_or_else(agentd_sdk::default_socket_path);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // Bind first, so a second daemon fails at once, before loading the model.
+    let listener = rt.block_on(async { bind_socket(&socket) })?;
+    let engine = std::sync::Arc::new(load(model, opts)?);
+    let handle = agentd::scheduler::EngineHandle::spawn(engine, args.sched.config())?;
+    let cfg = ServeConfig {
+        socket: socket.clone(),
+        tenancy: if args.tenant_per_uid {
+            Tenancy::PerUid
+        } else {
+            Tenancy::Single
+        },
+        grace: std::time::Duration::from_secs(args.grace_seconds),
+    };
+    eprintln!("agentd: listening on {}", socket.display());
+    rt.block_on(serve(handle, cfg, listener))?;
+    eprintln!("agentd: stopped");
+    Ok(())
+}
+
+fn status(socket: Option<PathBuf>) -> Result<()> {
+    let socket = socket.unwrap_or_else(agentd_sdk::default_socket_path);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let s = rt.block_on(async {
+        let c = agentd_sdk::Client::connect(&socket).await?;
+        c.stats().await
+    })?;
+    let json = serde_json::json!({
+        "socket": socket.display().to_string(),
+        "pool": {
+            "pages": s.pool_pages,
+            "free_pages": s.free_pages,
+            "peak_pages": s.peak_pages,
+            "page_size": s.page_size,
+            "page_bytes": s.page_bytes,
+        },
+        "cache": {
+            "tree_tokens": s.tree_tokens,
+            "hit_rate": s.hit_rate,
+        },
+        "engine": { "steps": s.steps, "preemptions": s.preemptions },
+        "tenant": {
+            "sessions": s.sessions,
+            "running": s.running,
+            "waiting": s.waiting,
+            "prefill_tokens": s.prefill_tokens,
+            "cached_tokens": s.cached_tokens,
+            "generated_tokens": s.generated_tokens,
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
 }
 
 fn model_path(flag: Option<PathBuf>) -> Result<PathBuf> {

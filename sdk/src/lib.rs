@@ -1,10 +1,24 @@
 //! The agentd SDK.
 //!
-//! Today it holds the chat types that both sides of the wire agree on: a [`Message`] with a
-//! [`Role`]. The daemon renders a list of messages through the model's chat template; the client
-//! builds them. The gRPC client, sessions and the agent loop build on these types.
+//! - [`proto`]: the wire contract, package `agentd.v1` (`proto/agentd/v1/agentd.proto`), as
+//!   generated Rust types, client and server stubs.
+//! - [`Client`], [`Session`], [`GenerateOptions`], [`Event`], [`Error`]: a typed async client
+//!   over the daemon's Unix socket.
+//! - [`Message`], [`Role`]: the chat types both sides agree on.
 
 use serde::{Deserialize, Serialize};
+
+mod client;
+mod error;
+
+pub use client::{default_socket_path, Client, Event, GenerateOptions, GenerateStream, Session};
+pub use error::Error;
+
+/// The generated wire types and gRPC stubs of package `agentd.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("agentd.v1");
+}
 
 /// Who said a message in a chat transcript.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

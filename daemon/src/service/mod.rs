@@ -1,0 +1,370 @@
+//! The gRPC service (`agentd.v1.Agentd`): each RPC checks its input, finds the caller's tenant
+//! from the connection, and forwards to the engine thread through [`EngineHandle`].
+//!
+//! - [`serve`]: the Unix socket (permissions, stale sockets, a live daemon already there) and
+//!   graceful shutdown on SIGTERM/SIGINT.
+//! - [`status`]: scheduler errors → gRPC statuses.
+
+pub mod serve;
+mod status;
+
+use crate::generate::{FinishReason, GenerateOptions};
+use crate::sampling::SamplingParams;
+use crate::scheduler::{EngineHandle, Event, PrefixId, SessionId, TenantId};
+use agentd_sdk::proto::{self, agentd_server::Agentd, generate_event};
+use status::to_status;
+use std::pin::Pin;
+use tokio_stream::{wrappers::UnboundedReceiverStream, Stream, StreamExt};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+/// How callers map to tenants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tenancy {
+    /// A personal daemon: every caller is tenant 0.
+    Single,
+    /// Each Unix user (peer uid) is its own tenant.
+    PerUid,
+}
+
+/// The service: the engine handle and the tenancy rule.
+pub struct AgentdService {
+    engine: EngineHandle,
+    tenancy: Tenancy,
+    page_size: usize,
+    pool_pages: usize,
+}
+
+impl AgentdService {
+    /// A service over `engine`.
+    pub fn new(
+        engine: EngineHandle,
+        tenancy: Tenancy,
+        page_size: usize,
+        pool_pages: usize,
+    ) -> Self {
+        Self {
+            engine,
+            tenancy,
+            page_size,
+            pool_pages,
+        }
+    }
+
+    /// The caller's tenant, from the connection's peer credentials (never from the request).
+    fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
+        match self.tenancy {
+            Tenancy::Single => Ok(0),
+            Tenancy::PerUid => req
+                .extensions()
+                .get::<UdsConnectInfo>()
+                .and_then(|c| c.peer_cred)
+                .map(|c| c.uid() as TenantId)
+                .ok_or_else(|| {
+                    Status::permission_denied("the caller's peer credentials are unavailable")
+                }),
+        }
+    }
+}
+
+fn sampling_params(s: Option<proto::Sampling>) -> SamplingParams {
+    let Some(s) = s else {
+        return SamplingParams::greedy();
+    };
+    let or_one = |x: f32| if x == 0.0 { 1.0 } else { x };
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: or_one(s.top_p),
+        min_p: s.min_p,
+        repetition_penalty: or_one(s.repetition_penalty),
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+        ..SamplingParams::default()
+    }
+}
+
+fn finish_fields(f: &FinishReason) -> (String, String) {
+    match f {
+        FinishReason::Eos => ("eos".into(), String::new()),
+        FinishReason::Stop(s) => ("stop".into(), s.clone()),
+        FinishReason::MaxTokens => ("max_tokens".into(), String::new()),
+        FinishReason::ContextFull => ("context_full".into(), String::new()),
+        FinishReason::Cancelled => ("cancelled".into(), String::new()),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agentd for AgentdService {
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "health", session = tracing::field::Empty))]
+    async fn health(
+        &self,
+        _req: Request<proto::HealthRequest>,
+    ) -> Result<Response<proto::HealthReply>, Status> {
+        Ok(Response::new(proto::HealthReply {
+            version: env!("CARGO_PKG_VERSION").into(),
+            ready: true,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "model_info", session = tracing::field::Empty))]
+    async fn model_info(
+        &self,
+        _req: Request<proto::ModelInfoRequest>,
+    ) -> Result<Response<proto::ModelInfoReply>, Status> {
+        let e = self.engine.engine();
+        let c = e.model.config();
+        Ok(Response::new(proto::ModelInfoReply {
+            path: e.path.display().to_string(),
+            context_length: c.context_length as u32,
+            vocab_size: c.vocab as u32,
+            layers: c.layers as u32,
+            heads: c.heads as u32,
+            kv_heads: c.kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            page_size: self.page_size as u32,
+            pool_pages: self.pool_pages as u32,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "tokenize", session = tracing::field::Empty))]
+    async fn tokenize(
+        &self,
+        req: Request<proto::TokenizeRequest>,
+    ) -> Result<Response<proto::TokenizeReply>, Status> {
+        let r = req.into_inner();
+        let limit = 1 << 20;
+        if r.text.len() > limit {
+            return Err(Status::invalid_argument(format!(
+                "text of {} bytes is longer than the limit of {limit}",
+                r.text.len()
+            )));
+        }
+        let tokens = self
+            .engine
+            .engine()
+            .tokenizer
+            .encode(&r.text, r.parse_special)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(proto::TokenizeReply { tokens }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "register_prefix", session = tracing::field::Empty))]
+    async fn register_prefix(
+        &self,
+        req: Request<proto::RegisterPrefixRequest>,
+    ) -> Result<Response<proto::RegisterPrefixReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let r = req.into_inner();
+        if r.publish {
+            return Err(Status::permission_denied(
+                "publishing a prefix to every tenant is an operator action, not available over this socket yet",
+            ));
+        }
+        let info = self
+            .engine
+            .register_prefix(tenant, r.tokens, false)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::RegisterPrefixReply {
+            prefix_id: info.id.0,
+            tokens: info.tokens as u32,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "create_session", session = tracing::field::Empty))]
+    async fn create_session(
+        &self,
+        req: Request<proto::CreateSessionRequest>,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let r = req.into_inner();
+        let from = (r.prefix_id != 0).then_some(PrefixId(r.prefix_id));
+        let id = self
+            .engine
+            .create_session(tenant, from, r.tokens)
+            .await
+            .map_err(to_status)?;
+        self.session_reply(tenant, id).await
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "fork_session", session = tracing::field::Empty))]
+    async fn fork_session(
+        &self,
+        req: Request<proto::SessionRef>,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let id = SessionId(req.into_inner().session_id);
+        let new = self.engine.fork(tenant, id).await.map_err(to_status)?;
+        self.session_reply(tenant, new).await
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "close_session", session = tracing::field::Empty))]
+    async fn close_session(
+        &self,
+        req: Request<proto::SessionRef>,
+    ) -> Result<Response<proto::CloseReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let id = SessionId(req.into_inner().session_id);
+        self.engine.close(tenant, id).await.map_err(to_status)?;
+        Ok(Response::new(proto::CloseReply {}))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "append", session = tracing::field::Empty))]
+    async fn append(
+        &self,
+        req: Request<proto::AppendRequest>,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let r = req.into_inner();
+        if r.tokens.is_empty() {
+            return Err(Status::invalid_argument(
+                "nothing to append: tokens is empty",
+            ));
+        }
+        let id = SessionId(r.session_id);
+        self.engine
+            .append(tenant, id, r.tokens)
+            .await
+            .map_err(to_status)?;
+        self.session_reply(tenant, id).await
+    }
+
+    type GenerateStream = EventStream;
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "generate", session = tracing::field::Empty))]
+    async fn generate(
+        &self,
+        req: Request<proto::GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let tenant = self.tenant(&req)?;
+        let r = req.into_inner();
+        tracing::Span::current().record("session", r.session_id);
+        let opts = GenerateOptions {
+            sampling: sampling_params(r.sampling),
+            max_tokens: r.max_tokens as usize,
+            stop: r.stop,
+            ..GenerateOptions::default()
+        };
+        let rx = self
+            .engine
+            .generate(tenant, SessionId(r.session_id), opts)
+            .await
+            .map_err(to_status)?;
+        let stream = UnboundedReceiverStream::new(rx).map(|ev| match ev {
+            Event::Token { id, text } => Ok(proto::GenerateEvent {
+                event: Some(generate_event::Event::Token(proto::TokenEvent { id, text })),
+            }),
+            Event::Done(u) => {
+                let (finish_reason, stop) = finish_fields(&u.finish);
+                Ok(proto::GenerateEvent {
+                    event: Some(generate_event::Event::Done(proto::Usage {
+                        prompt_tokens: u.prompt_tokens as u32,
+                        cached_tokens: u.cached_tokens as u32,
+                        generated_tokens: u.generated_tokens as u32,
+                        finish_reason,
+                        stop,
+                        ttft_seconds: u.ttft.as_secs_f64(),
+                        total_seconds: u.total.as_secs_f64(),
+                        preemptions: u.preemptions,
+                    })),
+                })
+            }
+            Event::Error(e) => Err(to_status(e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "rewrite", session = tracing::field::Empty))]
+    async fn rewrite(
+        &self,
+        req: Request<proto::RewriteRequest>,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let r = req.into_inner();
+        let id = SessionId(r.session_id);
+        self.engine
+            .rewrite(tenant, id, r.start as usize..r.end as usize, r.tokens)
+            .await
+            .map_err(to_status)?;
+        self.session_reply(tenant, id).await
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "session_tokens", session = tracing::field::Empty))]
+    async fn session_tokens(
+        &self,
+        req: Request<proto::SessionRef>,
+    ) -> Result<Response<proto::TokensReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let id = SessionId(req.into_inner().session_id);
+        let (tokens, epoch) = self
+            .engine
+            .session_tokens(tenant, id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::TokensReply { tokens, epoch }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "stats", session = tracing::field::Empty))]
+    async fn stats(
+        &self,
+        req: Request<proto::StatsRequest>,
+    ) -> Result<Response<proto::StatsReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let s = self.engine.stats().await.map_err(to_status)?;
+        let own = s.tenants.get(&tenant).cloned().unwrap_or_default();
+        Ok(Response::new(proto::StatsReply {
+            pool_pages: s.pool_pages as u32,
+            free_pages: s.free_pages as u32,
+            peak_pages: s.peak_pages as u32,
+            page_size: s.page_size as u32,
+            page_bytes: s.page_bytes as u64,
+            tree_tokens: s.tree_tokens as u64,
+            steps: s.steps,
+            hit_rate: s.hit_rate(),
+            preemptions: s.preemptions,
+            sessions: own.sessions as u32,
+            running: own.running as u32,
+            waiting: own.waiting as u32,
+            prefill_tokens: own.prefill_tokens,
+            cached_tokens: own.cached_tokens,
+            generated_tokens: own.generated_tokens,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "drop_prefix", session = tracing::field::Empty))]
+    async fn drop_prefix(
+        &self,
+        req: Request<proto::PrefixRef>,
+    ) -> Result<Response<proto::DropPrefixReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let id = PrefixId(req.into_inner().prefix_id);
+        self.engine
+            .drop_prefix(tenant, id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::DropPrefixReply {}))
+    }
+}
+
+impl AgentdService {
+    async fn session_reply(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let (tokens, epoch) = self
+            .engine
+            .session_tokens(tenant, id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::SessionReply {
+            session_id: id.0,
+            tokens: tokens.len() as u32,
+            epoch,
+        }))
+    }
+}

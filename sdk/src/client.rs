@@ -1,0 +1,359 @@
+//! A typed async client for the agentd daemon over its Unix socket.
+
+use crate::error::Error;
+use crate::proto::agentd_client::AgentdClient;
+use crate::proto::{self, generate_event};
+use hyper_util::rt::TokioIo;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::net::UnixStream;
+use tokio_stream::Stream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The socket a daemon listens on by default: `$XDG_RUNTIME_DIR/agentd/agentd.sock`, else
+/// `agentd.sock` in the data directory (`$AGENTD_HOME`, else the XDG data directory's `agentd`).
+pub fn default_socket_path() -> PathBuf {
+    if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(run).join("agentd").join("agentd.sock");
+    }
+    let home = std::env::var_os("AGENTD_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| dirs::data_dir().map(|d| d.join("agentd")))
+        .unwrap_or_else(|| PathBuf::from(".agentd"));
+    home.join("agentd.sock")
+}
+
+/// A connection to the daemon. Cheap to clone (clones share the connection).
+#[derive(Clone, Debug)]
+pub struct Client {
+    rpc: AgentdClient<Channel>,
+}
+
+impl Client {
+    /// Connects to the daemon listening on the Unix socket at `path`.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref().to_owned();
+        let shown = path.display().to_string();
+        // The URI is required by the API but unused: every connection goes to the socket.
+        let channel = Endpoint::try_from("http://agentd.local")
+            .map_err(|e| Error::Unavailable(e.to_string()))?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            }))
+            .await
+            .map_err(|e| {
+                // The transport error's own text is generic; the cause says what happened.
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why = c.to_string();
+                    cause = c.source();
+                }
+                Error::Unavailable(format!("{shown}: {why} (is `agentd serve` running?)"))
+            })?;
+        Ok(Self {
+            rpc: AgentdClient::new(channel),
+        })
+    }
+
+    /// Connects to the daemon at [`default_socket_path`].
+    pub async fn connect_default() -> Result<Self, Error> {
+        Self::connect(default_socket_path()).await
+    }
+
+    /// The daemon's version, once it answers.
+    pub async fn health(&self) -> Result<proto::HealthReply, Error> {
+        Ok(self
+            .rpc
+            .clone()
+            .health(proto::HealthRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// The loaded model's hyperparameters and the pool's shape.
+    pub async fn model_info(&self) -> Result<proto::ModelInfoReply, Error> {
+        Ok(self
+            .rpc
+            .clone()
+            .model_info(proto::ModelInfoRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Tokenises `text`; with `parse_special`, control-token strings become control tokens.
+    pub async fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, Error> {
+        let req = proto::TokenizeRequest {
+            text: text.to_owned(),
+            parse_special,
+        };
+        Ok(self.rpc.clone().tokenize(req).await?.into_inner().tokens)
+    }
+
+    /// Computes and pins `tokens` as a prefix sessions can start from; returns its id.
+    pub async fn register_prefix(&self, tokens: Vec<u32>) -> Result<u64, Error> {
+        let req = proto::RegisterPrefixRequest {
+            tokens,
+            publish: false,
+        };
+        Ok(self
+            .rpc
+            .clone()
+            .register_prefix(req)
+            .await?
+            .into_inner()
+            .prefix_id)
+    }
+
+    /// Opens a session whose log starts with the prefix `prefix` (if any) and then `tokens`.
+    pub async fn create_session(
+        &self,
+        prefix: Option<u64>,
+        tokens: Vec<u32>,
+    ) -> Result<Session, Error> {
+        let req = proto::CreateSessionRequest {
+            prefix_id: prefix.unwrap_or(0),
+            tokens,
+        };
+        let reply = self.rpc.clone().create_session(req).await?.into_inner();
+        Ok(Session {
+            client: self.clone(),
+            id: reply.session_id,
+        })
+    }
+
+    /// The pool, the cache and the caller's own counters.
+    pub async fn stats(&self) -> Result<proto::StatsReply, Error> {
+        Ok(self
+            .rpc
+            .clone()
+            .stats(proto::StatsRequest {})
+            .await?
+            .into_inner())
+    }
+}
+
+/// How to generate. Defaults: 256 tokens, temperature 0.7, top-k 40, top-p 0.95, min-p 0.05,
+/// repetition penalty 1.1 (as `agentd generate`); [`GenerateOptions::greedy`] for determinism.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    max_tokens: u32,
+    sampling: proto::Sampling,
+    stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            sampling: proto::Sampling {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.05,
+                repetition_penalty: 1.1,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                seed: None,
+            },
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl GenerateOptions {
+    /// Greedy decoding (always the most likely token), no penalties.
+    pub fn greedy() -> Self {
+        Self {
+            sampling: proto::Sampling {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                repetition_penalty: 1.0,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                seed: None,
+            },
+            ..Self::default()
+        }
+    }
+    /// The most tokens to generate.
+    pub fn max_tokens(mut self, n: u32) -> Self {
+        self.max_tokens = n;
+        self
+    }
+    /// Softmax temperature (0 = greedy).
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.sampling.temperature = t;
+        self
+    }
+    /// Keep only the `k` most likely tokens (0 = off).
+    pub fn top_k(mut self, k: u32) -> Self {
+        self.sampling.top_k = k;
+        self
+    }
+    /// Nucleus sampling mass (1 = off).
+    pub fn top_p(mut self, p: f32) -> Self {
+        self.sampling.top_p = p;
+        self
+    }
+    /// Seed for reproducible sampling.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.sampling.seed = Some(seed);
+        self
+    }
+    /// Stop when `s` appears (repeatable).
+    pub fn stop(mut self, s: impl Into<String>) -> Self {
+        self.stop.push(s.into());
+        self
+    }
+}
+
+/// What a generation stream yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A sampled token and the text that became final with it.
+    Token {
+        /// Token id.
+        id: u32,
+        /// Text (may be empty).
+        text: String,
+    },
+    /// The end: prompt, cached and generated token counts, timings and the finish reason.
+    Done(proto::Usage),
+}
+
+/// The events of one generation. Dropping it cancels the generation in the daemon.
+#[derive(Debug)]
+pub struct GenerateStream {
+    inner: tonic::Streaming<proto::GenerateEvent>,
+}
+
+impl Stream for GenerateStream {
+    type Item = Result<Event, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(ev))) => Poll::Ready(Some(match ev.event {
+                Some(generate_event::Event::Token(t)) => Ok(Event::Token {
+                    id: t.id,
+                    text: t.text,
+                }),
+                Some(generate_event::Event::Done(u)) => Ok(Event::Done(u)),
+                None => Err(Error::Daemon {
+                    code: tonic::Code::Internal,
+                    message: "empty event".into(),
+                }),
+            })),
+            Poll::Ready(Some(Err(s))) => Poll::Ready(Some(Err(s.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A session: a token log in the daemon, whose KV is shared through the prefix cache.
+#[derive(Clone, Debug)]
+pub struct Session {
+    client: Client,
+    id: u64,
+}
+
+impl Session {
+    /// The session's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Appends tokens; returns the log's new length.
+    pub async fn append(&self, tokens: Vec<u32>) -> Result<u32, Error> {
+        let req = proto::AppendRequest {
+            session_id: self.id,
+            tokens,
+        };
+        Ok(self
+            .client
+            .rpc
+            .clone()
+            .append(req)
+            .await?
+            .into_inner()
+            .tokens)
+    }
+
+    /// Starts a generation continuing the log.
+    pub async fn generate(&self, opts: &GenerateOptions) -> Result<GenerateStream, Error> {
+        let req = proto::GenerateRequest {
+            session_id: self.id,
+            max_tokens: opts.max_tokens,
+            sampling: Some(opts.sampling),
+            stop: opts.stop.clone(),
+        };
+        let inner = self.client.rpc.clone().generate(req).await?.into_inner();
+        Ok(GenerateStream { inner })
+    }
+
+    /// A new session sharing this one's whole log (and its cached KV).
+    pub async fn fork(&self) -> Result<Session, Error> {
+        let req = proto::SessionRef {
+            session_id: self.id,
+        };
+        let reply = self
+            .client
+            .rpc
+            .clone()
+            .fork_session(req)
+            .await?
+            .into_inner();
+        Ok(Session {
+            client: self.client.clone(),
+            id: reply.session_id,
+        })
+    }
+
+    /// Replaces tokens `start..end` of the log with `tokens`; returns the new epoch.
+    pub async fn rewrite(&self, start: u32, end: u32, tokens: Vec<u32>) -> Result<u64, Error> {
+        let req = proto::RewriteRequest {
+            session_id: self.id,
+            start,
+            end,
+            tokens,
+        };
+        Ok(self
+            .client
+            .rpc
+            .clone()
+            .rewrite(req)
+            .await?
+            .into_inner()
+            .epoch)
+    }
+
+    /// The log and its epoch.
+    pub async fn tokens(&self) -> Result<(Vec<u32>, u64), Error> {
+        let req = proto::SessionRef {
+            session_id: self.id,
+        };
+        let r = self
+            .client
+            .rpc
+            .clone()
+            .session_tokens(req)
+            .await?
+            .into_inner();
+        Ok((r.tokens, r.epoch))
+    }
+
+    /// Closes the session (cancelling a generation in flight).
+    pub async fn close(self) -> Result<(), Error> {
+        let req = proto::SessionRef {
+            session_id: self.id,
+        };
+        self.client.rpc.clone().close_session(req).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,351 @@
+//! End to end: `agentd serve` on a temporary Unix socket with the real model, driven through the
+//! SDK client: generation and prefix sharing, bad input on every RPC, a second daemon on the
+//! same socket, a stale socket, a client that goes away mid-stream, and SIGTERM mid-generation.
+
+use agentd_sdk::{Client, Error, Event, GenerateOptions};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+fn model() -> PathBuf {
+    agentd::model_store::ensure_default_model(&mut |m| eprintln!("{m}")).expect("the default model")
+}
+
+/// A daemon process on its own socket; killed when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+fn spawn(socket: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("--model")
+        .arg(model())
+        .args(["serve", "--socket"])
+        .arg(socket)
+        .args(["--kv-memory", "256MiB"])
+        .args(extra)
+        .env("AGENTD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting agentd serve")
+}
+
+impl Daemon {
+    async fn start(socket: &Path, extra: &[&str]) -> Daemon {
+        let mut child = spawn(socket, extra);
+        let start = Instant::now();
+        loop {
+            if let Ok(c) = Client::connect(socket).await {
+                if c.health().await.is_ok() {
+                    break;
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "agentd serve exited with {status}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "agentd did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Daemon {
+            child,
+            socket: socket.to_owned(),
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    fn wait(mut self) -> Output {
+        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn chatml(user: &str) -> String {
+    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+}
+
+async fn run(stream: agentd_sdk::GenerateStream) -> (String, agentd_sdk::proto::Usage) {
+    let mut stream = stream;
+    let mut text = String::new();
+    while let Some(ev) = stream.next().await {
+        match ev.expect("stream event") {
+            Event::Token { text: t, .. } => text.push_str(&t),
+            Event::Done(u) => return (text, u),
+        }
+    }
+    panic!("stream ended without usage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_generates_and_shares_prefixes_over_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run").join("agentd.sock");
+    let d = Daemon::start(&socket, &[]).await;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+    let dir_mode = std::fs::metadata(socket.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dir_mode, 0o700, "socket directory mode {dir_mode:o}");
+
+    let c = Client::connect(&d.socket).await.unwrap();
+    let info = c.model_info().await.unwrap();
+    assert_eq!(
+        (info.context_length, info.layers, info.kv_heads),
+        (8192, 30, 3)
+    );
+    let system = c
+        .tokenize(
+            "<|im_start|>system\nYou are a terse assistant. Answer in one short sentence.<|im_end|>\n",
+            true,
+        )
+        .await
+        .unwrap();
+    let prefix = c.register_prefix(system.clone()).await.unwrap();
+    // Eight sessions from the prefix, concurrently.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let q = c
+                .tokenize(&chatml(&format!("What is {i} plus {i}?")), true)
+                .await
+                .unwrap();
+            let s = c.create_session(Some(prefix), q).await.unwrap();
+            let stream = s
+                .generate(&GenerateOptions::greedy().max_tokens(12))
+                .await
+                .unwrap();
+            let out = run(stream).await;
+            (s, out)
+        }));
+    }
+    let mut sessions = Vec::new();
+    for t in tasks {
+        let (s, (text, usage)) = t.await.unwrap();
+        assert!(!text.trim().is_empty(), "empty reply");
+        assert!(usage.cached_tokens as usize >= system.len(), "{usage:?}");
+        assert!(usage.generated_tokens >= 1 && usage.generated_tokens <= 12);
+        sessions.push(s);
+    }
+    // A fork reuses everything its parent computed.
+    let f = sessions[0].fork().await.unwrap();
+    let more = c.tokenize(&chatml("And times two?"), true).await.unwrap();
+    f.append(more).await.unwrap();
+    let (_, usage) = run(f
+        .generate(&GenerateOptions::greedy().max_tokens(4))
+        .await
+        .unwrap())
+    .await;
+    let (parent_log, _) = sessions[0].tokens().await.unwrap();
+    assert_eq!(
+        usage.cached_tokens as usize,
+        parent_log.len() - 1,
+        "{usage:?}"
+    );
+    let stats = c.stats().await.unwrap();
+    assert!(stats.hit_rate > 0.5, "{stats:?}");
+    assert_eq!(stats.sessions, 9);
+    // `agentd status` reads the same counters over the socket.
+    let status = Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .args(["status", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["tenant"]["sessions"], 9, "{json}");
+    assert!(json["cache"]["hit_rate"].as_f64().unwrap() > 0.5, "{json}");
+    for s in sessions {
+        s.close().await.unwrap();
+    }
+    // SIGTERM with nothing running: exit 0 and the socket is removed.
+    d.signal(libc::SIGTERM);
+    let socket = d.socket.clone();
+    let out = d.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!socket.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_precise_statuses_and_do_not_disturb_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("a.sock"), &[]).await;
+    let c = Client::connect(&d.socket).await.unwrap();
+    let q = c.tokenize(&chatml("Hello"), true).await.unwrap();
+    let s = c.create_session(None, q.clone()).await.unwrap();
+
+    let e = c.create_session(Some(424_242), vec![]).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::NotFound(m) if m.contains("424242")),
+        "{e}"
+    );
+    let e = c.create_session(None, vec![1, 999_999]).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidArgument(m) if m.contains("999999")),
+        "{e}"
+    );
+    let e = c.create_session(None, vec![1; 9000]).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::OutOfRange(m) if m.contains("8192")),
+        "{e}"
+    );
+    let e = s.append(vec![]).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidArgument(m) if m.contains("empty")),
+        "{e}"
+    );
+    for (opts, what) in [
+        (GenerateOptions::greedy().max_tokens(0), "max_tokens"),
+        (GenerateOptions::greedy().max_tokens(100_000), "max_tokens"),
+        (GenerateOptions::greedy().temperature(-1.0), "temperature"),
+        (GenerateOptions::greedy().top_p(1.5), "top_p"),
+        (GenerateOptions::greedy().stop(""), "stop"),
+    ] {
+        let e = s.generate(&opts).await.expect_err("an error");
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains(what)),
+            "{what}: {e}"
+        );
+    }
+    let e = s.rewrite(5, 99_999, vec![]).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidArgument(m) if m.contains("99999")),
+        "{e}"
+    );
+    let e = c.tokenize(&"x".repeat(2 << 20), false).await.unwrap_err();
+    assert!(matches!(&e, Error::InvalidArgument(_)), "{e}");
+    // A busy session refuses a second generation.
+    let stream = s
+        .generate(&GenerateOptions::greedy().max_tokens(40))
+        .await
+        .unwrap();
+    let e = s
+        .generate(&GenerateOptions::greedy())
+        .await
+        .expect_err("busy");
+    assert!(
+        matches!(&e, Error::FailedPrecondition(m) if m.contains("busy")),
+        "{e}"
+    );
+    let (text, usage) = run(stream).await;
+    assert!(!text.is_empty() && usage.generated_tokens > 0);
+    // Closed sessions are gone.
+    let id = s.id();
+    s.close().await.unwrap();
+    let other = c.create_session(None, q).await.unwrap();
+    assert_ne!(other.id(), id);
+    assert!(c.health().await.unwrap().ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let d = Daemon::start(&socket, &[]).await;
+    let second = spawn(&socket, &[]).wait_with_output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("already listening"), "{err}");
+    // The first still serves.
+    assert!(Client::connect(&socket)
+        .await
+        .unwrap()
+        .health()
+        .await
+        .is_ok());
+    // A crash leaves the socket file behind; the next daemon replaces it.
+    d.signal(libc::SIGKILL);
+    let _ = d.wait();
+    assert!(socket.exists());
+    let d2 = Daemon::start(&socket, &[]).await;
+    assert!(Client::connect(&d2.socket)
+        .await
+        .unwrap()
+        .health()
+        .await
+        .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_frees_its_sequence_and_sigterm_lets_streams_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("a.sock"), &["--grace-seconds", "60"]).await;
+    let c = Client::connect(&d.socket).await.unwrap();
+    let q = c
+        .tokenize(&chatml("Tell me a long story."), true)
+        .await
+        .unwrap();
+    let s = c.create_session(None, q.clone()).await.unwrap();
+    let mut stream = s
+        .generate(&GenerateOptions::greedy().max_tokens(2000))
+        .await
+        .unwrap();
+    assert!(matches!(stream.next().await, Some(Ok(Event::Token { .. }))));
+    drop(stream);
+    let start = Instant::now();
+    loop {
+        let st = c.stats().await.unwrap();
+        if st.running == 0 && st.waiting == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not freed: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGTERM mid-generation: the stream still completes, then the daemon exits 0.
+    let s2 = c.create_session(None, q).await.unwrap();
+    let mut stream = s2
+        .generate(&GenerateOptions::greedy().max_tokens(24))
+        .await
+        .unwrap();
+    assert!(matches!(stream.next().await, Some(Ok(Event::Token { .. }))));
+    d.signal(libc::SIGTERM);
+    let mut done = None;
+    while let Some(ev) = stream.next().await {
+        if let Ok(Event::Done(u)) = ev {
+            done = Some(u);
+        }
+    }
+    let usage = done.expect("the stream finished after SIGTERM");
+    assert_eq!(usage.finish_reason, "max_tokens", "{usage:?}");
+    let out = d.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
