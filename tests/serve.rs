@@ -349,3 +349,99 @@ async fn a_dropped_stream_frees_its_sequence_and_sigterm_lets_streams_finish() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_limits_are_resource_exhausted_with_the_limit_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &dir.path().join("a.sock"),
+        &[
+            "--max-sessions",
+            "3",
+            "--max-generations",
+            "1",
+            "--max-request-tokens",
+            "200",
+        ],
+    )
+    .await;
+    let c = Client::connect(&d.socket).await.unwrap();
+    let q = c.tokenize(&chatml("Count to ten."), true).await.unwrap();
+    let a = c.create_session(None, q.clone()).await.unwrap();
+    let b = c.create_session(None, q.clone()).await.unwrap();
+    let _third = c.create_session(None, q.clone()).await.unwrap();
+    let e = c.create_session(None, q.clone()).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::ResourceExhausted(m) if m.contains("open sessions is limited to 3")),
+        "{e}"
+    );
+    let e = a.fork().await.unwrap_err();
+    assert!(matches!(&e, Error::ResourceExhausted(_)), "{e}");
+    let e = a
+        .generate(&GenerateOptions::greedy().max_tokens(500))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::ResourceExhausted(m) if m.contains("limited to 200")),
+        "{e}"
+    );
+    let stream = a
+        .generate(&GenerateOptions::greedy().max_tokens(30))
+        .await
+        .unwrap();
+    let e = b
+        .generate(&GenerateOptions::greedy().max_tokens(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::ResourceExhausted(m) if m.contains("concurrent generations is limited to 1")),
+        "{e}"
+    );
+    let (_, usage) = run(stream).await;
+    assert!(usage.generated_tokens > 0);
+    // Once the first is done, the second may run.
+    let (_, usage) = run(b
+        .generate(&GenerateOptions::greedy().max_tokens(5))
+        .await
+        .unwrap())
+    .await;
+    assert!(usage.generated_tokens > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_sessions_stream_every_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("a.sock"), &[]).await;
+    let c = Client::connect(&d.socket).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let q = c
+                .tokenize(&chatml(&format!("Name the number {i}.")), true)
+                .await?;
+            let s = c.create_session(None, q).await?;
+            let mut stream = s
+                .generate(&GenerateOptions::default().seed(i).max_tokens(8))
+                .await?;
+            let mut tokens = 0u32;
+            let mut usage = None;
+            while let Some(ev) = stream.next().await {
+                match ev? {
+                    Event::Token { .. } => tokens += 1,
+                    Event::Done(u) => usage = Some(u),
+                }
+            }
+            let (log, _) = s.tokens().await?;
+            Ok::<_, Error>((tokens, usage.expect("usage"), log.len()))
+        }));
+    }
+    for t in tasks {
+        let (tokens, usage, log_len) = t.await.unwrap().expect("no error");
+        // Every sampled token was streamed (an end-of-turn token is streamed but not counted),
+        // and the session's log holds the prompt plus all of them.
+        let eos = u32::from(usage.finish_reason == "eos");
+        assert_eq!(tokens, usage.generated_tokens + eos, "{usage:?}");
+        assert_eq!(log_len as u32, usage.prompt_tokens + tokens, "{usage:?}");
+    }
+}

@@ -6,7 +6,7 @@ use agentd::generate::{Engine, GenerateOptions};
 use agentd::model::LoadOptions;
 use agentd::model_store;
 use agentd::sampling::SamplingParams;
-use agentd::scheduler::SchedulerConfig;
+use agentd::scheduler::{SchedulerConfig, TenantLimits};
 use agentd_sdk::Message;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -171,6 +171,18 @@ struct SchedArgs {
     /// Most tokens one engine step computes (chunked prefill budget).
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
     step_tokens: u64,
+    /// Most open sessions per tenant.
+    #[arg(long, default_value_t = 4096)]
+    max_sessions: usize,
+    /// Most generations per tenant waiting or running at once.
+    #[arg(long, default_value_t = 256)]
+    max_generations: usize,
+    /// Most tokens one request may span (prompt + max_tokens); default: the model's context.
+    #[arg(long)]
+    max_request_tokens: Option<usize>,
+    /// Most KV pages one request may need; default: no limit beyond the pool.
+    #[arg(long)]
+    max_request_pages: Option<usize>,
 }
 
 impl SchedArgs {
@@ -181,6 +193,12 @@ impl SchedArgs {
             max_batch: self.max_batch as usize,
             step_tokens: self.step_tokens as usize,
             cache: true,
+            limits: TenantLimits {
+                sessions: self.max_sessions,
+                concurrent_generations: self.max_generations,
+                request_tokens: self.max_request_tokens.unwrap_or(usize::MAX),
+                request_pages: self.max_request_pages.unwrap_or(usize::MAX),
+            },
         }
     }
 }

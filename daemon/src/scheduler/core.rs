@@ -206,6 +206,68 @@ impl Scheduler {
         Ok(())
     }
 
+    fn check_session_limit(&self, tenant: TenantId) -> Result<()> {
+        let open = self
+            .sessions
+            .values()
+            .filter(|s| s.tenant == tenant)
+            .count();
+        let limit = self.cfg.limits.sessions;
+        if open >= limit {
+            return Err(SchedError::LimitExceeded {
+                what: "open sessions",
+                limit,
+                wanted: open + 1,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a generation of `max_tokens` after `log_len` tokens against `tenant`'s limits.
+    fn check_generation_limits(
+        &self,
+        tenant: TenantId,
+        log_len: usize,
+        max_tokens: usize,
+    ) -> Result<()> {
+        let l = self.cfg.limits;
+        let in_flight = self.waiting.iter().filter(|r| r.tenant == tenant).count()
+            + self
+                .running
+                .iter()
+                .filter(|s| s.req.tenant == tenant)
+                .count();
+        let over = |what, limit: usize, wanted: usize| {
+            (wanted > limit).then_some(SchedError::LimitExceeded {
+                what,
+                limit,
+                wanted,
+            })
+        };
+        let tokens = log_len + max_tokens;
+        let checks = [
+            over(
+                "concurrent generations",
+                l.concurrent_generations,
+                in_flight + 1,
+            ),
+            over(
+                "tokens per request (prompt + max_tokens)",
+                l.request_tokens,
+                tokens,
+            ),
+            over(
+                "KV pages per request",
+                l.request_pages,
+                tokens.div_ceil(self.cfg.page_size),
+            ),
+        ];
+        match checks.into_iter().flatten().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     fn session(&self, tenant: TenantId, id: SessionId) -> Result<&Session> {
         match self.sessions.get(&id) {
             Some(s) if s.tenant == tenant => Ok(s),
@@ -250,6 +312,7 @@ impl Scheduler {
         };
         log.extend_from_slice(&tokens);
         self.check_tokens(&log)?;
+        self.check_session_limit(tenant)?;
         let id = SessionId(self.fresh_id());
         self.sessions.insert(
             id,
@@ -279,6 +342,7 @@ impl Scheduler {
     pub fn fork(&mut self, tenant: TenantId, id: SessionId) -> Result<SessionId> {
         let s = self.idle_session(tenant, id)?;
         let (tokens, published, epoch) = (s.tokens.clone(), s.published, s.epoch);
+        self.check_session_limit(tenant)?;
         let new = SessionId(self.fresh_id());
         self.sessions.insert(
             new,
@@ -368,6 +432,7 @@ impl Scheduler {
         }
         let dec = Decoding::new(opts, &self.engine.tokenizer)
             .map_err(|e| SchedError::InvalidRequest(e.to_string()))?;
+        self.check_generation_limits(tenant, s.tokens.len(), opts.max_tokens)?;
         let (tokens, published) = (s.tokens.clone(), s.published);
         let rid = self.fresh_id();
         self.sessions.get_mut(&id).expect("checked").busy = Some(rid);

@@ -113,6 +113,7 @@ fn run_ops(ops: Vec<Op>) -> std::result::Result<(), TestCaseError> {
             max_batch: 4,
             step_tokens: 16,
             cache: true,
+            limits: TenantLimits::default(),
         },
     )
     .unwrap();

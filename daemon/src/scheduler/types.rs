@@ -30,6 +30,32 @@ pub struct SchedulerConfig {
     pub step_tokens: usize,
     /// Reuse cached prefixes (off: every request computes its whole prompt; for benchmarks).
     pub cache: bool,
+    /// What one tenant may use.
+    pub limits: TenantLimits,
+}
+
+/// Per-tenant limits. Going over one is [`SchedError::LimitExceeded`], naming the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Open sessions.
+    pub sessions: usize,
+    /// Generations waiting or running at once.
+    pub concurrent_generations: usize,
+    /// Tokens one request may span: its prompt plus `max_tokens`.
+    pub request_tokens: usize,
+    /// KV pages one request may need (prompt plus `max_tokens`, in pages).
+    pub request_pages: usize,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        Self {
+            sessions: 4096,
+            concurrent_generations: 256,
+            request_tokens: usize::MAX,
+            request_pages: usize::MAX,
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -40,6 +66,7 @@ impl Default for SchedulerConfig {
             max_batch: 64,
             step_tokens: 512,
             cache: true,
+            limits: TenantLimits::default(),
         }
     }
 }
@@ -175,6 +202,16 @@ pub enum SchedError {
         available: usize,
         /// Pages in the pool.
         capacity: usize,
+    },
+    /// A per-tenant limit would be exceeded.
+    #[error("tenant limit reached: {what} is limited to {limit} (this request needs {wanted})")]
+    LimitExceeded {
+        /// Which limit.
+        what: &'static str,
+        /// Its value.
+        limit: usize,
+        /// What the request would take.
+        wanted: usize,
     },
     /// The model failed (a bug or bad weights; the message says what).
     #[error("engine error: {0}")]

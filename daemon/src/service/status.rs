@@ -11,7 +11,9 @@ pub fn to_status(e: SchedError) -> Status {
         SchedError::SessionBusy(_) => Status::failed_precondition(msg),
         SchedError::InvalidRequest(_) => Status::invalid_argument(msg),
         SchedError::ContextOverflow { .. } => Status::out_of_range(msg),
-        SchedError::PoolTooSmall { .. } => Status::resource_exhausted(msg),
+        SchedError::PoolTooSmall { .. } | SchedError::LimitExceeded { .. } => {
+            Status::resource_exhausted(msg)
+        }
         SchedError::Engine(_) => Status::internal(msg),
         SchedError::Shutdown => Status::unavailable(msg),
     }
