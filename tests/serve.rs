@@ -445,3 +445,88 @@ async fn sixty_four_concurrent_sessions_stream_every_token() {
         assert_eq!(log_len as u32, usage.prompt_tokens + tokens, "{usage:?}");
     }
 }
+
+/// The other tenant's side of [`two_uids_are_two_tenants`]: runs only when re-executed with
+/// `AGENTD_TEST_PEER_SOCKET` set (as another Unix user), and fails its process on any surprise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_tenant_client() {
+    let Some(socket) = std::env::var_os("AGENTD_TEST_PEER_SOCKET") else {
+        return; // Not re-executed: nothing to do.
+    };
+    let foreign: u64 = std::env::var("AGENTD_TEST_FOREIGN_SESSION")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let foreign_prefix: u64 = std::env::var("AGENTD_TEST_FOREIGN_PREFIX")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let c = Client::connect(PathBuf::from(socket)).await.unwrap();
+    // The first tenant's session and prefix do not exist for this tenant: NOT_FOUND, exactly as
+    // for an id that never existed.
+    let e = c
+        .create_session(Some(foreign_prefix), vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    let e = c.session(foreign).tokens().await.unwrap_err();
+    let e_never = c.session(999_999).tokens().await.unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    assert_eq!(
+        e.to_string().replace(&foreign.to_string(), "ID"),
+        e_never.to_string().replace("999999", "ID")
+    );
+    let e = c.session(foreign).append(vec![1]).await.unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    let mine = c.create_session(None, vec![1, 2, 3]).await.unwrap();
+    // Its own session works, and its stats show only its own session.
+    let (log, _) = mine.tokens().await.unwrap();
+    assert_eq!(log, vec![1, 2, 3]);
+    assert_eq!(c.stats().await.unwrap().sessions, 1);
+    println!("PEER-TENANT-OK");
+}
+
+/// Two Unix users are two tenants: the daemon runs with `--tenant-per-uid`, and a second
+/// process under another uid (this test binary re-executed as `nobody`, which needs root) cannot
+/// see the first tenant's session or prefix. Without root, only the first tenant's side runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_uids_are_two_tenants() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("a.sock");
+    let d = Daemon::start(&socket, &["--tenant-per-uid"]).await;
+    let c = Client::connect(&socket).await.unwrap();
+    let prefix = c.register_prefix(vec![5, 6, 7, 8]).await.unwrap();
+    let s = c.create_session(Some(prefix), vec![9]).await.unwrap();
+    assert_eq!(c.stats().await.unwrap().sessions, 1);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the second-uid half of this test is skipped");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    // Let the other user's group reach the 0660 socket, as an operator would with a group.
+    let path = std::ffi::CString::new(socket.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; chown has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::chown(path.as_ptr(), 0, NOBODY) }, 0);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "peer_tenant_client", "--nocapture"])
+        .env("AGENTD_TEST_PEER_SOCKET", &socket)
+        .env("AGENTD_TEST_FOREIGN_SESSION", s.id().to_string())
+        .env("AGENTD_TEST_FOREIGN_PREFIX", prefix.to_string())
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("PEER-TENANT-OK"),
+        "peer client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first tenant's view is unchanged.
+    assert_eq!(c.stats().await.unwrap().sessions, 1);
+    assert_eq!(s.tokens().await.unwrap().0, vec![5, 6, 7, 8, 9]);
+    drop(d);
+}

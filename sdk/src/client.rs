@@ -125,6 +125,15 @@ impl Client {
         })
     }
 
+    /// A handle on an existing session by id (for a client that reconnects). Nothing is checked
+    /// until it is used: an id that is not the caller's gives [`Error::NotFound`] then.
+    pub fn session(&self, id: u64) -> Session {
+        Session {
+            client: self.clone(),
+            id,
+        }
+    }
+
     /// The pool, the cache and the caller's own counters.
     pub async fn stats(&self) -> Result<proto::StatsReply, Error> {
         Ok(self
