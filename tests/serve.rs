@@ -530,3 +530,21 @@ async fn two_uids_are_two_tenants() {
     assert_eq!(s.tokens().await.unwrap().0, vec![5, 6, 7, 8, 9]);
     drop(d);
 }
+
+#[test]
+fn bench_serve_reports_the_daemon_overhead() {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("--model")
+        .arg(model())
+        .args(["bench", "serve", "--iterations", "5"])
+        .env("AGENTD_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["iterations"], 5);
+    let trip = r["round_trip_p50_ms"].as_f64().unwrap();
+    let engine = r["engine_p50_ms"].as_f64().unwrap();
+    assert!(trip > 0.0 && engine > 0.0 && engine <= trip, "{r}");
+    assert!(r["overhead_p50_ms"].as_f64().unwrap() >= 0.0, "{r}");
+}

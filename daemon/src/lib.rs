@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod bench_prefix;
+pub mod bench_serve;
 pub mod cache;
 pub mod chat;
 pub mod decoding;

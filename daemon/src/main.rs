@@ -134,6 +134,12 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1500)]
         batch_context: usize,
     },
+    /// The daemon's own overhead: 1-token generations over the socket minus the engine's time.
+    Serve {
+        /// Generations to measure.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+    },
     /// Many sessions sharing one system prompt, with the prefix cache off and on.
     Prefix {
         /// Concurrent sessions.
@@ -256,6 +262,22 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let report = run_engine_bench(&engine, &cfg)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Serve { iterations }) => {
+            let engine = std::sync::Arc::new(load(cli.model, opts)?);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let report = rt
+                .block_on(agentd::bench_serve::run_serve_bench(
+                    engine,
+                    SchedulerConfig::default(),
+                    iterations,
+                ))
+                .map_err(|e| anyhow::anyhow!(e))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
