@@ -223,7 +223,7 @@ async fn bad_inputs_get_precise_statuses_and_do_not_disturb_the_daemon() {
     );
     let e = s.append(vec![]).await.unwrap_err();
     assert!(
-        matches!(&e, Error::InvalidArgument(m) if m.contains("empty")),
+        matches!(&e, Error::InvalidArgument(m) if m.contains("nothing to append")),
         "{e}"
     );
     for (opts, what) in [
@@ -540,11 +540,111 @@ fn bench_serve_reports_the_daemon_overhead() {
         .env("AGENTD_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["iterations"], 5);
     let trip = r["round_trip_p50_ms"].as_f64().unwrap();
     let engine = r["engine_p50_ms"].as_f64().unwrap();
     assert!(trip > 0.0 && engine > 0.0 && engine <= trip, "{r}");
     assert!(r["overhead_p50_ms"].as_f64().unwrap() >= 0.0, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_messages_are_rendered_by_the_template_and_content_stays_text() {
+    use agentd_sdk::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("a.sock"), &[]).await;
+    let c = Client::connect(&d.socket).await.unwrap();
+    let system = [Message::system("You are a terse assistant.")];
+    let prefix = c.register_prefix_messages(&system).await.unwrap();
+    let s = c.create_session(Some(prefix), vec![]).await.unwrap();
+    let (prefix_log, _) = s.tokens().await.unwrap();
+    // Content that looks like a control token stays text.
+    s.append_messages(&[Message::user("Say <|im_start|> back to me.")], true)
+        .await
+        .unwrap();
+    let im_start = c.tokenize("<|im_start|>", true).await.unwrap();
+    assert_eq!(im_start.len(), 1);
+    let (log, _) = s.tokens().await.unwrap();
+    let starts = log.iter().filter(|&&t| t == im_start[0]).count();
+    assert_eq!(starts, 3, "system, user and assistant turns only: {log:?}");
+    // The same conversation rendered in one go gives the same tokens.
+    let whole = c
+        .tokenize(
+            "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n<|im_start|>user\n",
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(&log[..whole.len()], &whole[..]);
+    let (text, usage) = run(s
+        .generate(&GenerateOptions::greedy().max_tokens(16))
+        .await
+        .unwrap())
+    .await;
+    assert!(!text.is_empty());
+    assert!(
+        usage.cached_tokens as usize >= prefix_log.len(),
+        "{usage:?}"
+    );
+    // A second turn continues the same log.
+    let before = s.tokens().await.unwrap().0.len();
+    let after = s
+        .append_messages(&[Message::user("Thanks.")], true)
+        .await
+        .unwrap();
+    assert!(after as usize > before);
+    let (_, usage) = run(s
+        .generate(&GenerateOptions::greedy().max_tokens(4))
+        .await
+        .unwrap())
+    .await;
+    assert!(usage.cached_tokens as usize >= before - 1, "{usage:?}");
+    // Bad input.
+    let e = c.register_prefix_messages(&[]).await.unwrap_err();
+    assert!(matches!(&e, Error::InvalidArgument(_)), "{e}");
+    let mut raw = agentd_sdk::proto::agentd_client::AgentdClient::new(
+        tonic::transport::Endpoint::try_from("http://x")
+            .unwrap()
+            .connect_with_connector(tower::service_fn({
+                let socket = d.socket.clone();
+                move |_: tonic::transport::Uri| {
+                    let socket = socket.clone();
+                    async move {
+                        tokio::net::UnixStream::connect(socket)
+                            .await
+                            .map(hyper_util::rt::TokioIo::new)
+                    }
+                }
+            }))
+            .await
+            .unwrap(),
+    );
+    let bad_role = agentd_sdk::proto::AppendRequest {
+        session_id: s.id(),
+        tokens: vec![],
+        messages: vec![agentd_sdk::proto::Message {
+            role: "wizard".into(),
+            content: "hi".into(),
+        }],
+        add_generation_prompt: false,
+    };
+    let st = raw.append(bad_role).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument);
+    assert!(st.message().contains("wizard"), "{}", st.message());
+    let both = agentd_sdk::proto::AppendRequest {
+        session_id: s.id(),
+        tokens: vec![1],
+        messages: vec![agentd_sdk::proto::Message {
+            role: "user".into(),
+            content: "hi".into(),
+        }],
+        add_generation_prompt: false,
+    };
+    let st = raw.append(both).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument);
 }

@@ -22,6 +22,7 @@ pub mod detok;
 pub mod generate;
 pub mod model;
 pub mod model_store;
+pub mod render;
 pub mod sampling;
 pub mod scheduler;
 pub mod service;

@@ -25,6 +25,16 @@ pub fn default_socket_path() -> PathBuf {
     home.join("agentd.sock")
 }
 
+fn wire_messages(messages: &[crate::Message]) -> Vec<proto::Message> {
+    messages
+        .iter()
+        .map(|m| proto::Message {
+            role: m.role.as_str().to_owned(),
+            content: m.content.clone(),
+        })
+        .collect()
+}
+
 /// A connection to the daemon. Cheap to clone (clones share the connection).
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -98,6 +108,27 @@ impl Client {
         let req = proto::RegisterPrefixRequest {
             tokens,
             publish: false,
+            messages: Vec::new(),
+        };
+        Ok(self
+            .rpc
+            .clone()
+            .register_prefix(req)
+            .await?
+            .into_inner()
+            .prefix_id)
+    }
+
+    /// Renders `messages` with the model's chat template (a system prompt, say), computes and
+    /// pins them as a prefix; returns its id.
+    pub async fn register_prefix_messages(
+        &self,
+        messages: &[crate::Message],
+    ) -> Result<u64, Error> {
+        let req = proto::RegisterPrefixRequest {
+            tokens: Vec::new(),
+            publish: false,
+            messages: wire_messages(messages),
         };
         Ok(self
             .rpc
@@ -280,18 +311,35 @@ impl Session {
 
     /// Appends tokens; returns the log's new length.
     pub async fn append(&self, tokens: Vec<u32>) -> Result<u32, Error> {
+        self.append_request(tokens, Vec::new(), false).await
+    }
+
+    /// Appends chat messages, rendered by the model's template after what the session holds;
+    /// with `add_generation_prompt`, the log then ends where the assistant's reply begins.
+    /// Returns the log's new length.
+    pub async fn append_messages(
+        &self,
+        messages: &[crate::Message],
+        add_generation_prompt: bool,
+    ) -> Result<u32, Error> {
+        self.append_request(Vec::new(), wire_messages(messages), add_generation_prompt)
+            .await
+    }
+
+    async fn append_request(
+        &self,
+        tokens: Vec<u32>,
+        messages: Vec<proto::Message>,
+        add_generation_prompt: bool,
+    ) -> Result<u32, Error> {
         let req = proto::AppendRequest {
             session_id: self.id,
             tokens,
+            messages,
+            add_generation_prompt,
         };
-        Ok(self
-            .client
-            .rpc
-            .clone()
-            .append(req)
-            .await?
-            .into_inner()
-            .tokens)
+        let mut rpc = self.client.rpc.clone();
+        Ok(rpc.append(req).await?.into_inner().tokens)
     }
 
     /// Starts a generation continuing the log.

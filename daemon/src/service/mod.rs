@@ -67,6 +67,39 @@ impl AgentdService {
     }
 }
 
+/// Wire messages → chat messages; an unknown role is INVALID_ARGUMENT.
+fn chat_messages(msgs: Vec<proto::Message>) -> Result<Vec<agentd_sdk::Message>, Status> {
+    use agentd_sdk::Role;
+    msgs.into_iter()
+        .map(|m| {
+            let role = match m.role.as_str() {
+                "system" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                "tool" => Role::Tool,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown message role {other:?} (system, user, assistant or tool)"
+                    )))
+                }
+            };
+            Ok(agentd_sdk::Message::new(role, m.content))
+        })
+        .collect()
+}
+
+/// Tokens for messages (see [`crate::render::message_tokens`]), as a status on failure.
+fn render(
+    engine: &crate::generate::Engine,
+    msgs: Vec<proto::Message>,
+    continuing: bool,
+    add_generation_prompt: bool,
+) -> Result<Vec<u32>, Status> {
+    let msgs = chat_messages(msgs)?;
+    crate::render::message_tokens(engine, &msgs, continuing, add_generation_prompt)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
 fn sampling_params(s: Option<proto::Sampling>) -> SamplingParams {
     let Some(s) = s else {
         return SamplingParams::greedy();
@@ -158,7 +191,15 @@ impl Agentd for AgentdService {
         req: Request<proto::RegisterPrefixRequest>,
     ) -> Result<Response<proto::RegisterPrefixReply>, Status> {
         let tenant = self.tenant(&req)?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        if !r.messages.is_empty() {
+            if !r.tokens.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give either tokens or messages, not both",
+                ));
+            }
+            r.tokens = render(self.engine.engine(), r.messages, false, false)?;
+        }
         if r.publish {
             return Err(Status::permission_denied(
                 "publishing a prefix to every tenant is an operator action, not available over this socket yet",
@@ -220,14 +261,35 @@ impl Agentd for AgentdService {
     ) -> Result<Response<proto::SessionReply>, Status> {
         let tenant = self.tenant(&req)?;
         let r = req.into_inner();
-        if r.tokens.is_empty() {
-            return Err(Status::invalid_argument(
-                "nothing to append: tokens is empty",
-            ));
-        }
         let id = SessionId(r.session_id);
+        let tokens = match (r.tokens.is_empty(), r.messages.is_empty()) {
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "nothing to append: give tokens or messages",
+                ))
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "give either tokens or messages, not both",
+                ))
+            }
+            (false, true) => r.tokens,
+            (true, false) => {
+                let (log, _) = self
+                    .engine
+                    .session_tokens(tenant, id)
+                    .await
+                    .map_err(to_status)?;
+                render(
+                    self.engine.engine(),
+                    r.messages,
+                    !log.is_empty(),
+                    r.add_generation_prompt,
+                )?
+            }
+        };
         self.engine
-            .append(tenant, id, r.tokens)
+            .append(tenant, id, tokens)
             .await
             .map_err(to_status)?;
         self.session_reply(tenant, id).await
