@@ -648,3 +648,61 @@ async fn chat_messages_are_rendered_by_the_template_and_content_stays_text() {
     let st = raw.append(both).await.unwrap_err();
     assert_eq!(st.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_sets_defaults_that_flags_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(
+        &config,
+        "kv_memory = \"128MiB\"\npage_size = 32\n[limits]\nsessions = 2\n",
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    // The file's values apply (the harness's own --kv-memory 256MiB flag beats the file's).
+    let d = Daemon::start(&dir.path().join("a.sock"), &["--config", cfg]).await;
+    let c = Client::connect(&d.socket).await.unwrap();
+    let info = c.model_info().await.unwrap();
+    assert_eq!(info.page_size, 32);
+    assert_eq!(info.pool_pages as usize, (256 << 20) / (23_040 * 32));
+    c.create_session(None, vec![1]).await.unwrap();
+    c.create_session(None, vec![1]).await.unwrap();
+    let e = c.create_session(None, vec![1]).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::ResourceExhausted(m) if m.contains("limited to 2")),
+        "{e}"
+    );
+    drop(d);
+    // A flag beats the file.
+    let d = Daemon::start(
+        &dir.path().join("b.sock"),
+        &["--config", cfg, "--max-sessions", "3"],
+    )
+    .await;
+    let c = Client::connect(&d.socket).await.unwrap();
+    for _ in 0..3 {
+        c.create_session(None, vec![1]).await.unwrap();
+    }
+    drop(d);
+    // A [tenants] table admits only the uids it lists.
+    std::fs::write(&config, "[tenants]\n4242 = \"someone\"\n").unwrap();
+    let d = Daemon::start(&dir.path().join("c.sock"), &["--config", cfg]).await;
+    let e = Client::connect(&d.socket)
+        .await
+        .unwrap()
+        .stats()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::PermissionDenied(m) if m.contains("not a tenant")),
+        "{e}"
+    );
+    drop(d);
+    // A typo in the file is an error naming it.
+    std::fs::write(&config, "kv_memroy = \"1GiB\"\n").unwrap();
+    let out = spawn(&dir.path().join("d.sock"), &["--config", cfg])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kv_memroy"));
+}

@@ -17,6 +17,7 @@ pub mod bench_prefix;
 pub mod bench_serve;
 pub mod cache;
 pub mod chat;
+pub mod config;
 pub mod decoding;
 pub mod detok;
 pub mod generate;

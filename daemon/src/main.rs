@@ -9,7 +9,8 @@ use agentd::sampling::SamplingParams;
 use agentd::scheduler::{SchedulerConfig, TenantLimits};
 use agentd_sdk::Message;
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -58,6 +59,9 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// A TOML configuration file (flags and environment variables override it).
+    #[arg(long, env = "AGENTD_CONFIG")]
+    config: Option<PathBuf>,
     /// The Unix socket (default: $XDG_RUNTIME_DIR/agentd/agentd.sock, else agentd.sock in the
     /// data directory).
     #[arg(long, env = "AGENTD_SOCKET")]
@@ -229,7 +233,8 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
     if let Some(n) = cli.threads {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new()
@@ -242,7 +247,12 @@ fn main() -> Result<()> {
         exact_decode: cli.exact,
     };
     match cli.command {
-        Command::Serve(args) => serve(cli.model, opts, args),
+        Command::Serve(args) => {
+            let sm = matches
+                .subcommand_matches("serve")
+                .context("serve arguments")?;
+            serve(cli.model, opts, args, sm)
+        }
         Command::Status { socket } => status(socket),
         Command::Generate(args) => generate(&load(cli.model, opts)?, args),
         Command::Bench(BenchCommand::Engine {
@@ -318,10 +328,96 @@ fn main() -> Result<()> {
     }
 }
 
-fn serve(model: Option<PathBuf>, opts: LoadOptions, args: ServeArgs) -> Result<()> {
+/// `flag` when it was given on the command line or in the environment, else the config file's
+/// value when it has one, else `flag` (its default).
+fn choose<T>(sm: &ArgMatches, id: &str, flag: T, file: Option<T>) -> T {
+    let given = matches!(
+        sm.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    );
+    match file {
+        Some(v) if !given => v,
+        _ => flag,
+    }
+}
+
+fn serve(
+    model: Option<PathBuf>,
+    opts: LoadOptions,
+    args: ServeArgs,
+    sm: &ArgMatches,
+) -> Result<()> {
+    use agentd::config::ConfigFile;
     use agentd::service::serve::{bind_socket, serve, ServeConfig};
     use agentd::service::Tenancy;
-    let socket = args.socket.unwrap_or_else(agentd_sdk::default_socket_path);
+    let file = match &args.config {
+        Some(p) => ConfigFile::load(p)?,
+        None => ConfigFile::default(),
+    };
+    let file_kv = match &file.kv_memory {
+        Some(s) => Some(parse_size(s).map_err(|e| anyhow::anyhow!("config kv_memory: {e}"))?),
+        None => None,
+    };
+    let a = &args.sched;
+    let mut sched = SchedArgs {
+        kv_memory: choose(sm, "kv_memory", a.kv_memory, file_kv),
+        page_size: choose(
+            sm,
+            "page_size",
+            a.page_size,
+            file.page_size.map(|v| v as u64),
+        ),
+        max_batch: choose(
+            sm,
+            "max_batch",
+            a.max_batch,
+            file.max_batch.map(|v| v as u64),
+        ),
+        step_tokens: choose(
+            sm,
+            "step_tokens",
+            a.step_tokens,
+            file.step_tokens.map(|v| v as u64),
+        ),
+        max_sessions: choose(sm, "max_sessions", a.max_sessions, file.limits.sessions),
+        max_generations: choose(
+            sm,
+            "max_generations",
+            a.max_generations,
+            file.limits.generations,
+        ),
+        max_request_tokens: choose(
+            sm,
+            "max_request_tokens",
+            a.max_request_tokens,
+            file.limits.request_tokens.map(Some),
+        ),
+        max_request_pages: choose(
+            sm,
+            "max_request_pages",
+            a.max_request_pages,
+            file.limits.request_pages.map(Some),
+        ),
+    };
+    anyhow::ensure!(
+        sched.page_size > 0 && sched.max_batch > 0 && sched.step_tokens > 0,
+        "page_size, max_batch and step_tokens must be at least 1"
+    );
+    sched.page_size = sched.page_size.min(4096);
+    let socket = choose(sm, "socket", args.socket, file.socket.clone().map(Some))
+        .unwrap_or_else(agentd_sdk::default_socket_path);
+    let grace = choose(sm, "grace_seconds", args.grace_seconds, file.grace_seconds);
+    let per_uid = choose(
+        sm,
+        "tenant_per_uid",
+        args.tenant_per_uid,
+        file.tenant_per_uid,
+    );
+    let tenancy = match file.uid_map().map_err(|e| anyhow::anyhow!(e))? {
+        Some(map) => Tenancy::Map(map),
+        None if per_uid => Tenancy::PerUid,
+        None => Tenancy::Single,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -329,15 +425,11 @@ fn serve(model: Option<PathBuf>, opts: LoadOptions, args: ServeArgs) -> Result<(
     // Bind first, so a second daemon fails at once, before loading the model.
     let listener = rt.block_on(async { bind_socket(&socket) })?;
     let engine = std::sync::Arc::new(load(model, opts)?);
-    let handle = agentd::scheduler::EngineHandle::spawn(engine, args.sched.config())?;
+    let handle = agentd::scheduler::EngineHandle::spawn(engine, sched.config())?;
     let cfg = ServeConfig {
         socket: socket.clone(),
-        tenancy: if args.tenant_per_uid {
-            Tenancy::PerUid
-        } else {
-            Tenancy::Single
-        },
-        grace: std::time::Duration::from_secs(args.grace_seconds),
+        tenancy,
+        grace: std::time::Duration::from_secs(grace),
     };
     eprintln!("agentd: listening on {}", socket.display());
     rt.block_on(serve(handle, cfg, listener))?;

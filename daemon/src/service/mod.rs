@@ -19,12 +19,14 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 /// How callers map to tenants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tenancy {
     /// A personal daemon: every caller is tenant 0.
     Single,
     /// Each Unix user (peer uid) is its own tenant.
     PerUid,
+    /// The configuration's uid → tenant map; other uids are refused.
+    Map(std::collections::HashMap<u32, TenantId>),
 }
 
 /// The service: the engine handle and the tenancy rule.
@@ -53,16 +55,24 @@ impl AgentdService {
 
     /// The caller's tenant, from the connection's peer credentials (never from the request).
     fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
-        match self.tenancy {
-            Tenancy::Single => Ok(0),
-            Tenancy::PerUid => req
-                .extensions()
-                .get::<UdsConnectInfo>()
-                .and_then(|c| c.peer_cred)
-                .map(|c| c.uid() as TenantId)
-                .ok_or_else(|| {
-                    Status::permission_denied("the caller's peer credentials are unavailable")
-                }),
+        if self.tenancy == Tenancy::Single {
+            return Ok(0);
+        }
+        let uid = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|c| c.peer_cred)
+            .map(|c| c.uid())
+            .ok_or_else(|| {
+                Status::permission_denied("the caller's peer credentials are unavailable")
+            })?;
+        match &self.tenancy {
+            Tenancy::Map(map) => map.get(&uid).copied().ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "uid {uid} is not a tenant of this daemon (see [tenants] in its config)"
+                ))
+            }),
+            _ => Ok(TenantId::from(uid)),
         }
     }
 }

@@ -1,0 +1,152 @@
+//! The daemon's TOML configuration file (`agentd serve --config PATH`).
+//!
+//! Precedence, highest first: command-line flags, then environment variables (`AGENTD_*`), then
+//! this file, then built-in defaults. Unknown keys are errors, so a typo never silently falls
+//! back to a default.
+//!
+//! ```toml
+//! socket = "/run/agentd/agentd.sock"
+//! grace_seconds = 10
+//! kv_memory = "2GiB"
+//! page_size = 16
+//! max_batch = 64
+//! step_tokens = 512
+//!
+//! [limits]            # per tenant
+//! sessions = 4096
+//! generations = 256
+//! request_tokens = 8192
+//! request_pages = 1024
+//!
+//! [tenants]           # Unix uid = tenant name; uids not listed are refused
+//! 1000 = "alice"
+//! 1001 = "alice"      # two users, one tenant
+//! 1002 = "bob"
+//! ```
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// What can be wrong with a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (the message gives line and column).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What and where.
+        message: String,
+    },
+}
+
+/// Per-tenant limits in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Open sessions.
+    pub sessions: Option<usize>,
+    /// Generations waiting or running at once.
+    pub generations: Option<usize>,
+    /// Prompt plus `max_tokens` of one request.
+    pub request_tokens: Option<usize>,
+    /// KV pages one request may need.
+    pub request_pages: Option<usize>,
+}
+
+/// The file's contents; every key is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The Unix socket.
+    pub socket: Option<PathBuf>,
+    /// Seconds running streams may go on after SIGTERM/SIGINT.
+    pub grace_seconds: Option<u64>,
+    /// One tenant per Unix user (ignored when `tenants` is given).
+    pub tenant_per_uid: Option<bool>,
+    /// KV memory, e.g. "2GiB".
+    pub kv_memory: Option<String>,
+    /// Tokens per KV page.
+    pub page_size: Option<usize>,
+    /// Most sequences decoding at once.
+    pub max_batch: Option<usize>,
+    /// Most tokens one engine step computes.
+    pub step_tokens: Option<usize>,
+    /// Per-tenant limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// Unix uid (as a string key) → tenant name.
+    pub tenants: Option<BTreeMap<String, String>>,
+}
+
+impl ConfigFile {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let parse = |message: String| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        let cfg: Self = toml::from_str(&text).map_err(|e| parse(e.to_string()))?;
+        cfg.uid_map().map_err(parse)?;
+        Ok(cfg)
+    }
+
+    /// The `[tenants]` table as uid → tenant id (tenant names numbered from 1 in sorted order),
+    /// or `None` when the file has no such table.
+    pub fn uid_map(&self) -> Result<Option<HashMap<u32, u64>>, String> {
+        let Some(t) = &self.tenants else {
+            return Ok(None);
+        };
+        let names: BTreeSet<&String> = t.values().collect();
+        let ids: HashMap<&String, u64> = names.into_iter().zip(1u64..).collect();
+        let mut map = HashMap::new();
+        for (uid, name) in t {
+            let uid: u32 = uid
+                .parse()
+                .map_err(|_| format!("[tenants]: key {uid:?} is not a Unix uid"))?;
+            map.insert(uid, ids[name]);
+        }
+        Ok(Some(map))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_unknown_keys_and_bad_uids() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(
+            &p,
+            "kv_memory = \"64MiB\"\n[limits]\nsessions = 2\n[tenants]\n1000 = \"b\"\n1001 = \"a\"\n1002 = \"b\"\n",
+        )
+        .unwrap();
+        let c = ConfigFile::load(&p).unwrap();
+        assert_eq!(c.limits.sessions, Some(2));
+        let m = c.uid_map().unwrap().unwrap();
+        assert_eq!((m[&1000], m[&1001], m[&1002]), (2, 1, 2));
+        std::fs::write(&p, "kv_memroy = \"1GiB\"\n").unwrap();
+        let e = ConfigFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("kv_memroy"), "{e}");
+        std::fs::write(&p, "[tenants]\nroot = \"a\"\n").unwrap();
+        let e = ConfigFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("not a Unix uid"), "{e}");
+        let e = ConfigFile::load(&dir.path().join("missing.toml")).unwrap_err();
+        assert!(e.to_string().contains("missing.toml"), "{e}");
+    }
+}
