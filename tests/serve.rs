@@ -706,3 +706,64 @@ async fn a_config_file_sets_defaults_that_flags_override() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("kv_memroy"));
 }
+
+/// The client side of [`a_killed_client_frees_its_sequence`]: runs only when re-executed with
+/// `AGENTD_TEST_KILLED_SOCKET` set; streams until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_client_child() {
+    let Some(socket) = std::env::var_os("AGENTD_TEST_KILLED_SOCKET") else {
+        return;
+    };
+    let c = Client::connect(PathBuf::from(socket)).await.unwrap();
+    let q = c
+        .tokenize(&chatml("Write a very long poem."), true)
+        .await
+        .unwrap();
+    let s = c.create_session(None, q).await.unwrap();
+    let mut stream = s
+        .generate(&GenerateOptions::greedy().max_tokens(4000))
+        .await
+        .unwrap();
+    assert!(matches!(stream.next().await, Some(Ok(Event::Token { .. }))));
+    println!("STREAMING");
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_client_frees_its_sequence() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("a.sock"), &[]).await;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "killed_client_child", "--nocapture"])
+        .env("AGENTD_TEST_KILLED_SOCKET", &d.socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let streaming = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("STREAMING"))
+    });
+    assert!(streaming.join().unwrap(), "the child never streamed");
+    let c = Client::connect(&d.socket).await.unwrap();
+    assert_eq!(c.stats().await.unwrap().running, 1);
+    child.kill().unwrap(); // SIGKILL: no goodbye from the client
+    child.wait().unwrap();
+    let start = Instant::now();
+    loop {
+        let st = c.stats().await.unwrap();
+        if st.running == 0 && st.waiting == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not freed: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
