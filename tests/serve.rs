@@ -767,3 +767,57 @@ async fn a_killed_client_frees_its_sequence() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_calls_need_a_bearer_token_which_names_the_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = dir.path().join("agentd.toml");
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    std::fs::write(
+        &config,
+        format!(
+            "[tenants]\n{uid} = \"ops\"\n[tcp]\nlisten = \"{addr}\"\n[tcp.tokens]\n\"alice-token-0123456789\" = \"alice\"\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &dir.path().join("a.sock"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let alice = Client::connect_tcp(&addr, "alice-token-0123456789")
+        .await
+        .unwrap();
+    let q = alice.tokenize(&chatml("Hi"), true).await.unwrap();
+    let s = alice.create_session(None, q).await.unwrap();
+    let (text, usage) = run(s
+        .generate(&GenerateOptions::greedy().max_tokens(4))
+        .await
+        .unwrap())
+    .await;
+    assert!(!text.is_empty() && usage.generated_tokens > 0);
+    assert_eq!(alice.stats().await.unwrap().sessions, 1);
+    // The local operator (another tenant) cannot see alice's session.
+    let ops = Client::connect(&d.socket).await.unwrap();
+    let e = ops.session(s.id()).tokens().await.unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    assert_eq!(ops.stats().await.unwrap().sessions, 0);
+    // A wrong token is refused on every tenant-bound call.
+    let mallory = Client::connect_tcp(&addr, "not-a-token-at-all-xx")
+        .await
+        .unwrap();
+    let e = mallory.create_session(None, vec![1]).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::PermissionDenied(m) if m.contains("bearer")),
+        "{e}"
+    );
+    let e = mallory.session(s.id()).tokens().await.unwrap_err();
+    assert!(matches!(&e, Error::PermissionDenied(_)), "{e}");
+}

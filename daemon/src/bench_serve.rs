@@ -49,6 +49,8 @@ pub async fn run_serve_bench(
         socket: socket.clone(),
         tenancy: Tenancy::Single,
         grace: Duration::from_secs(1),
+        tcp: None,
+        tokens: Default::default(),
     };
     let server = tokio::spawn(serve(handle, cfg, listener));
     let client = Client::connect(&socket).await?;

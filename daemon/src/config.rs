@@ -22,6 +22,11 @@
 //! 1000 = "alice"
 //! 1001 = "alice"      # two users, one tenant
 //! 1002 = "bob"
+//!
+//! [tcp]               # optional TCP listener; every call needs a bearer token
+//! listen = "127.0.0.1:7070"
+//! [tcp.tokens]        # token = tenant name (the same names as [tenants])
+//! "s3cret-token-of-alice" = "alice"
 //! ```
 
 use serde::Deserialize;
@@ -63,6 +68,17 @@ pub struct LimitsFile {
     pub request_pages: Option<usize>,
 }
 
+/// The optional TCP listener.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpFile {
+    /// Address to listen on, e.g. "127.0.0.1:7070".
+    pub listen: Option<String>,
+    /// Bearer token → tenant name.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, String>,
+}
+
 /// The file's contents; every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +102,9 @@ pub struct ConfigFile {
     pub limits: LimitsFile,
     /// Unix uid (as a string key) → tenant name.
     pub tenants: Option<BTreeMap<String, String>>,
+    /// The TCP listener and its bearer tokens.
+    #[serde(default)]
+    pub tcp: TcpFile,
 }
 
 impl ConfigFile {
@@ -101,7 +120,34 @@ impl ConfigFile {
         };
         let cfg: Self = toml::from_str(&text).map_err(|e| parse(e.to_string()))?;
         cfg.uid_map().map_err(parse)?;
+        if let Some(short) = cfg.tcp.tokens.keys().find(|t| t.len() < 16) {
+            return Err(parse(format!(
+                "[tcp.tokens]: token {:?}… is shorter than 16 characters",
+                &short[..short.len().min(3)]
+            )));
+        }
         Ok(cfg)
+    }
+
+    /// Tenant names from `[tenants]` and `[tcp.tokens]`, numbered from 1 in sorted order.
+    fn tenant_ids(&self) -> HashMap<&String, u64> {
+        let names: BTreeSet<&String> = self
+            .tenants
+            .iter()
+            .flat_map(|t| t.values())
+            .chain(self.tcp.tokens.values())
+            .collect();
+        names.into_iter().zip(1u64..).collect()
+    }
+
+    /// `[tcp.tokens]` as bearer token → tenant id.
+    pub fn token_map(&self) -> HashMap<String, u64> {
+        let ids = self.tenant_ids();
+        self.tcp
+            .tokens
+            .iter()
+            .map(|(tok, name)| (tok.clone(), ids[name]))
+            .collect()
     }
 
     /// The `[tenants]` table as uid → tenant id (tenant names numbered from 1 in sorted order),
@@ -110,8 +156,7 @@ impl ConfigFile {
         let Some(t) = &self.tenants else {
             return Ok(None);
         };
-        let names: BTreeSet<&String> = t.values().collect();
-        let ids: HashMap<&String, u64> = names.into_iter().zip(1u64..).collect();
+        let ids = self.tenant_ids();
         let mut map = HashMap::new();
         for (uid, name) in t {
             let uid: u32 = uid
@@ -146,6 +191,21 @@ mod tests {
         std::fs::write(&p, "[tenants]\nroot = \"a\"\n").unwrap();
         let e = ConfigFile::load(&p).unwrap_err().to_string();
         assert!(e.contains("not a Unix uid"), "{e}");
+        std::fs::write(
+            &p,
+            "[tcp]\nlisten = \"127.0.0.1:1\"\n[tcp.tokens]\nshort = \"a\"\n",
+        )
+        .unwrap();
+        let e = ConfigFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("shorter than 16"), "{e}");
+        std::fs::write(
+            &p,
+            "[tenants]\n0 = \"b\"\n[tcp.tokens]\n\"a-long-enough-token-1\" = \"a\"\n",
+        )
+        .unwrap();
+        let c = ConfigFile::load(&p).unwrap();
+        assert_eq!(c.token_map()["a-long-enough-token-1"], 1);
+        assert_eq!(c.uid_map().unwrap().unwrap()[&0], 2);
         let e = ConfigFile::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(e.to_string().contains("missing.toml"), "{e}");
     }

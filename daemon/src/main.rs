@@ -69,6 +69,10 @@ struct ServeArgs {
     /// Give each Unix user (the socket peer's uid) its own tenant; default: one tenant.
     #[arg(long)]
     tenant_per_uid: bool,
+    /// Also listen on TCP at this address (e.g. 127.0.0.1:7070); calls must carry a bearer token
+    /// from the config file's [tcp.tokens].
+    #[arg(long)]
+    tcp: Option<String>,
     /// Seconds running streams may go on after SIGTERM/SIGINT before they are cancelled.
     #[arg(long, default_value_t = 10)]
     grace_seconds: u64,
@@ -424,12 +428,28 @@ fn serve(
         .build()?;
     // Bind first, so a second daemon fails at once, before loading the model.
     let listener = rt.block_on(async { bind_socket(&socket) })?;
+    let tokens = file.token_map();
+    let tcp = match choose(sm, "tcp", args.tcp, file.tcp.listen.clone().map(Some)) {
+        Some(addr) => {
+            anyhow::ensure!(
+                !tokens.is_empty(),
+                "a TCP listener needs at least one bearer token in the config's [tcp.tokens]"
+            );
+            let l = std::net::TcpListener::bind(&addr)
+                .with_context(|| format!("listening on TCP {addr}"))?;
+            eprintln!("agentd: listening on tcp {}", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
     let engine = std::sync::Arc::new(load(model, opts)?);
     let handle = agentd::scheduler::EngineHandle::spawn(engine, sched.config())?;
     let cfg = ServeConfig {
         socket: socket.clone(),
         tenancy,
         grace: std::time::Duration::from_secs(grace),
+        tcp,
+        tokens,
     };
     eprintln!("agentd: listening on {}", socket.display());
     rt.block_on(serve(handle, cfg, listener))?;

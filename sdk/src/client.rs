@@ -9,6 +9,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::net::UnixStream;
 use tokio_stream::Stream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The socket a daemon listens on by default: `$XDG_RUNTIME_DIR/agentd/agentd.sock`, else
@@ -35,10 +37,26 @@ fn wire_messages(messages: &[crate::Message]) -> Vec<proto::Message> {
         .collect()
 }
 
+/// Adds `authorization: Bearer <token>` to every call (TCP connections); nothing on the Unix
+/// socket, where the daemon knows the caller from its credentials.
+#[derive(Clone, Debug)]
+struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Rpc = AgentdClient<InterceptedService<Channel, Auth>>;
+
 /// A connection to the daemon. Cheap to clone (clones share the connection).
 #[derive(Clone, Debug)]
 pub struct Client {
-    rpc: AgentdClient<Channel>,
+    rpc: Rpc,
 }
 
 impl Client {
@@ -65,7 +83,22 @@ impl Client {
                 Error::Unavailable(format!("{shown}: {why} (is `agentd serve` running?)"))
             })?;
         Ok(Self {
-            rpc: AgentdClient::new(channel),
+            rpc: AgentdClient::with_interceptor(channel, Auth(None)),
+        })
+    }
+
+    /// Connects over TCP (`addr` like `127.0.0.1:7070`), authenticating every call with a
+    /// bearer token from the daemon's configuration.
+    pub async fn connect_tcp(addr: &str, token: &str) -> Result<Self, Error> {
+        let header = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| Error::InvalidArgument("the token is not valid header text".into()))?;
+        let channel = Endpoint::try_from(format!("http://{addr}"))
+            .map_err(|e| Error::InvalidArgument(format!("address {addr}: {e}")))?
+            .connect()
+            .await
+            .map_err(|e| Error::Unavailable(format!("{addr}: {e}")))?;
+        Ok(Self {
+            rpc: AgentdClient::with_interceptor(channel, Auth(Some(header))),
         })
     }
 

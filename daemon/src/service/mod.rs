@@ -29,43 +29,46 @@ pub enum Tenancy {
     Map(std::collections::HashMap<u32, TenantId>),
 }
 
-/// The service: the engine handle and the tenancy rule.
+/// The service: the engine handle and the tenancy rules.
 pub struct AgentdService {
     engine: EngineHandle,
     tenancy: Tenancy,
+    /// Bearer token → tenant, for calls over TCP.
+    tokens: std::collections::HashMap<String, TenantId>,
     page_size: usize,
     pool_pages: usize,
 }
 
 impl AgentdService {
-    /// A service over `engine`.
+    /// A service over `engine`; `tokens` maps TCP bearer tokens to tenants.
     pub fn new(
         engine: EngineHandle,
         tenancy: Tenancy,
+        tokens: std::collections::HashMap<String, TenantId>,
         page_size: usize,
         pool_pages: usize,
     ) -> Self {
         Self {
             engine,
             tenancy,
+            tokens,
             page_size,
             pool_pages,
         }
     }
 
-    /// The caller's tenant, from the connection's peer credentials (never from the request).
+    /// The caller's tenant: over the Unix socket from the connection's peer credentials, over
+    /// TCP from its bearer token; never from a request field.
     fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
+        let Some(uds) = req.extensions().get::<UdsConnectInfo>() else {
+            return self.tcp_tenant(req);
+        };
         if self.tenancy == Tenancy::Single {
             return Ok(0);
         }
-        let uid = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|c| c.peer_cred)
-            .map(|c| c.uid())
-            .ok_or_else(|| {
-                Status::permission_denied("the caller's peer credentials are unavailable")
-            })?;
+        let uid = uds.peer_cred.map(|c| c.uid()).ok_or_else(|| {
+            Status::permission_denied("the caller's peer credentials are unavailable")
+        })?;
         match &self.tenancy {
             Tenancy::Map(map) => map.get(&uid).copied().ok_or_else(|| {
                 Status::permission_denied(format!(
@@ -74,6 +77,25 @@ impl AgentdService {
             }),
             _ => Ok(TenantId::from(uid)),
         }
+    }
+
+    /// A TCP caller's tenant, from `authorization: Bearer <token>`.
+    fn tcp_tenant<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization header is not `Bearer <token>`")
+            })?;
+        self.tokens
+            .get(token)
+            .copied()
+            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))
     }
 }
 

@@ -35,7 +35,7 @@ pub enum ServeError {
 }
 
 /// How to serve.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServeConfig {
     /// The Unix socket to listen on.
     pub socket: PathBuf,
@@ -43,6 +43,10 @@ pub struct ServeConfig {
     pub tenancy: Tenancy,
     /// How long running streams may go on after SIGTERM/SIGINT.
     pub grace: Duration,
+    /// An optional TCP listener (bound by the caller), where calls carry bearer tokens.
+    pub tcp: Option<std::net::TcpListener>,
+    /// Bearer token → tenant, for TCP calls.
+    pub tokens: std::collections::HashMap<String, crate::scheduler::TenantId>,
 }
 
 /// Creates the socket's directory (0700 when the daemon creates it), clears a stale socket and
@@ -95,15 +99,59 @@ pub async fn serve(
         path: cfg.socket.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let service = AgentdService::new(engine, cfg.tenancy, stats.page_size, stats.pool_pages);
+    let service = std::sync::Arc::new(AgentdService::new(
+        engine,
+        cfg.tenancy,
+        cfg.tokens,
+        stats.page_size,
+        stats.pool_pages,
+    ));
     let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
     let mut rx = signalled_rx.clone();
-    let server = tonic::transport::Server::builder()
-        .add_service(AgentdServer::new(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            shutdown_signal().await;
-            let _ = signalled_tx.send(true);
-        });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        while !*rx.borrow() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    let uds = tonic::transport::Server::builder()
+        .add_service(AgentdServer::from_arc(service.clone()))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            stopped(signalled_rx.clone()),
+        );
+    let tcp = match cfg.tcp {
+        Some(l) => {
+            l.set_nonblocking(true)
+                .map_err(|source| ServeError::Socket {
+                    path: cfg.socket.clone(),
+                    source,
+                })?;
+            let l = tokio::net::TcpListener::from_std(l).map_err(|source| ServeError::Socket {
+                path: cfg.socket.clone(),
+                source,
+            })?;
+            let server = tonic::transport::Server::builder()
+                .add_service(AgentdServer::from_arc(service))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(l),
+                    stopped(signalled_rx.clone()),
+                );
+            Some(server)
+        }
+        None => None,
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = signalled_tx.send(true);
+    });
+    let server = async move {
+        match tcp {
+            Some(tcp) => tokio::try_join!(uds, tcp).map(|_| ()),
+            None => uds.await,
+        }
+    };
     let grace = cfg.grace;
     let grace_over = async move {
         while !*rx.borrow() {
