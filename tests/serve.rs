@@ -409,14 +409,15 @@ async fn tenant_limits_are_resource_exhausted_with_the_limit_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_concurrent_sessions_stream_every_token() {
+async fn sixty_four_clients_on_their_own_connections_stream_every_token() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&dir.path().join("a.sock"), &[]).await;
-    let c = Client::connect(&d.socket).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..64 {
-        let c = c.clone();
+        // Each session on its own connection (its own client).
+        let socket = d.socket.clone();
         tasks.push(tokio::spawn(async move {
+            let c = Client::connect(&socket).await?;
             let q = c
                 .tokenize(&chatml(&format!("Name the number {i}.")), true)
                 .await?;
