@@ -1,101 +1,17 @@
 //! End to end: `agentd serve` on a temporary Unix socket with the real model, driven through the
-//! SDK client: generation and prefix sharing, bad input on every RPC, a second daemon on the
-//! same socket, a stale socket, a client that goes away mid-stream, and SIGTERM mid-generation.
+//! SDK client: generation and prefix sharing, chat messages, bad input on every RPC, a second
+//! daemon on the same socket, a stale socket, limits, 64 clients at once, a client that goes
+//! away mid-stream or is killed, SIGTERM mid-generation, and the overhead benchmark.
+
+mod common;
 
 use agentd_sdk::{Client, Error, Event, GenerateOptions};
+use common::{chatml, model, run, spawn, Daemon};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
-
-fn model() -> PathBuf {
-    agentd::model_store::ensure_default_model(&mut |m| eprintln!("{m}")).expect("the default model")
-}
-
-/// A daemon process on its own socket; killed when dropped.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-fn spawn(socket: &Path, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_agentd"))
-        .arg("--model")
-        .arg(model())
-        .args(["serve", "--socket"])
-        .arg(socket)
-        .args(["--kv-memory", "256MiB"])
-        .args(extra)
-        .env("AGENTD_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting agentd serve")
-}
-
-impl Daemon {
-    async fn start(socket: &Path, extra: &[&str]) -> Daemon {
-        let mut child = spawn(socket, extra);
-        let start = Instant::now();
-        loop {
-            if let Ok(c) = Client::connect(socket).await {
-                if c.health().await.is_ok() {
-                    break;
-                }
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "agentd serve exited with {status}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "agentd did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Daemon {
-            child,
-            socket: socket.to_owned(),
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    fn wait(mut self) -> Output {
-        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
-        child.wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn chatml(user: &str) -> String {
-    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
-}
-
-async fn run(stream: agentd_sdk::GenerateStream) -> (String, agentd_sdk::proto::Usage) {
-    let mut stream = stream;
-    let mut text = String::new();
-    while let Some(ev) = stream.next().await {
-        match ev.expect("stream event") {
-            Event::Token { text: t, .. } => text.push_str(&t),
-            Event::Done(u) => return (text, u),
-        }
-    }
-    panic!("stream ended without usage");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_generates_and_shares_prefixes_over_the_socket() {
@@ -447,91 +363,6 @@ async fn sixty_four_clients_on_their_own_connections_stream_every_token() {
     }
 }
 
-/// The other tenant's side of [`two_uids_are_two_tenants`]: runs only when re-executed with
-/// `AGENTD_TEST_PEER_SOCKET` set (as another Unix user), and fails its process on any surprise.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peer_tenant_client() {
-    let Some(socket) = std::env::var_os("AGENTD_TEST_PEER_SOCKET") else {
-        return; // Not re-executed: nothing to do.
-    };
-    let foreign: u64 = std::env::var("AGENTD_TEST_FOREIGN_SESSION")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let foreign_prefix: u64 = std::env::var("AGENTD_TEST_FOREIGN_PREFIX")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let c = Client::connect(PathBuf::from(socket)).await.unwrap();
-    // The first tenant's session and prefix do not exist for this tenant: NOT_FOUND, exactly as
-    // for an id that never existed.
-    let e = c
-        .create_session(Some(foreign_prefix), vec![])
-        .await
-        .unwrap_err();
-    assert!(matches!(&e, Error::NotFound(_)), "{e}");
-    let e = c.session(foreign).tokens().await.unwrap_err();
-    let e_never = c.session(999_999).tokens().await.unwrap_err();
-    assert!(matches!(&e, Error::NotFound(_)), "{e}");
-    assert_eq!(
-        e.to_string().replace(&foreign.to_string(), "ID"),
-        e_never.to_string().replace("999999", "ID")
-    );
-    let e = c.session(foreign).append(vec![1]).await.unwrap_err();
-    assert!(matches!(&e, Error::NotFound(_)), "{e}");
-    let mine = c.create_session(None, vec![1, 2, 3]).await.unwrap();
-    // Its own session works, and its stats show only its own session.
-    let (log, _) = mine.tokens().await.unwrap();
-    assert_eq!(log, vec![1, 2, 3]);
-    assert_eq!(c.stats().await.unwrap().sessions, 1);
-    println!("PEER-TENANT-OK");
-}
-
-/// Two Unix users are two tenants: the daemon runs with `--tenant-per-uid`, and a second
-/// process under another uid (this test binary re-executed as `nobody`, which needs root) cannot
-/// see the first tenant's session or prefix. Without root, only the first tenant's side runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_uids_are_two_tenants() {
-    use std::os::unix::process::CommandExt;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let socket = dir.path().join("a.sock");
-    let d = Daemon::start(&socket, &["--tenant-per-uid"]).await;
-    let c = Client::connect(&socket).await.unwrap();
-    let prefix = c.register_prefix(vec![5, 6, 7, 8]).await.unwrap();
-    let s = c.create_session(Some(prefix), vec![9]).await.unwrap();
-    assert_eq!(c.stats().await.unwrap().sessions, 1);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("not root: the second-uid half of this test is skipped");
-        return;
-    }
-    const NOBODY: u32 = 65534;
-    // Let the other user's group reach the 0660 socket, as an operator would with a group.
-    let path = std::ffi::CString::new(socket.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path; chown has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::chown(path.as_ptr(), 0, NOBODY) }, 0);
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "peer_tenant_client", "--nocapture"])
-        .env("AGENTD_TEST_PEER_SOCKET", &socket)
-        .env("AGENTD_TEST_FOREIGN_SESSION", s.id().to_string())
-        .env("AGENTD_TEST_FOREIGN_PREFIX", prefix.to_string())
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("PEER-TENANT-OK"),
-        "peer client failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The first tenant's view is unchanged.
-    assert_eq!(c.stats().await.unwrap().sessions, 1);
-    assert_eq!(s.tokens().await.unwrap().0, vec![5, 6, 7, 8, 9]);
-    drop(d);
-}
-
 #[test]
 fn bench_serve_reports_the_daemon_overhead() {
     let out = Command::new(env!("CARGO_BIN_EXE_agentd"))
@@ -608,23 +439,7 @@ async fn chat_messages_are_rendered_by_the_template_and_content_stays_text() {
     // Bad input.
     let e = c.register_prefix_messages(&[]).await.unwrap_err();
     assert!(matches!(&e, Error::InvalidArgument(_)), "{e}");
-    let mut raw = agentd_sdk::proto::agentd_client::AgentdClient::new(
-        tonic::transport::Endpoint::try_from("http://x")
-            .unwrap()
-            .connect_with_connector(tower::service_fn({
-                let socket = d.socket.clone();
-                move |_: tonic::transport::Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        tokio::net::UnixStream::connect(socket)
-                            .await
-                            .map(hyper_util::rt::TokioIo::new)
-                    }
-                }
-            }))
-            .await
-            .unwrap(),
-    );
+    let mut raw = common::raw_client(&d.socket).await;
     let bad_role = agentd_sdk::proto::AppendRequest {
         session_id: s.id(),
         tokens: vec![],
@@ -648,64 +463,6 @@ async fn chat_messages_are_rendered_by_the_template_and_content_stays_text() {
     };
     let st = raw.append(both).await.unwrap_err();
     assert_eq!(st.code(), tonic::Code::InvalidArgument);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_config_file_sets_defaults_that_flags_override() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agentd.toml");
-    std::fs::write(
-        &config,
-        "kv_memory = \"128MiB\"\npage_size = 32\n[limits]\nsessions = 2\n",
-    )
-    .unwrap();
-    let cfg = config.to_str().unwrap();
-    // The file's values apply (the harness's own --kv-memory 256MiB flag beats the file's).
-    let d = Daemon::start(&dir.path().join("a.sock"), &["--config", cfg]).await;
-    let c = Client::connect(&d.socket).await.unwrap();
-    let info = c.model_info().await.unwrap();
-    assert_eq!(info.page_size, 32);
-    assert_eq!(info.pool_pages as usize, (256 << 20) / (23_040 * 32));
-    c.create_session(None, vec![1]).await.unwrap();
-    c.create_session(None, vec![1]).await.unwrap();
-    let e = c.create_session(None, vec![1]).await.unwrap_err();
-    assert!(
-        matches!(&e, Error::ResourceExhausted(m) if m.contains("limited to 2")),
-        "{e}"
-    );
-    drop(d);
-    // A flag beats the file.
-    let d = Daemon::start(
-        &dir.path().join("b.sock"),
-        &["--config", cfg, "--max-sessions", "3"],
-    )
-    .await;
-    let c = Client::connect(&d.socket).await.unwrap();
-    for _ in 0..3 {
-        c.create_session(None, vec![1]).await.unwrap();
-    }
-    drop(d);
-    // A [tenants] table admits only the uids it lists.
-    std::fs::write(&config, "[tenants]\n4242 = \"someone\"\n").unwrap();
-    let d = Daemon::start(&dir.path().join("c.sock"), &["--config", cfg]).await;
-    let e = Client::connect(&d.socket)
-        .await
-        .unwrap()
-        .stats()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&e, Error::PermissionDenied(m) if m.contains("not a tenant")),
-        "{e}"
-    );
-    drop(d);
-    // A typo in the file is an error naming it.
-    std::fs::write(&config, "kv_memroy = \"1GiB\"\n").unwrap();
-    let out = spawn(&dir.path().join("d.sock"), &["--config", cfg])
-        .wait_with_output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("kv_memroy"));
 }
 
 /// The client side of [`a_killed_client_frees_its_sequence`]: runs only when re-executed with
@@ -767,58 +524,4 @@ async fn a_killed_client_frees_its_sequence() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_calls_need_a_bearer_token_which_names_the_tenant() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.path().join("agentd.toml");
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    std::fs::write(
-        &config,
-        format!(
-            "[tenants]\n{uid} = \"ops\"\n[tcp]\nlisten = \"{addr}\"\n[tcp.tokens]\n\"alice-token-0123456789\" = \"alice\"\n"
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(
-        &dir.path().join("a.sock"),
-        &["--config", config.to_str().unwrap()],
-    )
-    .await;
-    let alice = Client::connect_tcp(&addr, "alice-token-0123456789")
-        .await
-        .unwrap();
-    let q = alice.tokenize(&chatml("Hi"), true).await.unwrap();
-    let s = alice.create_session(None, q).await.unwrap();
-    let (text, usage) = run(s
-        .generate(&GenerateOptions::greedy().max_tokens(4))
-        .await
-        .unwrap())
-    .await;
-    assert!(!text.is_empty() && usage.generated_tokens > 0);
-    assert_eq!(alice.stats().await.unwrap().sessions, 1);
-    // The local operator (another tenant) cannot see alice's session.
-    let ops = Client::connect(&d.socket).await.unwrap();
-    let e = ops.session(s.id()).tokens().await.unwrap_err();
-    assert!(matches!(&e, Error::NotFound(_)), "{e}");
-    assert_eq!(ops.stats().await.unwrap().sessions, 0);
-    // A wrong token is refused on every tenant-bound call.
-    let mallory = Client::connect_tcp(&addr, "not-a-token-at-all-xx")
-        .await
-        .unwrap();
-    let e = mallory.create_session(None, vec![1]).await.unwrap_err();
-    assert!(
-        matches!(&e, Error::PermissionDenied(m) if m.contains("bearer")),
-        "{e}"
-    );
-    let e = mallory.session(s.id()).tokens().await.unwrap_err();
-    assert!(matches!(&e, Error::PermissionDenied(_)), "{e}");
 }

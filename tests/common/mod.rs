@@ -1,0 +1,117 @@
+//! Helpers shared by the end-to-end tests of `agentd serve`: a daemon process on a temporary
+//! socket with the real model, and small client utilities.
+#![allow(dead_code)] // each test target uses a different subset
+
+use agentd_sdk::{Client, Event};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+pub fn model() -> PathBuf {
+    agentd::model_store::ensure_default_model(&mut |m| eprintln!("{m}")).expect("the default model")
+}
+
+/// A daemon process on its own socket; killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+pub fn spawn(socket: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("--model")
+        .arg(model())
+        .args(["serve", "--socket"])
+        .arg(socket)
+        .args(["--kv-memory", "256MiB"])
+        .args(extra)
+        .env("AGENTD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting agentd serve")
+}
+
+impl Daemon {
+    pub async fn start(socket: &Path, extra: &[&str]) -> Daemon {
+        let mut child = spawn(socket, extra);
+        let start = Instant::now();
+        loop {
+            if let Ok(c) = Client::connect(socket).await {
+                if c.health().await.is_ok() {
+                    break;
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "agentd serve exited with {status}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "agentd did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Daemon {
+            child,
+            socket: socket.to_owned(),
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn wait(mut self) -> Output {
+        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn chatml(user: &str) -> String {
+    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+}
+
+pub async fn run(stream: agentd_sdk::GenerateStream) -> (String, agentd_sdk::proto::Usage) {
+    let mut stream = stream;
+    let mut text = String::new();
+    while let Some(ev) = stream.next().await {
+        match ev.expect("stream event") {
+            Event::Token { text: t, .. } => text.push_str(&t),
+            Event::Done(u) => return (text, u),
+        }
+    }
+    panic!("stream ended without usage");
+}
+
+/// A raw gRPC client on the socket, for requests the SDK would not build.
+pub async fn raw_client(
+    socket: &Path,
+) -> agentd_sdk::proto::agentd_client::AgentdClient<tonic::transport::Channel> {
+    let socket = socket.to_owned();
+    let channel = tonic::transport::Endpoint::try_from("http://x")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    agentd_sdk::proto::agentd_client::AgentdClient::new(channel)
+}
