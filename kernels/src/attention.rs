@@ -189,15 +189,7 @@ fn block_queries(p: &Block<'_>, out: &mut [f32]) {
                 let acc = &mut out[qi * d..(qi + 1) * d];
                 let s = &mut scores[..n];
                 let tmax = tile_scores(qv, &p.k[t0 * p.kv_row + kv_off..], p.kv_row, p.scale, s);
-                if tmax > m[qi] {
-                    if l[qi] > 0.0 {
-                        let c = (m[qi] - tmax).exp();
-                        scale_body(acc, c);
-                        l[qi] *= c;
-                    }
-                    m[qi] = tmax;
-                }
-                l[qi] += exp_sub_sum_body(s, m[qi]);
+                tile::fold_softmax(acc, &mut m[qi], &mut l[qi], s, tmax);
                 tile_accumulate(acc, &p.v[t0 * p.kv_row + kv_off..], p.kv_row, s);
             }
         }

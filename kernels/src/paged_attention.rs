@@ -27,7 +27,7 @@
 use crate::attention::AttentionShape;
 use crate::cpu;
 use crate::tile;
-use crate::vecops::{exp_sub_sum_body, scale_body};
+use crate::vecops::scale_body;
 use crate::{KernelError, Result};
 use half::f16;
 use rayon::prelude::*;
@@ -538,15 +538,7 @@ impl<'a> Walk<'a> {
             let seg = &mut s[j..j + len];
             tmax = tmax.max(seg_scores(simd, q, &self.k[off..], self.kv_row, scale, seg));
         });
-        if tmax > *m {
-            if *l > 0.0 {
-                let c = (*m - tmax).exp();
-                scale_body(acc, c);
-                *l *= c;
-            }
-            *m = tmax;
-        }
-        *l += exp_sub_sum_body(s, *m);
+        tile::fold_softmax(acc, m, l, s, tmax);
         self.segments(t0, n, |j, off, len| {
             seg_accumulate(simd, acc, &self.v[off..], self.kv_row, &s[j..j + len]);
         });
@@ -640,15 +632,7 @@ fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
                 let qv = &p.q[r * p.q_row + head * d..][..d];
                 let acc = &mut out[qi * d..(qi + 1) * d];
                 let tmax = tile::scores(simd, qv, &kt, d, p.scale, s);
-                if tmax > m[qi] {
-                    if l[qi] > 0.0 {
-                        let c = (m[qi] - tmax).exp();
-                        scale_body(acc, c);
-                        l[qi] *= c;
-                    }
-                    m[qi] = tmax;
-                }
-                l[qi] += exp_sub_sum_body(s, m[qi]);
+                tile::fold_softmax(acc, &mut m[qi], &mut l[qi], s, tmax);
                 tile::accumulate(simd, acc, &vt, d, s);
             }
         }

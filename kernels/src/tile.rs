@@ -44,6 +44,29 @@ impl KvElem for f16 {
     }
 }
 
+/// One online-softmax step for one query: folds a tile's `scores` (whose largest is `tmax`)
+/// into the running maximum `m` and sum `l`, rescaling the unnormalised accumulator `acc` when
+/// the maximum grows; leaves `scores` holding the tile's weights `e^(s - m)` for
+/// [`accumulate`].
+#[inline(always)]
+pub(crate) fn fold_softmax(
+    acc: &mut [f32],
+    m: &mut f32,
+    l: &mut f32,
+    scores: &mut [f32],
+    tmax: f32,
+) {
+    if tmax > *m {
+        if *l > 0.0 {
+            let c = (*m - tmax).exp();
+            crate::vecops::scale_body(acc, c);
+            *l *= c;
+        }
+        *m = tmax;
+    }
+    *l += crate::vecops::exp_sub_sum_body(scores, *m);
+}
+
 /// Converts a run of stored elements to f32 (`out.len()` of them; `src` at least as long).
 #[inline(always)]
 pub(crate) fn to_f32<E: KvElem>(simd: bool, src: &[E], out: &mut [f32]) {
