@@ -140,7 +140,14 @@ impl Scheduler {
         prefills.sort_by_key(|&i| self.running[i].admitted);
         for (k, i) in prefills.into_iter().enumerate() {
             let s = &self.running[i];
-            let pending = s.req.tokens.len() - s.kv_len;
+            // A resumed (preempted) sequence recomputes its sampled tokens as decode rows, as
+            // they were first computed, so preemption never changes a sequence's numerics; its
+            // prompt stays prompt rows. So a chunk never crosses the prompt's end.
+            let (pending, kind) = if s.kv_len < s.req.prompt_len {
+                (s.req.prompt_len - s.kv_len, RowKind::Prompt)
+            } else {
+                (s.req.tokens.len() - s.kv_len, RowKind::Decode)
+            };
             let n = pending.min(if k == 0 { budget.max(1) } else { budget });
             if n == 0 {
                 break;
@@ -148,7 +155,7 @@ impl Scheduler {
             plan.push(Planned {
                 seq: i,
                 tokens: n,
-                kind: RowKind::Prompt,
+                kind,
             });
             budget -= n.min(budget);
         }
