@@ -99,6 +99,32 @@ async fn serve_generates_and_shares_prefixes_over_the_socket() {
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(json["tenant"]["sessions"], 9, "{json}");
     assert!(json["cache"]["hit_rate"].as_f64().unwrap() > 0.5, "{json}");
+    assert_eq!(json["prefixes"][0]["id"], prefix, "{json}");
+    // The operator CLI (this test runs as the daemon's uid): every tenant's counters, then
+    // publish, list, unpin.
+    let agentd = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_agentd"))
+            .args(args)
+            .arg("--socket")
+            .arg(&d.socket)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let json = agentd(&["status", "--all-tenants"]);
+    assert_eq!(json["tenants"][0]["sessions"], 9, "{json}");
+    let published = agentd(&["prefix", "publish", &prefix.to_string()])["published"].clone();
+    let list = agentd(&["prefix", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[1]["id"], published, "{list}");
+    assert_eq!(list[1]["published"], true, "{list}");
+    agentd(&["prefix", "unpin", &published.to_string()]);
+    assert_eq!(agentd(&["prefix", "list"]).as_array().unwrap().len(), 1);
     for s in sessions {
         s.close().await.unwrap();
     }

@@ -41,6 +41,30 @@ async fn peer_tenant_client() {
     );
     let e = c.session(foreign).append(vec![1]).await.unwrap_err();
     assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    // The operator's published prefix is listed and usable; the private one is not listed.
+    let published: u64 = std::env::var("AGENTD_TEST_PUBLISHED_PREFIX")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let listed = c.list_prefixes(false).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].prefix_id == published && listed[0].published && !listed[0].own);
+    let from_published = c.create_session(Some(published), vec![9]).await.unwrap();
+    let (_, usage) = run(from_published
+        .generate(&GenerateOptions::greedy().max_tokens(1))
+        .await
+        .unwrap())
+    .await;
+    assert_eq!(usage.cached_tokens, listed[0].tokens, "{usage:?}");
+    from_published.close().await.unwrap();
+    // Admin calls from a uid that is not an operator are refused, naming the uid.
+    let not_operator =
+        |e: Error| matches!(&e, Error::PermissionDenied(m) if m.contains("not an operator"));
+    assert!(not_operator(c.publish_prefix(published).await.unwrap_err()));
+    assert!(not_operator(c.unpin_prefix(published).await.unwrap_err()));
+    assert!(not_operator(c.evict_cache(None).await.unwrap_err()));
+    assert!(not_operator(c.list_prefixes(true).await.unwrap_err()));
+    assert!(not_operator(c.stats_all_tenants().await.unwrap_err()));
     let mine = c.create_session(None, vec![1, 2, 3]).await.unwrap();
     // Its own session works, and its stats show only its own session.
     let (log, _) = mine.tokens().await.unwrap();
@@ -68,6 +92,16 @@ async fn two_uids_are_two_tenants() {
         eprintln!("not root: the second-uid half of this test is skipped");
         return;
     }
+    // As the daemon's own uid, this process is an operator: it publishes a copy of its prefix,
+    // which shares the KV pages (no page is allocated).
+    let free = c.stats().await.unwrap().free_pages;
+    let published = c.publish_prefix(prefix).await.unwrap();
+    assert_eq!(c.stats().await.unwrap().free_pages, free);
+    let all = c.list_prefixes(true).await.unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all
+        .iter()
+        .all(|p| p.pinned && p.resident_tokens == 4 && p.own));
     const NOBODY: u32 = 65534;
     // Let the other user's group reach the 0660 socket, as an operator would with a group.
     let path = std::ffi::CString::new(socket.as_os_str().as_encoded_bytes()).unwrap();
@@ -78,6 +112,7 @@ async fn two_uids_are_two_tenants() {
         .env("AGENTD_TEST_PEER_SOCKET", &socket)
         .env("AGENTD_TEST_FOREIGN_SESSION", s.id().to_string())
         .env("AGENTD_TEST_FOREIGN_PREFIX", prefix.to_string())
+        .env("AGENTD_TEST_PUBLISHED_PREFIX", published.to_string())
         .uid(NOBODY)
         .gid(NOBODY)
         .output()
@@ -91,6 +126,21 @@ async fn two_uids_are_two_tenants() {
     // The first tenant's view is unchanged.
     assert_eq!(c.stats().await.unwrap().sessions, 1);
     assert_eq!(s.tokens().await.unwrap().0, vec![5, 6, 7, 8, 9]);
+    // The operator sees both tenants' counters, unpins the published copy and evicts the cache
+    // it leaves (the private prefix stays pinned and resident).
+    let stats = c.stats_all_tenants().await.unwrap();
+    assert_eq!(stats.tenants.len(), 2, "{:?}", stats.tenants);
+    assert!(stats
+        .tenants
+        .iter()
+        .any(|t| t.tenant == u64::from(NOBODY) && t.sessions == 1));
+    c.unpin_prefix(published).await.unwrap();
+    let e = c.unpin_prefix(published).await.unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    assert!(c.evict_cache(None).await.unwrap() > 0);
+    let left = c.list_prefixes(true).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!((left[0].prefix_id, left[0].resident_tokens), (prefix, 4));
     drop(d);
 }
 
@@ -204,4 +254,10 @@ async fn tcp_calls_need_a_bearer_token_which_names_the_tenant() {
     );
     let e = mallory.session(s.id()).tokens().await.unwrap_err();
     assert!(matches!(&e, Error::PermissionDenied(_)), "{e}");
+    // Admin calls are never accepted over TCP, even with a valid token.
+    let e = alice.evict_cache(None).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::PermissionDenied(m) if m.contains("Unix socket")),
+        "{e}"
+    );
 }

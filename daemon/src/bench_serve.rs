@@ -51,6 +51,7 @@ pub async fn run_serve_bench(
         grace: Duration::from_secs(1),
         tcp: None,
         tokens: Default::default(),
+        operators: Vec::new(),
     };
     let server = tokio::spawn(serve(handle, cfg, listener));
     let client = Client::connect(&socket).await?;

@@ -11,6 +11,7 @@
 //! page_size = 16
 //! max_batch = 64
 //! step_tokens = 512
+//! operators = [1000]  # uids allowed the admin RPCs, besides the daemon's own
 //!
 //! [limits]            # per tenant
 //! sessions = 4096
@@ -105,6 +106,10 @@ pub struct ConfigFile {
     /// The TCP listener and its bearer tokens.
     #[serde(default)]
     pub tcp: TcpFile,
+    /// Unix uids allowed the admin RPCs (publish, unpin, evict, list every tenant's prefixes),
+    /// besides the daemon's own uid.
+    #[serde(default)]
+    pub operators: Vec<u32>,
 }
 
 impl ConfigFile {

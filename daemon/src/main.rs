@@ -1,5 +1,7 @@
 //! The `agentd` command line: a thin layer over the `agentd` library.
 
+mod admin_cli;
+
 use agentd::bench::{run_engine_bench, EngineBenchConfig};
 use agentd::bench_prefix::{run_prefix_bench, PrefixBenchConfig};
 use agentd::generate::{Engine, GenerateOptions};
@@ -41,12 +43,13 @@ struct Cli {
 enum Command {
     /// Run the daemon: serve the gRPC API on a Unix socket until SIGTERM/SIGINT.
     Serve(ServeArgs),
-    /// Print a running daemon's statistics (pool, cache hit rate, the caller's counters) as JSON.
-    Status {
-        /// The daemon's socket (default as for `serve`).
-        #[arg(long, env = "AGENTD_SOCKET")]
-        socket: Option<PathBuf>,
-    },
+    /// Print a running daemon's statistics (pool, cache hit rate, the caller's counters, the
+    /// prefixes it may use) as JSON.
+    Status(admin_cli::StatusArgs),
+    /// List, publish, unpin or evict cached prefixes of a running daemon (publish, unpin, evict
+    /// and `--all-tenants` are for operators).
+    #[command(subcommand)]
+    Prefix(admin_cli::PrefixCommand),
     /// Answer one question, streaming the reply to stdout.
     Generate(GenerateArgs),
     /// Measure performance and print JSON.
@@ -257,7 +260,8 @@ fn main() -> Result<()> {
                 .context("serve arguments")?;
             serve(cli.model, opts, args, sm)
         }
-        Command::Status { socket } => status(socket),
+        Command::Status(args) => admin_cli::status(args),
+        Command::Prefix(cmd) => admin_cli::prefix(cmd),
         Command::Generate(args) => generate(&load(cli.model, opts)?, args),
         Command::Bench(BenchCommand::Engine {
             prefill,
@@ -450,46 +454,11 @@ fn serve(
         grace: std::time::Duration::from_secs(grace),
         tcp,
         tokens,
+        operators: file.operators.clone(),
     };
     eprintln!("agentd: listening on {}", socket.display());
     rt.block_on(serve(handle, cfg, listener))?;
     eprintln!("agentd: stopped");
-    Ok(())
-}
-
-fn status(socket: Option<PathBuf>) -> Result<()> {
-    let socket = socket.unwrap_or_else(agentd_sdk::default_socket_path);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let s = rt.block_on(async {
-        let c = agentd_sdk::Client::connect(&socket).await?;
-        c.stats().await
-    })?;
-    let json = serde_json::json!({
-        "socket": socket.display().to_string(),
-        "pool": {
-            "pages": s.pool_pages,
-            "free_pages": s.free_pages,
-            "peak_pages": s.peak_pages,
-            "page_size": s.page_size,
-            "page_bytes": s.page_bytes,
-        },
-        "cache": {
-            "tree_tokens": s.tree_tokens,
-            "hit_rate": s.hit_rate,
-        },
-        "engine": { "steps": s.steps, "preemptions": s.preemptions },
-        "tenant": {
-            "sessions": s.sessions,
-            "running": s.running,
-            "waiting": s.waiting,
-            "prefill_tokens": s.prefill_tokens,
-            "cached_tokens": s.cached_tokens,
-            "generated_tokens": s.generated_tokens,
-        },
-    });
-    println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
 }
 

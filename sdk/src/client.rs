@@ -203,9 +203,74 @@ impl Client {
         Ok(self
             .rpc
             .clone()
-            .stats(proto::StatsRequest {})
+            .stats(proto::StatsRequest { all_tenants: false })
             .await?
             .into_inner())
+    }
+
+    /// Operators: the stats with every tenant's counters in `tenants`.
+    pub async fn stats_all_tenants(&self) -> Result<proto::StatsReply, Error> {
+        Ok(self
+            .rpc
+            .clone()
+            .stats(proto::StatsRequest { all_tenants: true })
+            .await?
+            .into_inner())
+    }
+
+    /// Unpins and forgets one of the caller's own prefixes (its KV becomes ordinary cache).
+    pub async fn drop_prefix(&self, prefix: u64) -> Result<(), Error> {
+        let req = proto::PrefixRef { prefix_id: prefix };
+        self.rpc.clone().drop_prefix(req).await?;
+        Ok(())
+    }
+
+    /// The prefixes the caller may use (its own and the published ones); with `all_tenants`,
+    /// every tenant's (operators only).
+    pub async fn list_prefixes(&self, all_tenants: bool) -> Result<Vec<proto::PrefixEntry>, Error> {
+        let req = proto::ListPrefixesRequest { all_tenants };
+        Ok(self
+            .rpc
+            .clone()
+            .list_prefixes(req)
+            .await?
+            .into_inner()
+            .prefixes)
+    }
+
+    /// Operators: publishes a copy of any tenant's prefix for every tenant (sharing its KV);
+    /// returns the published prefix's id.
+    pub async fn publish_prefix(&self, prefix: u64) -> Result<u64, Error> {
+        let req = proto::PrefixRef { prefix_id: prefix };
+        Ok(self
+            .rpc
+            .clone()
+            .publish_prefix(req)
+            .await?
+            .into_inner()
+            .prefix_id)
+    }
+
+    /// Operators: unpins and forgets any prefix, of any tenant.
+    pub async fn unpin_prefix(&self, prefix: u64) -> Result<(), Error> {
+        let req = proto::PrefixRef { prefix_id: prefix };
+        self.rpc.clone().unpin_prefix(req).await?;
+        Ok(())
+    }
+
+    /// Operators: evicts unpinned cache no running request uses, up to `pages` pages (`None`:
+    /// all of it); returns the pages freed.
+    pub async fn evict_cache(&self, pages: Option<u32>) -> Result<u32, Error> {
+        let req = proto::EvictCacheRequest {
+            pages: pages.unwrap_or(0),
+        };
+        Ok(self
+            .rpc
+            .clone()
+            .evict_cache(req)
+            .await?
+            .into_inner()
+            .freed_pages)
     }
 }
 

@@ -2,6 +2,7 @@
 //! style: no lock is shared with callers). While work is pending the thread alternates between
 //! draining commands and running steps; when idle it sleeps on the channel.
 
+use super::admin::PrefixEntry;
 use super::core::{PrefixInfo, Scheduler};
 use super::types::*;
 use crate::generate::{Engine, GenerateOptions};
@@ -131,6 +132,36 @@ impl EngineHandle {
     /// See [`Scheduler::drop_prefix`].
     pub async fn drop_prefix(&self, tenant: TenantId, id: PrefixId) -> Result<()> {
         self.call(move |s| s.drop_prefix(tenant, id)).await?
+    }
+
+    /// See [`Scheduler::list_prefixes`].
+    pub async fn list_prefixes(&self, tenant: Option<TenantId>) -> Result<Vec<PrefixEntry>> {
+        self.call(move |s| s.list_prefixes(tenant)).await
+    }
+
+    /// See [`Scheduler::publish_prefix`]; returns once the published copy is pinned.
+    pub async fn publish_prefix(&self, id: PrefixId) -> Result<PrefixInfo> {
+        let (tx, rx) = oneshot::channel();
+        self.call(move |s| {
+            s.publish_prefix(
+                id,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+        })
+        .await?;
+        rx.await.map_err(|_| SchedError::Shutdown)?
+    }
+
+    /// See [`Scheduler::unpin_prefix`].
+    pub async fn unpin_prefix(&self, id: PrefixId) -> Result<()> {
+        self.call(move |s| s.unpin_prefix(id)).await?
+    }
+
+    /// See [`Scheduler::evict_cache`].
+    pub async fn evict_cache(&self, pages: Option<usize>) -> Result<usize> {
+        self.call(move |s| s.evict_cache(pages)).await
     }
 
     /// A snapshot of the scheduler's counters.

@@ -175,7 +175,7 @@ impl Scheduler {
         &self.engine
     }
 
-    fn fresh_id(&mut self) -> u64 {
+    pub(super) fn fresh_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id - 1
     }
@@ -534,13 +534,7 @@ impl Scheduler {
             Some(p) if p.tenant == tenant => {}
             _ => return Err(SchedError::UnknownPrefix(id.0)),
         }
-        let p = self.prefixes.remove(&id).expect("checked");
-        if p.pinned {
-            self.tree
-                .unpin(p.ns, &p.tokens)
-                .map_err(|e| SchedError::Engine(e.to_string()))?;
-        }
-        Ok(())
+        self.unpin_prefix(id)
     }
 
     /// Cancels a request wherever it is, freeing what it holds.

@@ -8,6 +8,8 @@
 //! - [`step`]: one engine step — every running decode plus prefill chunks under a token budget
 //!   in one forward pass; pages allocated (copy on write for shared partial pages); under memory
 //!   pressure the cache is evicted first, then the youngest sequence is preempted and requeued.
+//! - [`admin`]: operator actions — list every prefix, publish one (sharing its pages), unpin
+//!   any, evict the unpinned cache.
 //! - [`actor`]: [`EngineHandle`], the scheduler on its own thread behind a command channel.
 //!
 //! # Invariants
@@ -18,11 +20,13 @@
 //! - Each row's numerics depend only on its kind (prompt or decode), never on the batch.
 
 mod actor;
+mod admin;
 mod core;
 mod step;
 mod types;
 
 pub use actor::EngineHandle;
+pub use admin::PrefixEntry;
 pub use core::{PrefixInfo, Scheduler};
 pub use types::*;
 

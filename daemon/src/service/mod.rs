@@ -35,16 +35,20 @@ pub struct AgentdService {
     tenancy: Tenancy,
     /// Bearer token → tenant, for calls over TCP.
     tokens: std::collections::HashMap<String, TenantId>,
+    /// Unix uids allowed the admin RPCs.
+    operators: std::collections::HashSet<u32>,
     page_size: usize,
     pool_pages: usize,
 }
 
 impl AgentdService {
-    /// A service over `engine`; `tokens` maps TCP bearer tokens to tenants.
+    /// A service over `engine`; `tokens` maps TCP bearer tokens to tenants; `operators` are the
+    /// Unix uids allowed the admin RPCs.
     pub fn new(
         engine: EngineHandle,
         tenancy: Tenancy,
         tokens: std::collections::HashMap<String, TenantId>,
+        operators: std::collections::HashSet<u32>,
         page_size: usize,
         pool_pages: usize,
     ) -> Self {
@@ -52,6 +56,7 @@ impl AgentdService {
             engine,
             tenancy,
             tokens,
+            operators,
             page_size,
             pool_pages,
         }
@@ -76,6 +81,26 @@ impl AgentdService {
                 ))
             }),
             _ => Ok(TenantId::from(uid)),
+        }
+    }
+
+    /// The caller's tenant, when the caller is an operator: a Unix-socket peer whose uid is in
+    /// `operators`. Anyone else gets PERMISSION_DENIED.
+    fn operator<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
+        let tenant = self.tenant(req)?;
+        let uid = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|u| u.peer_cred)
+            .map(|c| c.uid());
+        match uid {
+            Some(uid) if self.operators.contains(&uid) => Ok(tenant),
+            Some(uid) => Err(Status::permission_denied(format!(
+                "uid {uid} is not an operator of this daemon (operators are the daemon's own uid and the config's `operators`)"
+            ))),
+            None => Err(Status::permission_denied(
+                "admin calls are only accepted over the Unix socket, from an operator's uid",
+            )),
         }
     }
 
@@ -223,7 +248,7 @@ impl Agentd for AgentdService {
         req: Request<proto::RegisterPrefixRequest>,
     ) -> Result<Response<proto::RegisterPrefixReply>, Status> {
         let tenant = self.tenant(&req)?;
-        let mut r = req.into_inner();
+        let mut r = req.get_ref().clone();
         if !r.messages.is_empty() {
             if !r.tokens.is_empty() {
                 return Err(Status::invalid_argument(
@@ -232,14 +257,14 @@ impl Agentd for AgentdService {
             }
             r.tokens = render(self.engine.engine(), r.messages, false, false)?;
         }
-        if r.publish {
-            return Err(Status::permission_denied(
-                "publishing a prefix to every tenant is an operator action, not available over this socket yet",
-            ));
-        }
+        let tenant = if r.publish {
+            self.operator(&req)?
+        } else {
+            tenant
+        };
         let info = self
             .engine
-            .register_prefix(tenant, r.tokens, false)
+            .register_prefix(tenant, r.tokens, r.publish)
             .await
             .map_err(to_status)?;
         Ok(Response::new(proto::RegisterPrefixReply {
@@ -407,8 +432,27 @@ impl Agentd for AgentdService {
         &self,
         req: Request<proto::StatsRequest>,
     ) -> Result<Response<proto::StatsReply>, Status> {
-        let tenant = self.tenant(&req)?;
+        let all = req.get_ref().all_tenants;
+        let tenant = if all {
+            self.operator(&req)?
+        } else {
+            self.tenant(&req)?
+        };
         let s = self.engine.stats().await.map_err(to_status)?;
+        let tenants = s
+            .tenants
+            .iter()
+            .filter(|_| all)
+            .map(|(&t, c)| proto::TenantStats {
+                tenant: t,
+                sessions: c.sessions as u32,
+                running: c.running as u32,
+                waiting: c.waiting as u32,
+                prefill_tokens: c.prefill_tokens,
+                cached_tokens: c.cached_tokens,
+                generated_tokens: c.generated_tokens,
+            })
+            .collect();
         let own = s.tenants.get(&tenant).cloned().unwrap_or_default();
         Ok(Response::new(proto::StatsReply {
             pool_pages: s.pool_pages as u32,
@@ -426,6 +470,7 @@ impl Agentd for AgentdService {
             prefill_tokens: own.prefill_tokens,
             cached_tokens: own.cached_tokens,
             generated_tokens: own.generated_tokens,
+            tenants,
         }))
     }
 
@@ -441,6 +486,79 @@ impl Agentd for AgentdService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(proto::DropPrefixReply {}))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "list_prefixes"))]
+    async fn list_prefixes(
+        &self,
+        req: Request<proto::ListPrefixesRequest>,
+    ) -> Result<Response<proto::ListPrefixesReply>, Status> {
+        let all = req.get_ref().all_tenants;
+        let tenant = if all {
+            self.operator(&req)?
+        } else {
+            self.tenant(&req)?
+        };
+        let entries = self
+            .engine
+            .list_prefixes((!all).then_some(tenant))
+            .await
+            .map_err(to_status)?;
+        let prefixes = entries
+            .into_iter()
+            .map(|e| proto::PrefixEntry {
+                prefix_id: e.id.0,
+                tokens: e.tokens as u32,
+                pinned: e.pinned,
+                published: e.published,
+                resident_tokens: e.resident_tokens as u32,
+                own: e.tenant == tenant,
+                tenant: if all { e.tenant } else { 0 },
+            })
+            .collect();
+        Ok(Response::new(proto::ListPrefixesReply { prefixes }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "publish_prefix"))]
+    async fn publish_prefix(
+        &self,
+        req: Request<proto::PrefixRef>,
+    ) -> Result<Response<proto::RegisterPrefixReply>, Status> {
+        self.operator(&req)?;
+        let id = PrefixId(req.into_inner().prefix_id);
+        let info = self.engine.publish_prefix(id).await.map_err(to_status)?;
+        Ok(Response::new(proto::RegisterPrefixReply {
+            prefix_id: info.id.0,
+            tokens: info.tokens as u32,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "unpin_prefix"))]
+    async fn unpin_prefix(
+        &self,
+        req: Request<proto::PrefixRef>,
+    ) -> Result<Response<proto::DropPrefixReply>, Status> {
+        self.operator(&req)?;
+        let id = PrefixId(req.into_inner().prefix_id);
+        self.engine.unpin_prefix(id).await.map_err(to_status)?;
+        Ok(Response::new(proto::DropPrefixReply {}))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "evict_cache"))]
+    async fn evict_cache(
+        &self,
+        req: Request<proto::EvictCacheRequest>,
+    ) -> Result<Response<proto::EvictCacheReply>, Status> {
+        self.operator(&req)?;
+        let pages = req.into_inner().pages;
+        let freed = self
+            .engine
+            .evict_cache((pages > 0).then_some(pages as usize))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::EvictCacheReply {
+            freed_pages: freed as u32,
+        }))
     }
 }
 

@@ -47,6 +47,8 @@ pub struct ServeConfig {
     pub tcp: Option<std::net::TcpListener>,
     /// Bearer token → tenant, for TCP calls.
     pub tokens: std::collections::HashMap<String, crate::scheduler::TenantId>,
+    /// Unix uids allowed the admin RPCs (besides the daemon's own, which is always one).
+    pub operators: Vec<u32>,
 }
 
 /// Creates the socket's directory (0700 when the daemon creates it), clears a stale socket and
@@ -99,10 +101,14 @@ pub async fn serve(
         path: cfg.socket.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
+    // SAFETY: geteuid has no preconditions.
+    let own_uid = unsafe { libc::geteuid() };
+    let operators = cfg.operators.iter().copied().chain([own_uid]).collect();
     let service = std::sync::Arc::new(AgentdService::new(
         engine,
         cfg.tenancy,
         cfg.tokens,
+        operators,
         stats.page_size,
         stats.pool_pages,
     ));
