@@ -130,6 +130,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
             "hit_rate": s.hit_rate,
         },
         "engine": { "steps": s.steps, "preemptions": s.preemptions },
+        "disk": {
+            "records": s.disk_records,
+            "bytes": s.disk_bytes,
+            "budget": s.disk_budget,
+            "loaded_tokens": s.disk_loaded_tokens,
+        },
         "tenant": tenant_json(&proto::TenantStats {
             tenant: 0,
             sessions: s.sessions,

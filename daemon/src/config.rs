@@ -11,6 +11,8 @@
 //! page_size = 16
 //! max_batch = 64
 //! step_tokens = 512
+//! cache_dir = "/var/lib/agentd/kv-cache"
+//! disk_cache = "8GiB"
 //! operators = [1000]  # uids allowed the admin RPCs, besides the daemon's own
 //!
 //! [limits]            # per tenant
@@ -106,6 +108,10 @@ pub struct ConfigFile {
     /// The TCP listener and its bearer tokens.
     #[serde(default)]
     pub tcp: TcpFile,
+    /// Where cached prefixes are kept on disk.
+    pub cache_dir: Option<PathBuf>,
+    /// Disk budget for cached prefixes, e.g. "2GiB"; "0" keeps nothing on disk.
+    pub disk_cache: Option<String>,
     /// Unix uids allowed the admin RPCs (publish, unpin, evict, list every tenant's prefixes),
     /// besides the daemon's own uid.
     #[serde(default)]

@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod bench_prefix;
+pub mod bench_restart;
 pub mod bench_serve;
 pub mod cache;
 pub mod chat;
@@ -28,4 +29,5 @@ pub mod sampling;
 pub mod scheduler;
 pub mod service;
 pub mod stop;
+pub mod store;
 pub mod tokenizer;

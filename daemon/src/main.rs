@@ -79,6 +79,13 @@ struct ServeArgs {
     /// Seconds running streams may go on after SIGTERM/SIGINT before they are cancelled.
     #[arg(long, default_value_t = 10)]
     grace_seconds: u64,
+    /// Where cached prefixes are kept on disk across restarts (default: kv-cache in the data
+    /// directory).
+    #[arg(long, env = "AGENTD_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Disk budget for cached prefixes, e.g. 2GiB; 0 keeps nothing on disk.
+    #[arg(long, env = "AGENTD_DISK_CACHE", default_value = "2GiB", value_parser = parse_size)]
+    disk_cache: u64,
     #[command(flatten)]
     sched: SchedArgs,
 }
@@ -127,6 +134,15 @@ struct GenerateArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// First-request TTFT on a persisted prefix after a restart vs a cold recompute, disk bytes
+    /// per token, load throughput.
+    Restart {
+        /// Prefix lengths in tokens.
+        #[arg(long, value_delimiter = ',', default_value = "1500,6000")]
+        prefix_tokens: Vec<usize>,
+        #[command(flatten)]
+        sched: SchedArgs,
+    },
     /// Prefill and decode throughput of the engine.
     Engine {
         /// Prompt lengths to prefill.
@@ -216,6 +232,7 @@ impl SchedArgs {
                 request_tokens: self.max_request_tokens.unwrap_or(usize::MAX),
                 request_pages: self.max_request_pages.unwrap_or(usize::MAX),
             },
+            store: None,
         }
     }
 }
@@ -280,6 +297,25 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let report = run_engine_bench(&engine, &cfg)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Restart {
+            prefix_tokens,
+            sched,
+        }) => {
+            let engine = std::sync::Arc::new(load(cli.model, opts)?);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let report = rt
+                .block_on(agentd::bench_restart::run_restart_bench(
+                    engine,
+                    sched.config(),
+                    &prefix_tokens,
+                ))
+                .map_err(|e| anyhow::anyhow!(e))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
@@ -446,8 +482,27 @@ fn serve(
         }
         None => None,
     };
+    let file_disk = match &file.disk_cache {
+        Some(s) => Some(parse_size(s).map_err(|e| anyhow::anyhow!("config disk_cache: {e}"))?),
+        None => None,
+    };
+    let disk_cache = choose(sm, "disk_cache", args.disk_cache, file_disk);
+    let cache_dir = match choose(
+        sm,
+        "cache_dir",
+        args.cache_dir,
+        file.cache_dir.clone().map(Some),
+    ) {
+        Some(d) => d,
+        None => model_store::data_dir()?.join("kv-cache"),
+    };
+    let mut sched_cfg = sched.config();
+    sched_cfg.store = (disk_cache > 0).then_some(agentd::store::StoreConfig {
+        dir: cache_dir,
+        budget: disk_cache,
+    });
     let engine = std::sync::Arc::new(load(model, opts)?);
-    let handle = agentd::scheduler::EngineHandle::spawn(engine, sched.config())?;
+    let handle = agentd::scheduler::EngineHandle::spawn(engine, sched_cfg)?;
     let cfg = ServeConfig {
         socket: socket.clone(),
         tenancy,

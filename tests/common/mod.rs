@@ -18,14 +18,24 @@ pub struct Daemon {
     pub socket: PathBuf,
 }
 
+/// `agentd serve` on `socket` with the real model, 256 MiB of KV, and (unless `extra` names
+/// one) a disk cache next to the socket.
 pub fn spawn(socket: &Path, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_agentd"))
-        .arg("--model")
-        .arg(model())
+    spawn_model(&model(), socket, extra)
+}
+
+/// As [`spawn`], with the model file `model`.
+pub fn spawn_model(model: &Path, socket: &Path, extra: &[&str]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentd"));
+    cmd.arg("--model")
+        .arg(model)
         .args(["serve", "--socket"])
         .arg(socket)
-        .args(["--kv-memory", "256MiB"])
-        .args(extra)
+        .args(["--kv-memory", "256MiB"]);
+    if !extra.contains(&"--cache-dir") {
+        cmd.arg("--cache-dir").arg(socket.with_extension("cache"));
+    }
+    cmd.args(extra)
         .env("AGENTD_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -35,7 +45,12 @@ pub fn spawn(socket: &Path, extra: &[&str]) -> Child {
 
 impl Daemon {
     pub async fn start(socket: &Path, extra: &[&str]) -> Daemon {
-        let mut child = spawn(socket, extra);
+        Self::start_model(&model(), socket, extra).await
+    }
+
+    /// As [`Daemon::start`], with the model file `model`.
+    pub async fn start_model(model: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let mut child = spawn_model(model, socket, extra);
         let start = Instant::now();
         loop {
             if let Ok(c) = Client::connect(socket).await {

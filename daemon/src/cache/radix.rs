@@ -41,6 +41,8 @@ struct Node {
     lock: u32,
     pins: u32,
     last_access: u64,
+    /// Matches that reached into this node.
+    hits: u64,
 }
 
 impl Node {
@@ -143,6 +145,7 @@ impl RadixTree {
             lock: 0,
             pins: 0,
             last_access: 0,
+            hits: 0,
         });
         self.roots.insert(ns, r);
         r
@@ -194,6 +197,7 @@ impl RadixTree {
         for &(i, c) in &path {
             let node = self.node_mut(i);
             node.last_access = now;
+            node.hits += 1;
             // Pages of this node overlapping the matched part [start, start + c).
             let first = node.start / ps;
             let last = (node.start + c - 1) / ps;
@@ -240,7 +244,7 @@ impl RadixTree {
         let upper_tokens: Vec<u32> = n.tokens.drain(..at).collect();
         n.pages.drain(..lower_first - first);
         n.start = split_pos;
-        let (lock, last_access) = (n.lock, n.last_access);
+        let (lock, last_access, hits) = (n.lock, n.last_access, n.hits);
         let lower_first_token = n.tokens[0];
         let upper_first_token = upper_tokens[0];
         let mut children = BTreeMap::new();
@@ -256,6 +260,7 @@ impl RadixTree {
             lock,
             pins: 0,
             last_access,
+            hits,
         });
         self.node_mut(i).parent = Some(u);
         self.node_mut(parent).children.insert(upper_first_token, u);
@@ -325,6 +330,7 @@ impl RadixTree {
                 lock: 0,
                 pins: 0,
                 last_access: now,
+                hits: 0,
             });
             self.node_mut(cur).children.insert(tokens[pos], leaf);
             cur = leaf;
@@ -457,6 +463,8 @@ impl RadixTree {
                 ns: node.ns,
                 tokens,
                 start: node.start,
+                pages: node.pages,
+                hits: node.hits,
             });
             if self.evictable(parent) {
                 heap.push(Reverse((self.node(parent).last_access, parent)));

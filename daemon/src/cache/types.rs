@@ -3,7 +3,9 @@
 use super::pool::{PageId, PoolError};
 
 /// A cache namespace: the tree never matches across namespaces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Namespace {
     /// One tenant's private prefixes.
     Tenant(u64),
@@ -99,6 +101,11 @@ pub struct EvictedRun {
     pub tokens: Vec<u32>,
     /// Where the removed run started: tokens `[start..]` are no longer cached.
     pub start: usize,
+    /// The pages the run held (page indices `start / page_size ..`), released but not yet
+    /// reused: their KV bytes are intact until the pool hands them out again.
+    pub pages: Vec<PageId>,
+    /// How many matches reached into the run while it was cached.
+    pub hits: u64,
 }
 
 /// The result of [`RadixTree::evict`](super::RadixTree::evict).

@@ -88,4 +88,38 @@ impl KvPages {
             b.copy_within(s..s + n, d);
         }
     }
+
+    /// Appends page `page`'s bytes to `out`: for each layer its keys, then its values, as
+    /// little-endian f16 (the disk tier's page layout).
+    pub fn read_page_bytes(&self, page: u32, out: &mut Vec<u8>) {
+        let n = self.page_size * self.kv_row;
+        let at = page as usize * n;
+        for l in 0..self.k.len() {
+            for half in [&self.k[l][at..at + n], &self.v[l][at..at + n]] {
+                out.extend(half.iter().flat_map(|x| x.to_bits().to_le_bytes()));
+            }
+        }
+    }
+
+    /// Bytes of one page in [`Self::read_page_bytes`]'s layout.
+    pub fn page_bytes(&self) -> usize {
+        self.k.len() * 2 * self.page_size * self.kv_row * 2
+    }
+
+    /// Overwrites page `page` with bytes in [`Self::read_page_bytes`]'s layout
+    /// ([`Self::page_bytes`] of them).
+    pub fn write_page_bytes(&mut self, page: u32, bytes: &[u8]) {
+        let n = self.page_size * self.kv_row;
+        assert_eq!(bytes.len(), self.page_bytes(), "one page of bytes");
+        let at = page as usize * n;
+        let mut chunks = bytes.chunks_exact(n * 2);
+        for l in 0..self.k.len() {
+            for dst in [&mut self.k[l][at..at + n], &mut self.v[l][at..at + n]] {
+                let src = chunks.next().expect("sized above");
+                for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+        }
+    }
 }

@@ -164,6 +164,11 @@ impl EngineHandle {
         self.call(move |s| s.evict_cache(pages)).await
     }
 
+    /// Waits until the disk tier has made everything written so far durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.call(|s| s.flush_store()).await
+    }
+
     /// A snapshot of the scheduler's counters.
     pub async fn stats(&self) -> Result<SchedStats> {
         self.call(|s| s.stats()).await

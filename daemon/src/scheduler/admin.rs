@@ -100,6 +100,7 @@ impl Scheduler {
             .prefixes
             .remove(&id)
             .ok_or(SchedError::UnknownPrefix(id.0))?;
+        self.unpersist_prefix(id, p.ns, &p.tokens);
         if p.pinned {
             self.tree
                 .unpin(p.ns, &p.tokens)

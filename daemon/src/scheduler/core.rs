@@ -111,6 +111,8 @@ pub struct Scheduler {
     next_id: u64,
     pub(super) admit_clock: u64,
     last_tenant: Option<TenantId>,
+    /// The disk tier.
+    pub(super) store: Option<crate::store::Store>,
 }
 
 /// Candidates looked at per tenant per admission (bounds admission work per step).
@@ -154,7 +156,8 @@ impl Scheduler {
             page_bytes: per_token * cfg.page_size,
             ..Default::default()
         };
-        Ok(Self {
+        let store_cfg = cfg.store.clone();
+        let mut s = Self {
             engine,
             cfg,
             tree: RadixTree::new(pool),
@@ -167,7 +170,17 @@ impl Scheduler {
             next_id: 1,
             admit_clock: 0,
             last_tenant: None,
-        })
+            store: None,
+        };
+        if let Some(store) = &store_cfg {
+            s.open_store(store)?;
+        }
+        Ok(s)
+    }
+
+    /// Makes later ids larger than `id` (restored from disk).
+    pub(super) fn bump_id_past(&mut self, id: u64) {
+        self.next_id = self.next_id.max(id + 1);
     }
 
     /// The engine this scheduler runs.
@@ -525,6 +538,7 @@ impl Scheduler {
             .pin(p.ns, &p.tokens)
             .map_err(|e| SchedError::Engine(e.to_string()))?;
         p.pinned = true;
+        self.persist_prefix(id);
         Ok(())
     }
 
@@ -660,7 +674,10 @@ impl Scheduler {
     /// Evicts cached prefixes until `pages` more pages are free (or nothing is left to evict).
     pub(super) fn evict(&mut self, pages: usize) {
         match self.tree.evict(pages) {
-            Ok(report) => self.stats.evicted_pages += report.freed as u64,
+            Ok(report) => {
+                self.stats.evicted_pages += report.freed as u64;
+                self.persist_evicted(report.evicted);
+            }
             Err(e) => tracing::error!(error = %e, "eviction failed"),
         }
     }
@@ -670,6 +687,9 @@ impl Scheduler {
     fn start(&mut self, mut req: Request) {
         let ps = self.cfg.page_size;
         let (mut pages, mut kv_len, mut node) = (Vec::new(), 0, None);
+        for ns in [Some(req.ns), req.published].into_iter().flatten() {
+            self.load_from_disk(ns, &req.tokens);
+        }
         let (cached, ns) = self.cached_len(&req);
         if cached > 0 {
             let m = self.tree.match_prefix(ns, &req.tokens);

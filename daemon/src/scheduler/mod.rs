@@ -10,6 +10,8 @@
 //!   pressure the cache is evicted first, then the youngest sequence is preempted and requeued.
 //! - [`admin`]: operator actions — list every prefix, publish one (sharing its pages), unpin
 //!   any, evict the unpinned cache.
+//! - [`persist`]: the disk tier's hooks — write-through of pinned prefixes, write-back of
+//!   evicted runs hit twice, loading a match's pages back from disk, restoring registrations.
 //! - [`actor`]: [`EngineHandle`], the scheduler on its own thread behind a command channel.
 //!
 //! # Invariants
@@ -22,14 +24,18 @@
 mod actor;
 mod admin;
 mod core;
+mod persist;
 mod step;
 mod types;
 
 pub use actor::EngineHandle;
 pub use admin::PrefixEntry;
 pub use core::{PrefixInfo, Scheduler};
+pub use persist::fingerprint;
 pub use types::*;
 
+#[cfg(test)]
+mod persist_tests;
 #[cfg(test)]
 mod prop_tests;
 #[cfg(test)]

@@ -114,6 +114,7 @@ fn run_ops(ops: Vec<Op>) -> std::result::Result<(), TestCaseError> {
             step_tokens: 16,
             cache: true,
             limits: TenantLimits::default(),
+            store: None,
         },
     )
     .unwrap();

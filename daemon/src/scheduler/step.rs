@@ -19,6 +19,7 @@ struct Planned {
 impl Scheduler {
     /// Runs one step; returns the number of tokens computed (0 when there was nothing to do).
     pub fn step(&mut self) -> usize {
+        self.poll_store();
         self.reap_cancelled();
         self.admit();
         let plan = loop {
@@ -270,6 +271,8 @@ impl Scheduler {
             }
             Err(e) => tracing::error!(error = %e, "caching a prefix failed"),
         }
+        let ns = self.running[i].req.ns;
+        self.pin_restored(ns);
     }
 
     /// Drops a sequence's page references and its lock.
@@ -430,6 +433,7 @@ impl Scheduler {
         s.free_pages = self.tree.pool().free_count();
         s.tree = self.tree.stats();
         s.tree_tokens = s.tree.cached_tokens;
+        s.disk = self.store.as_ref().map(|st| st.stats());
         for t in s.tenants.values_mut() {
             (t.sessions, t.running, t.waiting) = (0, 0, 0);
         }

@@ -21,11 +21,11 @@ pub(super) fn engine() -> Arc<Engine> {
         .clone()
 }
 
-fn random_tokens(rng: &mut ChaCha8Rng, n: usize) -> Vec<u32> {
+pub(super) fn random_tokens(rng: &mut ChaCha8Rng, n: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(100..40_000)).collect()
 }
 
-fn greedy(max_tokens: usize) -> GenerateOptions {
+pub(super) fn greedy(max_tokens: usize) -> GenerateOptions {
     GenerateOptions {
         sampling: SamplingParams::greedy(),
         max_tokens,
@@ -162,7 +162,7 @@ fn batched_decode_equals_one_at_a_time() {
     }
 }
 
-async fn run_to_end(
+pub(super) async fn run_to_end(
     h: &EngineHandle,
     tenant: TenantId,
     sid: SessionId,

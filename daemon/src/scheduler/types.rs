@@ -32,6 +32,8 @@ pub struct SchedulerConfig {
     pub cache: bool,
     /// What one tenant may use.
     pub limits: TenantLimits,
+    /// The disk tier, if any: cached prefixes survive restarts.
+    pub store: Option<crate::store::StoreConfig>,
 }
 
 /// Per-tenant limits. Going over one is [`SchedError::LimitExceeded`], naming the limit.
@@ -67,6 +69,7 @@ impl Default for SchedulerConfig {
             step_tokens: 512,
             cache: true,
             limits: TenantLimits::default(),
+            store: None,
         }
     }
 }
@@ -156,6 +159,10 @@ pub struct SchedStats {
     pub evicted_pages: u64,
     /// Per tenant.
     pub tenants: BTreeMap<TenantId, TenantStats>,
+    /// Prompt tokens whose KV was read back from disk.
+    pub disk_loaded_tokens: u64,
+    /// The disk tier's counters, when there is one.
+    pub disk: Option<crate::store::StoreStats>,
 }
 
 impl SchedStats {

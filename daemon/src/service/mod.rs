@@ -471,6 +471,10 @@ impl Agentd for AgentdService {
             cached_tokens: own.cached_tokens,
             generated_tokens: own.generated_tokens,
             tenants,
+            disk_records: s.disk.as_ref().map_or(0, |d| d.records as u32),
+            disk_bytes: s.disk.as_ref().map_or(0, |d| d.bytes),
+            disk_budget: s.disk.as_ref().map_or(0, |d| d.budget),
+            disk_loaded_tokens: s.disk_loaded_tokens,
         }))
     }
 

@@ -4,7 +4,7 @@
 //! socket file nobody answers on (a daemon that crashed) is removed; one a live daemon answers
 //! on makes start-up fail with a message naming it. On SIGTERM or SIGINT the server stops
 //! accepting, lets running streams finish for a grace period, then drops them (which cancels
-//! their generations), removes the socket and returns.
+//! their generations), flushes the disk cache, removes the socket and returns.
 
 use super::{AgentdService, Tenancy};
 use crate::scheduler::EngineHandle;
@@ -104,6 +104,7 @@ pub async fn serve(
     // SAFETY: geteuid has no preconditions.
     let own_uid = unsafe { libc::geteuid() };
     let operators = cfg.operators.iter().copied().chain([own_uid]).collect();
+    let flush = engine.clone();
     let service = std::sync::Arc::new(AgentdService::new(
         engine,
         cfg.tenancy,
@@ -175,6 +176,10 @@ pub async fn serve(
         }
     };
     drop(signalled_rx);
+    // Make the disk tier durable before exiting.
+    if let Err(e) = flush.flush().await {
+        tracing::warn!(error = %e, "flushing the disk cache failed");
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     result
 }

@@ -1,0 +1,73 @@
+//! The disk tier through the scheduler on the real model: write-back of evicted runs.
+
+use super::tests::{engine, greedy, random_tokens, run_to_end};
+use super::*;
+use crate::model::KvPages;
+use crate::store::StoreConfig;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Spawns a scheduler, retrying while the previous one (on its way out) still holds the store.
+fn spawn_retrying(cfg: &SchedulerConfig) -> EngineHandle {
+    let start = std::time::Instant::now();
+    loop {
+        match EngineHandle::spawn(engine(), cfg.clone()) {
+            Ok(h) => return h,
+            Err(e) if start.elapsed().as_secs() < 20 => {
+                eprintln!("retrying: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// A run evicted after two hits is written back, and after a restart it is served from disk
+/// with the same greedy output; a run hit once is not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_runs_hit_twice_are_written_back_and_served_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let page_bytes = KvPages::bytes_per_token(engine().model.config()) * 16;
+    let cfg = SchedulerConfig {
+        kv_memory: 64 * page_bytes,
+        store: Some(StoreConfig {
+            dir: dir.path().to_owned(),
+            budget: 1 << 30,
+        }),
+        ..Default::default()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let hot = random_tokens(&mut rng, 200);
+    let cold = random_tokens(&mut rng, 200);
+    let h = spawn_retrying(&cfg);
+    // The first run computes the prompt; the next two hit the cache (computing only the last
+    // prompt token), which is what a load from disk must reproduce exactly.
+    let mut warm = None;
+    for _ in 0..3 {
+        let sid = h.create_session(1, None, hot.clone()).await.unwrap();
+        let (out, usage) = run_to_end(&h, 1, sid, greedy(4)).await;
+        if usage.cached_tokens > 0 {
+            warm = Some(out);
+        }
+    }
+    let sid = h.create_session(1, None, cold.clone()).await.unwrap();
+    run_to_end(&h, 1, sid, greedy(4)).await;
+    assert!(h.evict_cache(None).await.unwrap() > 0);
+    h.flush().await.unwrap();
+    let disk = h.stats().await.unwrap().disk.unwrap();
+    assert!(disk.records >= 1 && disk.written >= 1, "{disk:?}");
+    drop(h);
+
+    let h = spawn_retrying(&cfg);
+    let sid = h.create_session(1, None, hot.clone()).await.unwrap();
+    let (out, usage) = run_to_end(&h, 1, sid, greedy(4)).await;
+    assert_eq!(usage.cached_tokens, hot.len() - 1, "{usage:?}");
+    assert_eq!(Some(out), warm);
+    let sid = h.create_session(1, None, cold.clone()).await.unwrap();
+    let (_, usage) = run_to_end(&h, 1, sid, greedy(4)).await;
+    assert_eq!(
+        usage.cached_tokens, 0,
+        "a run hit once is not written: {usage:?}"
+    );
+    h.check_invariants().await.unwrap().unwrap();
+}
