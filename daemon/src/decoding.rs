@@ -2,8 +2,9 @@
 //! text that is safe to stream (whole UTF-8 characters, never part of a stop string), and
 //! deciding when the generation ends. Shared by [`crate::generate`] and the scheduler.
 
+use crate::constraint::{Constraint, ConstraintError};
 use crate::detok::IncrementalDecoder;
-use crate::generate::{FinishReason, GenerateOptions, Result};
+use crate::generate::{Engine, FinishReason, GenerateOptions, Result};
 use crate::sampling::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::tokenizer::GgufTokenizer;
@@ -15,6 +16,9 @@ pub struct Decoding {
     detok: IncrementalDecoder,
     stop_ids: Vec<u32>,
     max_tokens: usize,
+    constraint: Option<Constraint>,
+    /// A constraint failure seen while masking, reported by the next [`Decoding::push`].
+    constraint_failed: Option<ConstraintError>,
     /// The tokens sampled so far (an end-of-sequence token is not included).
     pub tokens: Vec<u32>,
     /// The text streamed so far.
@@ -31,9 +35,16 @@ pub struct Pushed {
 }
 
 impl Decoding {
-    /// Checks `opts` (sampling parameters, stop strings) and starts an empty output.
-    pub fn new(opts: &GenerateOptions, tokenizer: &GgufTokenizer) -> Result<Self> {
+    /// Checks `opts` (sampling parameters, stop strings, constraint) and starts an empty output.
+    pub fn new(opts: &GenerateOptions, engine: &Engine) -> Result<Self> {
+        let tokenizer = &engine.tokenizer;
+        let constraint = match &opts.constraint {
+            Some(spec) => Some(engine.constraint_factory()?.constraint(spec)?),
+            None => None,
+        };
         Ok(Self {
+            constraint,
+            constraint_failed: None,
             sampler: Sampler::new(opts.sampling.clone())?,
             stop: StopMatcher::new(opts.stop.clone())?,
             detok: IncrementalDecoder::new(),
@@ -51,7 +62,17 @@ impl Decoding {
     /// Picks the next token from `logits` (`history`: every token of the sequence so far, for
     /// the repetition penalties).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        if let Some(c) = &mut self.constraint {
+            if let Err(e) = c.mask(logits) {
+                self.constraint_failed = Some(e);
+            }
+        }
         self.sampler.sample(logits, history)
+    }
+
+    /// Seconds spent on the constraint (masks and grammar steps) so far.
+    pub fn constraint_seconds(&self) -> f64 {
+        self.constraint.as_ref().map_or(0.0, |c| c.mask_seconds)
     }
 
     /// Whether `tok` ends the sequence (end-of-sequence or end-of-turn).
@@ -68,8 +89,14 @@ impl Decoding {
         tokenizer: &GgufTokenizer,
         context_full: bool,
     ) -> Result<Pushed> {
+        if let Some(e) = self.constraint_failed.take() {
+            return Err(e.into());
+        }
         if self.is_stop_token(tok) {
             return self.finish(FinishReason::Eos, String::new(), tokenizer);
+        }
+        if let Some(c) = &mut self.constraint {
+            c.commit(tok)?;
         }
         self.tokens.push(tok);
         let piece = self.detok.push(tokenizer, tok)?;
@@ -88,6 +115,10 @@ impl Decoding {
         }
         if context_full {
             return self.finish(FinishReason::ContextFull, text, tokenizer);
+        }
+        if self.constraint.as_ref().is_some_and(|c| c.is_stopped()) {
+            // The grammar is complete: the reply ends as at an end of turn.
+            return self.finish(FinishReason::Eos, text, tokenizer);
         }
         self.text.push_str(&text);
         Ok(Pushed { text, finish: None })

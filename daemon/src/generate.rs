@@ -37,6 +37,9 @@ pub enum EngineError {
     /// A request that cannot be served as asked (the message says why).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// An output constraint that is invalid, unavailable or failed.
+    #[error(transparent)]
+    Constraint(#[from] crate::constraint::ConstraintError),
 }
 
 /// Result alias for engine operations.
@@ -72,6 +75,8 @@ pub struct GenerateOptions {
     /// Keep generating past end-of-sequence tokens until `max_tokens` (for benchmarks that need
     /// a fixed output length, as vLLM's `ignore_eos`).
     pub ignore_eos: bool,
+    /// What the output must match (a JSON schema, a grammar, tool calls).
+    pub constraint: Option<crate::constraint::ConstraintSpec>,
 }
 
 impl Default for GenerateOptions {
@@ -82,6 +87,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             prefill_chunk: 512,
             ignore_eos: false,
+            constraint: None,
         }
     }
 }
@@ -115,6 +121,13 @@ pub struct Engine {
     pub path: PathBuf,
     /// How long loading took.
     pub load_time: Duration,
+    /// The grammar engine, built on the first constrained request.
+    constraints: std::sync::OnceLock<
+        std::result::Result<
+            crate::constraint::ConstraintFactory,
+            crate::constraint::ConstraintError,
+        >,
+    >,
 }
 
 impl Decode for GgufTokenizer {
@@ -155,7 +168,25 @@ impl Engine {
             template,
             path: path.to_owned(),
             load_time,
+            constraints: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The grammar engine for this model's tokenizer, built on first use.
+    pub fn constraint_factory(&self) -> Result<&crate::constraint::ConstraintFactory> {
+        let built = self.constraints.get_or_init(|| {
+            let json = self
+                .tokenizer
+                .inner()
+                .to_string(false)
+                .map_err(|e| crate::constraint::ConstraintError::Unavailable(e.to_string()))?;
+            crate::constraint::ConstraintFactory::new(
+                json.as_bytes(),
+                self.tokenizer.eos_token_id(),
+                self.model.config().vocab,
+            )
+        });
+        built.as_ref().map_err(|e| e.clone().into())
     }
 
     /// Renders `messages` through the chat template (with the assistant's generation prompt)
@@ -208,7 +239,7 @@ impl Engine {
             }
             .into());
         }
-        let mut dec = Decoding::new(opts, &self.tokenizer)?;
+        let mut dec = Decoding::new(opts, self)?;
         let start = Instant::now();
         let mut cache = self.model.new_cache();
         let mut logits = Vec::new();

@@ -19,6 +19,7 @@ pub mod bench_serve;
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod constraint;
 pub mod decoding;
 pub mod detok;
 pub mod generate;

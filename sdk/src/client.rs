@@ -281,6 +281,7 @@ pub struct GenerateOptions {
     max_tokens: u32,
     sampling: proto::Sampling,
     stop: Vec<String>,
+    constraint: Option<proto::Constraint>,
 }
 
 impl Default for GenerateOptions {
@@ -298,6 +299,7 @@ impl Default for GenerateOptions {
                 seed: None,
             },
             stop: Vec::new(),
+            constraint: None,
         }
     }
 }
@@ -337,6 +339,39 @@ impl GenerateOptions {
     /// Nucleus sampling mass (1 = off).
     pub fn top_p(mut self, p: f32) -> Self {
         self.sampling.top_p = p;
+        self
+    }
+    /// The output must be one JSON value matching `schema` (enforced by the daemon).
+    pub fn json_schema(mut self, schema: &serde_json::Value) -> Self {
+        self.constraint = Some(proto::Constraint {
+            kind: Some(proto::constraint::Kind::JsonSchema(schema.to_string())),
+        });
+        self
+    }
+    /// The output must match the Lark grammar `grammar` (llguidance's dialect).
+    pub fn lark(mut self, grammar: &str) -> Self {
+        self.constraint = Some(proto::Constraint {
+            kind: Some(proto::constraint::Kind::Lark(grammar.to_owned())),
+        });
+        self
+    }
+    /// Free text and Hermes-style tool calls whose JSON matches one of `tools` (name, JSON
+    /// schema of the arguments); with `required`, only tool calls.
+    pub fn tool_calls(mut self, tools: &[(String, serde_json::Value)], required: bool) -> Self {
+        let tools = tools
+            .iter()
+            .map(|(name, params)| proto::Tool {
+                name: name.clone(),
+                description: String::new(),
+                parameters_json: params.to_string(),
+            })
+            .collect();
+        self.constraint = Some(proto::Constraint {
+            kind: Some(proto::constraint::Kind::ToolCalls(proto::ToolCalls {
+                tools,
+                required,
+            })),
+        });
         self
     }
     /// Seed for reproducible sampling.
@@ -447,6 +482,7 @@ impl Session {
             max_tokens: opts.max_tokens,
             sampling: Some(opts.sampling),
             stop: opts.stop.clone(),
+            constraint: opts.constraint.clone(),
         };
         let inner = self.client.rpc.clone().generate(req).await?.into_inner();
         Ok(GenerateStream { inner })

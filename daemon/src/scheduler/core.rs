@@ -443,7 +443,7 @@ impl Scheduler {
                 limit,
             });
         }
-        let dec = Decoding::new(opts, &self.engine.tokenizer)
+        let dec = Decoding::new(opts, &self.engine)
             .map_err(|e| SchedError::InvalidRequest(e.to_string()))?;
         self.check_generation_limits(tenant, s.tokens.len(), opts.max_tokens)?;
         let (tokens, published) = (s.tokens.clone(), s.published);

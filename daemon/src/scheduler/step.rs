@@ -322,6 +322,7 @@ impl Scheduler {
                     ttft: req.first_token.unwrap_or(now) - req.submitted,
                     total: now - req.submitted,
                     preemptions: req.preemptions,
+                    constraint_seconds: dec.constraint_seconds(),
                 };
                 let _ = sink.send(Event::Done(usage));
             }
@@ -389,6 +390,7 @@ impl Scheduler {
                     ttft: req.first_token.unwrap_or(now) - req.submitted,
                     total: now - req.submitted,
                     preemptions: req.preemptions,
+                    constraint_seconds: dec.constraint_seconds(),
                 }));
             }
         }

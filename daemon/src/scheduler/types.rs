@@ -108,6 +108,8 @@ pub struct Usage {
     pub total: Duration,
     /// Times the request was preempted (its KV dropped and recomputed) for lack of memory.
     pub preemptions: u32,
+    /// Seconds spent computing the output constraint's masks (0 without one).
+    pub constraint_seconds: f64,
 }
 
 /// Counters for one tenant.

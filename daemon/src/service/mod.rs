@@ -8,6 +8,7 @@
 pub mod serve;
 mod status;
 
+use crate::constraint::{ConstraintSpec, ToolSpec};
 use crate::generate::{FinishReason, GenerateOptions};
 use crate::sampling::SamplingParams;
 use crate::scheduler::{EngineHandle, Event, PrefixId, SessionId, TenantId};
@@ -172,6 +173,39 @@ fn sampling_params(s: Option<proto::Sampling>) -> SamplingParams {
         frequency_penalty: s.frequency_penalty,
         seed: s.seed,
         ..SamplingParams::default()
+    }
+}
+
+/// A wire constraint → the engine's; bad JSON is INVALID_ARGUMENT naming where.
+fn constraint_spec(c: proto::Constraint) -> Result<ConstraintSpec, Status> {
+    use proto::constraint::Kind;
+    let json = |what: &str, text: &str| {
+        serde_json::from_str::<serde_json::Value>(text)
+            .map_err(|e| Status::invalid_argument(format!("{what} is not valid JSON: {e}")))
+    };
+    match c.kind {
+        None => Err(Status::invalid_argument(
+            "the constraint is empty: give json_schema, lark or tool_calls",
+        )),
+        Some(Kind::JsonSchema(s)) => Ok(ConstraintSpec::JsonSchema(json("json_schema", &s)?)),
+        Some(Kind::Lark(g)) => Ok(ConstraintSpec::Lark(g)),
+        Some(Kind::ToolCalls(t)) => {
+            let tools = t
+                .tools
+                .into_iter()
+                .map(|tool| {
+                    let what = format!("the parameters of tool {:?}", tool.name);
+                    Ok(ToolSpec {
+                        parameters: json(&what, &tool.parameters_json)?,
+                        name: tool.name,
+                    })
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            Ok(ConstraintSpec::ToolCalls {
+                tools,
+                required: t.required,
+            })
+        }
     }
 }
 
@@ -366,6 +400,7 @@ impl Agentd for AgentdService {
             sampling: sampling_params(r.sampling),
             max_tokens: r.max_tokens as usize,
             stop: r.stop,
+            constraint: r.constraint.map(constraint_spec).transpose()?,
             ..GenerateOptions::default()
         };
         let rx = self
@@ -389,6 +424,7 @@ impl Agentd for AgentdService {
                         ttft_seconds: u.ttft.as_secs_f64(),
                         total_seconds: u.total.as_secs_f64(),
                         preemptions: u.preemptions,
+                        constraint_seconds: u.constraint_seconds,
                     })),
                 })
             }
