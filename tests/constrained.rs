@@ -218,7 +218,10 @@ async fn json_schema_output_and_bad_constraints() {
         .await
         .unwrap())
     .await;
-    assert!(["eos", "max_tokens"].contains(&usage.finish_reason.as_str()), "{usage:?}");
+    assert!(
+        ["eos", "max_tokens"].contains(&usage.finish_reason.as_str()),
+        "{usage:?}"
+    );
 }
 
 async fn run_err(stream: agentd_sdk::GenerateStream) -> String {

@@ -442,6 +442,11 @@ impl Session {
         self.id
     }
 
+    /// The client this session talks through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Appends tokens; returns the log's new length.
     pub async fn append(&self, tokens: Vec<u32>) -> Result<u32, Error> {
         self.append_request(tokens, Vec::new(), false).await

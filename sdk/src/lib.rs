@@ -5,9 +5,11 @@
 //! - [`Client`], [`Session`], [`GenerateOptions`], [`Event`], [`Error`]: a typed async client
 //!   over the daemon's Unix socket.
 //! - [`Message`], [`Role`]: the chat types both sides agree on.
+//! - [`agent`]: tools, the tool-call loop (calls constrained by the daemon), a shared prefix.
 
 use serde::{Deserialize, Serialize};
 
+pub mod agent;
 mod client;
 mod error;
 

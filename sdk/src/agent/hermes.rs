@@ -1,0 +1,104 @@
+//! The Hermes tool-call format for ChatML models: the tool list in the system prompt inside
+//! `<tools></tools>`, calls as `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, results
+//! as `<tool_response>` blocks in a `tool` message.
+
+use super::tool::Tool;
+use std::sync::Arc;
+
+/// One call the model made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The tool's name.
+    pub name: String,
+    /// Its arguments.
+    pub arguments: serde_json::Value,
+}
+
+/// The system prompt: `instructions`, then the tools' signatures. The same inputs always give
+/// the same bytes, so every session of an agent shares one cached prefix.
+pub fn system_prompt(instructions: &str, tools: &[Arc<dyn Tool>]) -> String {
+    if tools.is_empty() {
+        return instructions.to_owned();
+    }
+    let sigs: Vec<String> = tools
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "type": "function",
+                "function": {
+                    "name": t.name(),
+                    "description": t.description(),
+                    "parameters": t.parameters(),
+                }
+            })
+            .to_string()
+        })
+        .collect();
+    format!(
+        "{instructions}\n\nYou may call functions. Their signatures are inside <tools></tools>:\n<tools>\n{}\n</tools>\n\
+         To call one, reply with <tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>. \
+         Results come back inside <tool_response></tool_response>. When you have the answer, reply with plain text.",
+        sigs.join("\n")
+    )
+}
+
+/// The calls in a reply, in order, and the reply's text outside them (trimmed). Text that
+/// opens a call but does not parse is left in the text.
+pub fn parse_calls(reply: &str) -> (Vec<ToolCall>, String) {
+    let mut calls = Vec::new();
+    let mut text = String::new();
+    let mut rest = reply;
+    while let Some(i) = rest.find("<tool_call>") {
+        text.push_str(&rest[..i]);
+        let body = &rest[i + "<tool_call>".len()..];
+        let Some(j) = body.find("</tool_call>") else {
+            rest = &rest[i..];
+            break;
+        };
+        match serde_json::from_str::<serde_json::Value>(body[..j].trim()) {
+            Ok(v) if v["name"].is_string() => calls.push(ToolCall {
+                name: v["name"].as_str().unwrap_or_default().to_owned(),
+                arguments: v.get("arguments").cloned().unwrap_or(serde_json::json!({})),
+            }),
+            _ => text.push_str(&rest[i..i + "<tool_call>".len() + j + "</tool_call>".len()]),
+        }
+        rest = &body[j + "</tool_call>".len()..];
+    }
+    if !rest.contains("<tool_call>") || calls.is_empty() {
+        text.push_str(rest);
+    }
+    (calls, text.trim().to_owned())
+}
+
+/// A tool result as the content of a `tool` message.
+pub fn tool_response(name: &str, content: &str) -> String {
+    let body = serde_json::json!({ "name": name, "content": content });
+    format!("<tool_response>\n{body}\n</tool_response>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_parsed_in_order_and_text_kept() {
+        let reply = "Let me check.<tool_call>\n{\"name\": \"a\", \"arguments\": {\"x\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call>\n";
+        let (calls, text) = parse_calls(reply);
+        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            (calls[0].name.as_str(), calls[0].arguments["x"].as_i64()),
+            ("a", Some(1))
+        );
+        assert_eq!(calls[1].name, "b");
+        assert_eq!(text, "Let me check.");
+        let (calls, text) = parse_calls("no calls here");
+        assert!(calls.is_empty());
+        assert_eq!(text, "no calls here");
+        let (calls, text) = parse_calls("<tool_call>\nnot json\n</tool_call>");
+        assert!(calls.is_empty() && text.contains("not json"));
+        let (calls, _) = parse_calls(
+            "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"na",
+        );
+        assert_eq!(calls.len(), 1);
+    }
+}
