@@ -106,11 +106,13 @@ pub fn tool_call_grammar(tools: &[ToolSpec], required: bool) -> Result<String, C
                 t.name
             )));
         }
+        let mut parameters = t.parameters.clone();
+        cap_strings(&mut parameters);
         calls.push(serde_json::json!({
             "type": "object",
             "properties": {
                 "name": { "const": t.name },
-                "arguments": t.parameters,
+                "arguments": parameters,
             },
             "required": ["name", "arguments"],
             "additionalProperties": false,
@@ -128,6 +130,35 @@ pub fn tool_call_grammar(tools: &[ToolSpec], required: bool) -> Result<String, C
     Ok(format!(
         "{start}\ncall: \"{open}\\n\" args \"\\n{close}\\n\"\nargs: %json {json}\nTEXT: /[^<]+/\n"
     ))
+}
+
+/// The longest string a tool argument may hold when its schema sets no bound of its own.
+pub const TOOL_STRING_LIMIT: u64 = 160;
+
+/// Bounds every string in a tool's schema that has no length, enum, const or pattern of its
+/// own to [`TOOL_STRING_LIMIT`] characters: a small model that never closes a string would
+/// otherwise run to `max_tokens` inside it and leave an unfinished call.
+fn cap_strings(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(obj) => {
+            let is_string = match obj.get("type") {
+                Some(serde_json::Value::String(t)) => t == "string",
+                Some(serde_json::Value::Array(ts)) => ts.iter().any(|t| t == "string"),
+                _ => false,
+            };
+            let bounded = ["maxLength", "enum", "const", "pattern"]
+                .iter()
+                .any(|k| obj.contains_key(*k));
+            if is_string && !bounded {
+                obj.insert("maxLength".into(), TOOL_STRING_LIMIT.into());
+            }
+            for v in obj.values_mut() {
+                cap_strings(v);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(cap_strings),
+        _ => {}
+    }
 }
 
 /// Builds parsers for one model's tokenizer (made once per engine; building it walks the
@@ -241,5 +272,13 @@ mod tests {
         )
         .unwrap();
         assert!(g.starts_with("start: TEXT? call*"), "{g}");
+        let mut s = serde_json::json!({"type": "object", "properties": {
+            "a": {"type": "string"}, "b": {"type": "string", "maxLength": 5},
+            "c": {"type": ["string", "null"]}, "d": {"enum": ["x"]}}});
+        cap_strings(&mut s);
+        assert_eq!(s["properties"]["a"]["maxLength"], TOOL_STRING_LIMIT);
+        assert_eq!(s["properties"]["b"]["maxLength"], 5);
+        assert_eq!(s["properties"]["c"]["maxLength"], TOOL_STRING_LIMIT);
+        assert!(s["properties"]["d"].get("maxLength").is_none());
     }
 }

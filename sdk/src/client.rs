@@ -13,9 +13,13 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// The socket a daemon listens on by default: `$XDG_RUNTIME_DIR/agentd/agentd.sock`, else
+/// The socket a daemon listens on by default: `$AGENTD_SOCKET`, else
+/// `$XDG_RUNTIME_DIR/agentd/agentd.sock`, else
 /// `agentd.sock` in the data directory (`$AGENTD_HOME`, else the XDG data directory's `agentd`).
 pub fn default_socket_path() -> PathBuf {
+    if let Some(sock) = std::env::var_os("AGENTD_SOCKET").filter(|v| !v.is_empty()) {
+        return PathBuf::from(sock);
+    }
     if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         return PathBuf::from(run).join("agentd").join("agentd.sock");
     }

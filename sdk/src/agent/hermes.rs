@@ -42,16 +42,19 @@ pub fn system_prompt(instructions: &str, tools: &[Arc<dyn Tool>]) -> String {
     )
 }
 
-/// The calls in a reply, in order, and the reply's text outside them (trimmed). Text that
-/// opens a call but does not parse is left in the text.
+/// The calls in a reply, in order, and the reply's text outside them (trimmed). A call is
+/// `<tool_call>` … `\n</tool_call>`: the closing tag starts a line, which a JSON string (whose
+/// newlines are escaped) never does, so a string that contains the tag does not end the call.
+/// Text that opens a call but does not parse, or never closes it, is left in the text.
 pub fn parse_calls(reply: &str) -> (Vec<ToolCall>, String) {
+    const CLOSE: &str = "\n</tool_call>";
     let mut calls = Vec::new();
     let mut text = String::new();
     let mut rest = reply;
     while let Some(i) = rest.find("<tool_call>") {
         text.push_str(&rest[..i]);
         let body = &rest[i + "<tool_call>".len()..];
-        let Some(j) = body.find("</tool_call>") else {
+        let Some(j) = body.find(CLOSE) else {
             rest = &rest[i..];
             break;
         };
@@ -60,9 +63,9 @@ pub fn parse_calls(reply: &str) -> (Vec<ToolCall>, String) {
                 name: v["name"].as_str().unwrap_or_default().to_owned(),
                 arguments: v.get("arguments").cloned().unwrap_or(serde_json::json!({})),
             }),
-            _ => text.push_str(&rest[i..i + "<tool_call>".len() + j + "</tool_call>".len()]),
+            _ => text.push_str(&rest[i..i + "<tool_call>".len() + j + CLOSE.len()]),
         }
-        rest = &body[j + "</tool_call>".len()..];
+        rest = &body[j + CLOSE.len()..];
     }
     if !rest.contains("<tool_call>") || calls.is_empty() {
         text.push_str(rest);
@@ -100,5 +103,10 @@ mod tests {
             "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"na",
         );
         assert_eq!(calls.len(), 1);
+        // A closing tag inside a JSON string does not end the call.
+        let reply = "<tool_call>\n{\"name\": \"e\", \"arguments\": {\"x\": \"}}</tool_call> hi\"}}\n</tool_call>\n";
+        let (calls, _) = parse_calls(reply);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].arguments["x"], "}}</tool_call> hi");
     }
 }

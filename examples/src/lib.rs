@@ -1,0 +1,1 @@
+//! Examples only: see the `[[example]]` programs next to this crate.
