@@ -5,6 +5,7 @@
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 pub struct ExprArg {
     /// The expression, e.g. "(2+3)*4^2" or "sqrt(2)".
+    #[schemars(pattern(r"^[-(0-9a-z][-+*/^()., 0-9a-z]{0,59}$"))]
     pub expression: String,
 }
 
@@ -14,8 +15,10 @@ pub struct ConvertArg {
     /// The amount.
     pub value: f64,
     /// Its unit, e.g. "km", "lb", "h", "celsius".
+    #[schemars(pattern(r"^[a-z]{1,12}$"))]
     pub from: String,
     /// The unit wanted.
+    #[schemars(pattern(r"^[a-z]{1,12}$"))]
     pub to: String,
 }
 

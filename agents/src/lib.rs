@@ -41,7 +41,7 @@ pub fn fs_researcher(root: PathBuf) -> std::io::Result<Agent> {
     }))
     .options(options())
     .tool_choice(ToolChoice::RequiredFirst)
-    .max_turns(4)
+    .max_turns(3)
     .build())
 }
 
@@ -56,7 +56,7 @@ pub fn calculator() -> Agent {
         }))
         .options(options())
         .tool_choice(ToolChoice::RequiredFirst)
-        .max_turns(4)
+        .max_turns(3)
         .build()
 }
 
@@ -91,7 +91,7 @@ pub fn coordinator(client: Client, root: PathBuf) -> std::io::Result<Agent> {
         .tool(tool_fn("ask_researcher", "Asks the file researcher agent.", delegate(research, client)))
         .options(options())
         .tool_choice(ToolChoice::RequiredFirst)
-        .max_turns(3)
+        .max_turns(2)
         .tool_timeout(std::time::Duration::from_secs(120))
         .build())
 }

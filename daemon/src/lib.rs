@@ -13,6 +13,7 @@
 //! - [`cache`] holds the paged KV pool's page accounting and the radix tree of cached prefixes.
 
 pub mod bench;
+pub mod bench_agents;
 pub mod bench_prefix;
 pub mod bench_restart;
 pub mod bench_serve;

@@ -1,6 +1,7 @@
 //! The `agentd` command line: a thin layer over the `agentd` library.
 
 mod admin_cli;
+mod run_cli;
 
 use agentd::bench::{run_engine_bench, EngineBenchConfig};
 use agentd::bench_prefix::{run_prefix_bench, PrefixBenchConfig};
@@ -58,6 +59,9 @@ enum Command {
     /// Manage the model file.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Run one of the agents (calculator, fs-researcher, coordinator) on a task, streaming what
+    /// happens; uses the daemon on the socket, or starts one in this process.
+    Run(run_cli::RunArgs),
 }
 
 #[derive(Args)]
@@ -134,6 +138,21 @@ struct GenerateArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Concurrent agent sessions running tool loops: tokens computed vs reused, turn latency,
+    /// tool-call validity with and without the constraint, constraint cost per token.
+    Agents {
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 8)]
+        sessions: usize,
+        /// Generations per session.
+        #[arg(long, default_value_t = 3)]
+        turns: usize,
+        /// Tokens per generation at most.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        #[command(flatten)]
+        sched: SchedArgs,
+    },
     /// First-request TTFT on a persisted prefix after a restart vs a cold recompute, disk bytes
     /// per token, load throughput.
     Restart {
@@ -300,6 +319,32 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Bench(BenchCommand::Agents {
+            sessions,
+            turns,
+            max_tokens,
+            sched,
+        }) => {
+            let engine = std::sync::Arc::new(load(cli.model, opts)?);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let cfg = agentd::bench_agents::AgentBenchConfig {
+                sessions,
+                turns,
+                max_tokens,
+            };
+            let report = rt
+                .block_on(agentd::bench_agents::run_agent_bench(
+                    engine,
+                    sched.config(),
+                    &cfg,
+                ))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Bench(BenchCommand::Restart {
             prefix_tokens,
             sched,
@@ -360,6 +405,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Run(args) => run_cli::run(args, || load(cli.model, opts)),
         Command::Model(ModelCommand::Path) => {
             println!("{}", model_path(cli.model)?.display());
             Ok(())

@@ -28,6 +28,8 @@ pub enum ToolChoice {
     Auto,
     /// The first reply must be tool calls; later ones choose.
     RequiredFirst,
+    /// Every reply must be tool calls; the run ends at the turn budget (pipelines, benchmarks).
+    Always,
 }
 
 /// What happens during a run, for [`Agent::run_stream`].
@@ -79,6 +81,7 @@ struct Inner {
     max_turns: usize,
     tool_timeout: Duration,
     tool_choice: ToolChoice,
+    constrained: bool,
     prefix: OnceCell<u64>,
 }
 
@@ -94,6 +97,7 @@ pub struct AgentBuilder {
     max_turns: usize,
     tool_timeout: Duration,
     tool_choice: ToolChoice,
+    constrained: bool,
 }
 
 impl AgentBuilder {
@@ -123,6 +127,12 @@ impl AgentBuilder {
         self.tool_choice = c;
         self
     }
+    /// Whether the daemon constrains replies to valid tool calls (default true; off only to
+    /// measure what the model does alone).
+    pub fn constrained(mut self, on: bool) -> Self {
+        self.constrained = on;
+        self
+    }
     /// The agent.
     pub fn build(self) -> Agent {
         Agent(Arc::new(Inner {
@@ -132,6 +142,7 @@ impl AgentBuilder {
             max_turns: self.max_turns,
             tool_timeout: self.tool_timeout,
             tool_choice: self.tool_choice,
+            constrained: self.constrained,
             prefix: OnceCell::new(),
         }))
     }
@@ -147,6 +158,7 @@ impl Agent {
             max_turns: 8,
             tool_timeout: Duration::from_secs(30),
             tool_choice: ToolChoice::Auto,
+            constrained: true,
         }
     }
 
@@ -226,8 +238,12 @@ impl Agent {
             .append_messages(&[Message::user(input)], true)
             .await?;
         for turn in 0..a.max_turns {
-            let required = a.tool_choice == ToolChoice::RequiredFirst && turn == 0;
-            let opts = if specs.is_empty() {
+            let required = match a.tool_choice {
+                ToolChoice::Auto => false,
+                ToolChoice::RequiredFirst => turn == 0,
+                ToolChoice::Always => true,
+            };
+            let opts = if specs.is_empty() || !a.constrained {
                 a.options.clone()
             } else {
                 a.options.clone().tool_calls(&specs, required)
