@@ -200,10 +200,26 @@ fn dense_of(q: &QMatrix) -> Result<Tensor> {
     )?)
 }
 
+/// Rows in every dense product. The last block of a chunk is padded with zero rows, so each
+/// product has exactly this shape and a row's result never depends on how many rows its chunk
+/// had: candle's gemm picks its blocking and threading from the matrix sizes, and with them the
+/// order of its sums. (A cache hit recomputes only the last prompt token, as a one-row chunk; it
+/// must get the same bits as the long chunk that first computed it.)
+const DENSE_ROWS: usize = 64;
+
 fn matmul_into(x: &[f32], n: usize, cols: usize, w: &Tensor, out: &mut [f32]) -> Result<()> {
-    let xt = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
-    let y = xt.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-    out.copy_from_slice(&y);
+    let out_cols = out.len() / n.max(1);
+    let wt = w.t()?;
+    let mut block = vec![0f32; DENSE_ROWS * cols];
+    for (b, rows) in x.chunks(DENSE_ROWS * cols).enumerate() {
+        let n_rows = rows.len() / cols;
+        block[..rows.len()].copy_from_slice(rows);
+        block[rows.len()..].fill(0.0);
+        let xt = Tensor::from_slice(&block, (DENSE_ROWS, cols), &Device::Cpu)?;
+        let y = xt.matmul(&wt)?.flatten_all()?.to_vec1::<f32>()?;
+        out[b * DENSE_ROWS * out_cols..][..n_rows * out_cols]
+            .copy_from_slice(&y[..n_rows * out_cols]);
+    }
     Ok(())
 }
 
