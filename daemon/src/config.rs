@@ -33,8 +33,17 @@
 //! ```
 
 use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+
+/// A named tenant's id: derived from the name alone (the top bit set, so it never equals a
+/// uid-based tenant), so it stays the same when other tenants are added or removed. Cached
+/// prefixes on disk and restored registrations are keyed by it.
+pub fn tenant_id(name: &str) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(name.as_bytes());
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) | (1 << 63)
+}
 
 /// What can be wrong with a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -140,15 +149,14 @@ impl ConfigFile {
         Ok(cfg)
     }
 
-    /// Tenant names from `[tenants]` and `[tcp.tokens]`, numbered from 1 in sorted order.
+    /// Tenant names from `[tenants]` and `[tcp.tokens]`, each with its [`tenant_id`].
     fn tenant_ids(&self) -> HashMap<&String, u64> {
-        let names: BTreeSet<&String> = self
-            .tenants
+        self.tenants
             .iter()
             .flat_map(|t| t.values())
             .chain(self.tcp.tokens.values())
-            .collect();
-        names.into_iter().zip(1u64..).collect()
+            .map(|name| (name, tenant_id(name)))
+            .collect()
     }
 
     /// `[tcp.tokens]` as bearer token → tenant id.
@@ -161,8 +169,8 @@ impl ConfigFile {
             .collect()
     }
 
-    /// The `[tenants]` table as uid → tenant id (tenant names numbered from 1 in sorted order),
-    /// or `None` when the file has no such table.
+    /// The `[tenants]` table as uid → tenant id (see [`tenant_id`]), or `None` when the file
+    /// has no such table.
     pub fn uid_map(&self) -> Result<Option<HashMap<u32, u64>>, String> {
         let Some(t) = &self.tenants else {
             return Ok(None);
@@ -195,7 +203,11 @@ mod tests {
         let c = ConfigFile::load(&p).unwrap();
         assert_eq!(c.limits.sessions, Some(2));
         let m = c.uid_map().unwrap().unwrap();
-        assert_eq!((m[&1000], m[&1001], m[&1002]), (2, 1, 2));
+        assert_eq!(
+            (m[&1000], m[&1001], m[&1002]),
+            (tenant_id("b"), tenant_id("a"), tenant_id("b"))
+        );
+        assert_ne!(tenant_id("a"), tenant_id("b"));
         std::fs::write(&p, "kv_memroy = \"1GiB\"\n").unwrap();
         let e = ConfigFile::load(&p).unwrap_err().to_string();
         assert!(e.contains("kv_memroy"), "{e}");
@@ -215,8 +227,8 @@ mod tests {
         )
         .unwrap();
         let c = ConfigFile::load(&p).unwrap();
-        assert_eq!(c.token_map()["a-long-enough-token-1"], 1);
-        assert_eq!(c.uid_map().unwrap().unwrap()[&0], 2);
+        assert_eq!(c.token_map()["a-long-enough-token-1"], tenant_id("a"));
+        assert_eq!(c.uid_map().unwrap().unwrap()[&0], tenant_id("b"));
         let e = ConfigFile::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(e.to_string().contains("missing.toml"), "{e}");
     }
