@@ -49,10 +49,6 @@ fn stop(d: Daemon) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn stderr_of(d: Daemon) -> String {
-    stop(d)
-}
-
 struct Warm {
     prefix: u64,
     prefix_tokens: u32,
@@ -153,7 +149,7 @@ async fn a_different_model_file_reuses_nothing() {
     assert_eq!(usage.cached_tokens, 0, "{usage:?}");
     assert_eq!(c.stats().await.unwrap().disk_loaded_tokens, 0);
     assert_eq!(text, w.text, "same weights, same greedy output");
-    let log = stderr_of(d);
+    let log = stop(d);
     assert!(log.contains("model_sha256"), "{log}");
 }
 

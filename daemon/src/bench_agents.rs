@@ -4,12 +4,10 @@
 //! daemon's constraint, and the constraint's cost per token next to the decode time per token.
 
 use crate::scheduler::{EngineHandle, SchedulerConfig};
-use crate::service::serve::{bind_socket, serve, ServeConfig};
-use crate::service::Tenancy;
+use crate::service::serve::spawn_local;
 use agentd_sdk::agent::{tool_fn, Agent, AgentEvent, ToolChoice};
 use agentd_sdk::{Client, GenerateOptions};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_stream::StreamExt;
 
 /// How to run it.
@@ -200,19 +198,9 @@ pub async fn run_agent_bench(
     sched: SchedulerConfig,
     cfg: &AgentBenchConfig,
 ) -> Result<AgentBenchReport, Box<dyn std::error::Error + Send + Sync>> {
-    let dir = tempfile::tempdir()?;
-    let socket = dir.path().join("bench.sock");
-    let listener = bind_socket(&socket)?;
     let handle = EngineHandle::spawn(engine, sched)?;
-    let serve_cfg = ServeConfig {
-        socket: socket.clone(),
-        tenancy: Tenancy::Single,
-        grace: Duration::from_secs(1),
-        tcp: None,
-        tokens: Default::default(),
-        operators: Vec::new(),
-    };
-    tokio::spawn(serve(handle, serve_cfg, listener));
+    let local = spawn_local(handle)?;
+    let socket = &local.socket;
     let client = Client::connect(&socket).await?;
     let mut runs = Vec::new();
     for constrained in [true, false] {

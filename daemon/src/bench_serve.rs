@@ -5,12 +5,11 @@
 
 use crate::generate::Engine;
 use crate::scheduler::{EngineHandle, SchedulerConfig};
-use crate::service::serve::{bind_socket, serve, ServeConfig};
-use crate::service::Tenancy;
+use crate::service::serve::spawn_local;
 use agentd_sdk::{Client, Event, GenerateOptions};
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio_stream::StreamExt;
 
 /// The report.
@@ -41,19 +40,9 @@ pub async fn run_serve_bench(
     sched: SchedulerConfig,
     iterations: usize,
 ) -> Result<ServeBenchReport, Box<dyn std::error::Error + Send + Sync>> {
-    let dir = tempfile::tempdir()?;
-    let socket = dir.path().join("bench.sock");
-    let listener = bind_socket(&socket)?;
     let handle = EngineHandle::spawn(engine.clone(), sched)?;
-    let cfg = ServeConfig {
-        socket: socket.clone(),
-        tenancy: Tenancy::Single,
-        grace: Duration::from_secs(1),
-        tcp: None,
-        tokens: Default::default(),
-        operators: Vec::new(),
-    };
-    let server = tokio::spawn(serve(handle, cfg, listener));
+    let local = spawn_local(handle)?;
+    let (socket, server) = (&local.socket, &local.task);
     let client = Client::connect(&socket).await?;
     let prompt = client
         .tokenize(

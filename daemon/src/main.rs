@@ -326,59 +326,35 @@ fn main() -> Result<()> {
             sched,
         }) => {
             let engine = std::sync::Arc::new(load(cli.model, opts)?);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
             let cfg = agentd::bench_agents::AgentBenchConfig {
                 sessions,
                 turns,
                 max_tokens,
             };
-            let report = rt
-                .block_on(agentd::bench_agents::run_agent_bench(
-                    engine,
-                    sched.config(),
-                    &cfg,
-                ))
-                .map_err(|e| anyhow::anyhow!(e))?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
+            print_report(agentd::bench_agents::run_agent_bench(
+                engine,
+                sched.config(),
+                &cfg,
+            ))
         }
         Command::Bench(BenchCommand::Restart {
             prefix_tokens,
             sched,
         }) => {
             let engine = std::sync::Arc::new(load(cli.model, opts)?);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let report = rt
-                .block_on(agentd::bench_restart::run_restart_bench(
-                    engine,
-                    sched.config(),
-                    &prefix_tokens,
-                ))
-                .map_err(|e| anyhow::anyhow!(e))?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
+            print_report(agentd::bench_restart::run_restart_bench(
+                engine,
+                sched.config(),
+                &prefix_tokens,
+            ))
         }
         Command::Bench(BenchCommand::Serve { iterations }) => {
             let engine = std::sync::Arc::new(load(cli.model, opts)?);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let report = rt
-                .block_on(agentd::bench_serve::run_serve_bench(
-                    engine,
-                    SchedulerConfig::default(),
-                    iterations,
-                ))
-                .map_err(|e| anyhow::anyhow!(e))?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
+            print_report(agentd::bench_serve::run_serve_bench(
+                engine,
+                SchedulerConfig::default(),
+                iterations,
+            ))
         }
         Command::Bench(BenchCommand::Prefix {
             sessions,
@@ -397,13 +373,7 @@ fn main() -> Result<()> {
                 cache_off: !skip_cache_off,
                 scheduler: sched.config(),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let report = rt.block_on(run_prefix_bench(engine, &cfg))?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
+            print_report(async { Ok(run_prefix_bench(engine, &cfg).await?) })
         }
         Command::Run(args) => run_cli::run(args, || load(cli.model, opts)),
         Command::Model(ModelCommand::Path) => {
@@ -560,6 +530,21 @@ fn serve(
     eprintln!("agentd: listening on {}", socket.display());
     rt.block_on(serve(handle, cfg, listener))?;
     eprintln!("agentd: stopped");
+    Ok(())
+}
+
+/// Runs a benchmark on a two-worker runtime and prints its report as JSON.
+fn print_report<T: serde::Serialize>(
+    bench: impl std::future::Future<
+        Output = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>,
+    >,
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(bench).map_err(|e| anyhow::anyhow!(e))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
 

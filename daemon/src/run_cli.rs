@@ -3,8 +3,7 @@
 //! model (its prefixes persist in the default disk cache, so a second run starts warm).
 
 use agentd::scheduler::{EngineHandle, SchedulerConfig};
-use agentd::service::serve::{bind_socket, serve, ServeConfig};
-use agentd::service::Tenancy;
+use agentd::service::serve::spawn_local;
 use agentd_sdk::Client;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -79,10 +78,7 @@ pub fn run(args: RunArgs, load: impl FnOnce() -> Result<agentd::generate::Engine
 
 async fn start_local(
     engine: agentd::generate::Engine,
-) -> Result<(Client, EngineHandle, tempfile::TempDir)> {
-    let dir = tempfile::tempdir()?;
-    let socket = dir.path().join("agentd.sock");
-    let listener = bind_socket(&socket)?;
+) -> Result<(Client, EngineHandle, agentd::service::serve::LocalServer)> {
     let store = agentd::store::StoreConfig {
         dir: agentd::model_store::data_dir()?.join("kv-cache"),
         budget: 2 << 30,
@@ -93,15 +89,7 @@ async fn start_local(
     };
     let handle =
         EngineHandle::spawn(std::sync::Arc::new(engine), cfg).map_err(|e| anyhow::anyhow!(e))?;
-    let serve_cfg = ServeConfig {
-        socket: socket.clone(),
-        tenancy: Tenancy::Single,
-        grace: std::time::Duration::from_secs(1),
-        tcp: None,
-        tokens: Default::default(),
-        operators: Vec::new(),
-    };
-    tokio::spawn(serve(handle.clone(), serve_cfg, listener));
-    let client = Client::connect(&socket).await?;
-    Ok((client, handle, dir))
+    let local = spawn_local(handle.clone())?;
+    let client = Client::connect(&local.socket).await?;
+    Ok((client, handle, local))
 }

@@ -51,6 +51,38 @@ pub struct ServeConfig {
     pub operators: Vec<u32>,
 }
 
+/// A server running in this process (see [`spawn_local`]).
+pub struct LocalServer {
+    /// Its socket.
+    pub socket: PathBuf,
+    /// The socket's temporary directory (removed when dropped).
+    pub dir: tempfile::TempDir,
+    /// The server task.
+    pub task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+/// A server for `engine` in this process, on a socket in a fresh temporary directory: one
+/// tenant, no TCP, a one-second grace period (for benchmarks and `agentd run`). Must be called
+/// inside a tokio runtime.
+pub fn spawn_local(engine: EngineHandle) -> Result<LocalServer, ServeError> {
+    let dir = tempfile::tempdir().map_err(|source| ServeError::Socket {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let socket = dir.path().join("agentd.sock");
+    let listener = bind_socket(&socket)?;
+    let cfg = ServeConfig {
+        socket: socket.clone(),
+        tenancy: Tenancy::Single,
+        grace: Duration::from_secs(1),
+        tcp: None,
+        tokens: Default::default(),
+        operators: Vec::new(),
+    };
+    let task = tokio::spawn(serve(engine, cfg, listener));
+    Ok(LocalServer { socket, dir, task })
+}
+
 /// Creates the socket's directory (0700 when the daemon creates it), clears a stale socket and
 /// binds a listener with mode 0660.
 pub fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
