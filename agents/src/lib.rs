@@ -125,6 +125,7 @@ pub async fn stream_to_stdout(
                 "\n[turn: {} prompt tokens, {} cached, {} generated, {}]",
                 u.prompt_tokens, u.cached_tokens, u.generated_tokens, u.finish_reason
             ),
+            AgentEvent::Compacted(c) => println!("\n[context: {c}]"),
             AgentEvent::Done(out) => answer = Some(out.answer),
             AgentEvent::Failed(e) => anyhow::bail!(e),
         }

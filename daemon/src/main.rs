@@ -36,6 +36,10 @@ struct Cli {
     /// results against an f32 reference).
     #[arg(long, global = true)]
     exact: bool,
+    /// Serve at most this many positions (default: the model's trained context), like
+    /// llama.cpp's --ctx-size: smaller means smaller requests, not less memory per token.
+    #[arg(long, global = true, env = "AGENTD_CONTEXT", value_parser = clap::value_parser!(u64).range(1..))]
+    context: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -288,6 +292,7 @@ fn main() -> Result<()> {
     let opts = LoadOptions {
         dense_prefill: !cli.no_dense_prefill,
         exact_decode: cli.exact,
+        context: cli.context.map(|n| n as usize),
     };
     match cli.command {
         Command::Serve(args) => {

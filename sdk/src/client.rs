@@ -330,6 +330,10 @@ impl GenerateOptions {
         self.max_tokens = n;
         self
     }
+    /// The most tokens a generation with these options produces.
+    pub fn token_limit(&self) -> u32 {
+        self.max_tokens
+    }
     /// Softmax temperature (0 = greedy).
     pub fn temperature(mut self, t: f32) -> Self {
         self.sampling.temperature = t;
@@ -343,6 +347,12 @@ impl GenerateOptions {
     /// Nucleus sampling mass (1 = off).
     pub fn top_p(mut self, p: f32) -> Self {
         self.sampling.top_p = p;
+        self
+    }
+    /// Divides the logits of tokens already in the context by `r` (1 = off; llama.cpp's
+    /// `repeat_penalty`).
+    pub fn repetition_penalty(mut self, r: f32) -> Self {
+        self.sampling.repetition_penalty = r;
         self
     }
     /// The output must be one JSON value matching `schema` (enforced by the daemon).
@@ -515,13 +525,16 @@ impl Session {
         })
     }
 
-    /// Replaces tokens `start..end` of the log with `tokens`; returns the new epoch.
+    /// Replaces tokens `start..end` of the log with `tokens` (a new epoch: the tokens before
+    /// `start` keep their cached KV); returns the new epoch.
     pub async fn rewrite(&self, start: u32, end: u32, tokens: Vec<u32>) -> Result<u64, Error> {
         let req = proto::RewriteRequest {
             session_id: self.id,
             start,
             end,
             tokens,
+            messages: Vec::new(),
+            add_generation_prompt: false,
         };
         Ok(self
             .client
@@ -531,6 +544,28 @@ impl Session {
             .await?
             .into_inner()
             .epoch)
+    }
+
+    /// Replaces tokens `start..end` of the log with `messages`, rendered by the model's
+    /// template as if appended after the tokens before `start` (with `add_generation_prompt`,
+    /// ending where the assistant's reply begins). Returns the log's new length and epoch.
+    pub async fn rewrite_messages(
+        &self,
+        start: u32,
+        end: u32,
+        messages: &[crate::Message],
+        add_generation_prompt: bool,
+    ) -> Result<(u32, u64), Error> {
+        let req = proto::RewriteRequest {
+            session_id: self.id,
+            start,
+            end,
+            tokens: Vec::new(),
+            messages: wire_messages(messages),
+            add_generation_prompt,
+        };
+        let r = self.client.rpc.clone().rewrite(req).await?.into_inner();
+        Ok((r.tokens, r.epoch))
     }
 
     /// The log and its epoch.

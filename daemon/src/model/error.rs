@@ -50,6 +50,9 @@ pub enum ModelError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A load option this model cannot honour.
+    #[error("invalid load option: {0}")]
+    BadOption(String),
     /// The file describes something this engine does not run.
     #[error("unsupported model: {0}")]
     Unsupported(String),

@@ -188,6 +188,7 @@ fn exact_and_quantized_decode_agree_on_a_tiny_model() {
         LoadOptions {
             dense_prefill: true,
             exact_decode: true,
+            context: None,
         },
     )
     .unwrap();

@@ -62,7 +62,16 @@ impl Model {
                 reason: format!("shape {embd_shape:?}, expected [vocab, hidden]"),
             });
         };
-        let config = LlamaConfig::from_metadata(file.meta(), vocab)?;
+        let mut config = LlamaConfig::from_metadata(file.meta(), vocab)?;
+        if let Some(n) = opts.context {
+            if n == 0 || n > config.context_length {
+                return Err(ModelError::BadOption(format!(
+                    "a context of {n} tokens; this model's trained context is {} (give 1..={})",
+                    config.context_length, config.context_length
+                )));
+            }
+            config.context_length = n;
+        }
         let LlamaConfig {
             hidden,
             ffn,

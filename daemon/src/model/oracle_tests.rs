@@ -214,10 +214,12 @@ fn load(opts: LoadOptions) -> (PathBuf, Model) {
 const EXACT: LoadOptions = LoadOptions {
     dense_prefill: true,
     exact_decode: true,
+    context: None,
 };
 const DEFAULT: LoadOptions = LoadOptions {
     dense_prefill: true,
     exact_decode: false,
+    context: None,
 };
 
 #[test]
@@ -228,6 +230,7 @@ fn prefill_logits_match_f32_oracle() {
         LoadOptions {
             dense_prefill: false,
             exact_decode: false,
+            context: None,
         },
     ];
     for opts in modes {

@@ -25,6 +25,9 @@ pub struct LoadOptions {
     /// included). Slower; it removes the 8-bit activation rounding of the quantized kernels,
     /// for checking results against an f32 reference.
     pub exact_decode: bool,
+    /// Serve at most this many positions instead of the model's trained context (as
+    /// llama.cpp's `--ctx-size`); `None`: the trained context. Larger than trained is an error.
+    pub context: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -32,6 +35,7 @@ impl Default for LoadOptions {
         Self {
             dense_prefill: true,
             exact_decode: false,
+            context: None,
         }
     }
 }

@@ -353,6 +353,7 @@ impl Agentd for AgentdService {
         let tenant = self.tenant(&req)?;
         let r = req.into_inner();
         let id = SessionId(r.session_id);
+        tracing::Span::current().record("session", r.session_id);
         let tokens = match (r.tokens.is_empty(), r.messages.is_empty()) {
             (true, true) => {
                 return Err(Status::invalid_argument(
@@ -441,8 +442,32 @@ impl Agentd for AgentdService {
         let tenant = self.tenant(&req)?;
         let r = req.into_inner();
         let id = SessionId(r.session_id);
+        tracing::Span::current().record("session", r.session_id);
+        let tokens = match (r.tokens.is_empty(), r.messages.is_empty()) {
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "give either tokens or messages, not both",
+                ))
+            }
+            (_, true) if r.add_generation_prompt => {
+                return Err(Status::invalid_argument(
+                    "add_generation_prompt needs messages",
+                ))
+            }
+            (_, true) => r.tokens,
+            (true, false) => {
+                // Rendered as an append after the tokens before `start`, which a rewrite at 0
+                // does not have.
+                render(
+                    self.engine.engine(),
+                    r.messages,
+                    r.start > 0,
+                    r.add_generation_prompt,
+                )?
+            }
+        };
         self.engine
-            .rewrite(tenant, id, r.start as usize..r.end as usize, r.tokens)
+            .rewrite(tenant, id, r.start as usize..r.end as usize, tokens)
             .await
             .map_err(to_status)?;
         self.session_reply(tenant, id).await

@@ -3,22 +3,27 @@
 //! - [`tool`]: the [`Tool`] trait and [`tool_fn`] (an async function over a serde type, its
 //!   schema derived by schemars).
 //! - [`hermes`]: the Hermes tool-call format (system prompt, call parsing, results).
-//! - [`Agent`]: system prompt + tools + sampling + turn budget. Every session of an agent
-//!   starts from one registered prefix (the system prompt and tool list, byte-identical), and
-//!   every generation is constrained by the daemon so calls always parse and match a schema.
+//! - [`Agent`]: system prompt + tools + sampling + turn budget + [`ContextPolicy`]. Every
+//!   session of an agent starts from one registered prefix (the system prompt and tool list,
+//!   byte-identical), and every generation is constrained by the daemon so calls always parse
+//!   and match a schema.
+//! - [`context`]: keeping a long run inside the context (masking old results, summarising
+//!   older turns as a new epoch) without ever rewriting the prefix.
 
+pub mod context;
 pub mod hermes;
+mod run;
 pub mod tool;
 
+pub use context::ContextPolicy;
 pub use hermes::ToolCall;
 pub use tool::{tool_fn, Tool, ToolFuture};
 
-use crate::client::{Client, Event, GenerateOptions, Session};
+use crate::client::{Client, GenerateOptions, Session};
 use crate::{proto, Error, Message};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OnceCell};
-use tokio_stream::StreamExt;
 
 /// When the model must call a tool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,10 +60,62 @@ pub enum AgentEvent {
     },
     /// One generation ended.
     TurnFinished(proto::Usage),
+    /// The log was compacted to stay inside the context budget.
+    Compacted(Compaction),
     /// The run ended.
     Done(RunOutput),
     /// The run failed.
     Failed(Error),
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompactionKind {
+    /// Old tool results were replaced by short stubs.
+    Masked {
+        /// How many results.
+        results: usize,
+    },
+    /// Older turns were replaced by the model's summary (a new epoch after the prefix).
+    Summarized {
+        /// The summary's text.
+        summary: String,
+        /// How many of the newest replies (with their results) were kept verbatim.
+        kept_replies: usize,
+    },
+}
+
+/// One compaction of a session's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compaction {
+    /// Masking or summarising.
+    pub kind: CompactionKind,
+    /// The log's length before.
+    pub tokens_before: u32,
+    /// The log's length after.
+    pub tokens_after: u32,
+    /// The first position rewritten: the tokens before it (the prefix, at least) keep their
+    /// cached KV.
+    pub start: u32,
+    /// The session's epoch after it.
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for Compaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            CompactionKind::Masked { results } => write!(f, "masked {results} old tool results")?,
+            CompactionKind::Summarized { kept_replies, .. } => write!(
+                f,
+                "summarised older turns, kept the last {kept_replies} replies"
+            )?,
+        }
+        write!(
+            f,
+            ": {} -> {} tokens, rewritten from token {} (epoch {})",
+            self.tokens_before, self.tokens_after, self.start, self.epoch
+        )
+    }
 }
 
 /// The result of a run.
@@ -70,6 +127,8 @@ pub struct RunOutput {
     pub transcript: Vec<Message>,
     /// One usage per generation.
     pub usages: Vec<proto::Usage>,
+    /// The compactions the context policy made, in order.
+    pub compactions: Vec<Compaction>,
     /// False when the turn budget ran out before a reply without calls.
     pub finished: bool,
 }
@@ -82,7 +141,23 @@ struct Inner {
     tool_timeout: Duration,
     tool_choice: ToolChoice,
     constrained: bool,
-    prefix: OnceCell<u64>,
+    context: ContextPolicy,
+    setup: OnceCell<Setup>,
+}
+
+/// What an agent learns from the daemon once: its prefix and the template's turn markup.
+#[derive(Debug)]
+struct Setup {
+    /// The registered prefix.
+    prefix: u64,
+    /// Its tokens: a session's log that starts with them is the agent's to compact.
+    prefix_tokens: Vec<u32>,
+    /// The template's generation prompt (what opens the assistant's turn).
+    open_turn: Vec<u32>,
+    /// The end of a turn (ChatML's `<|im_end|>` and newline, as Hermes calls need).
+    end_turn: Vec<u32>,
+    /// The daemon's context length.
+    context: u32,
 }
 
 /// A tool-using agent (cheap to clone; clones share the registered prefix).
@@ -98,6 +173,7 @@ pub struct AgentBuilder {
     tool_timeout: Duration,
     tool_choice: ToolChoice,
     constrained: bool,
+    context: ContextPolicy,
 }
 
 impl AgentBuilder {
@@ -133,6 +209,12 @@ impl AgentBuilder {
         self.constrained = on;
         self
     }
+    /// How a run stays inside the context (default [`ContextPolicy::default`]: the daemon's
+    /// context, old results masked, then older turns summarised).
+    pub fn context(mut self, policy: ContextPolicy) -> Self {
+        self.context = policy;
+        self
+    }
     /// The agent.
     pub fn build(self) -> Agent {
         Agent(Arc::new(Inner {
@@ -143,7 +225,8 @@ impl AgentBuilder {
             tool_timeout: self.tool_timeout,
             tool_choice: self.tool_choice,
             constrained: self.constrained,
-            prefix: OnceCell::new(),
+            context: self.context,
+            setup: OnceCell::new(),
         }))
     }
 }
@@ -159,6 +242,7 @@ impl Agent {
             tool_timeout: Duration::from_secs(30),
             tool_choice: ToolChoice::Auto,
             constrained: true,
+            context: ContextPolicy::default(),
         }
     }
 
@@ -170,15 +254,44 @@ impl Agent {
     /// The agent's prefix (system prompt and tool list) on `client`'s daemon, registered on
     /// first use and pinned there; every session starts from it.
     pub async fn prefix(&self, client: &Client) -> Result<u64, Error> {
+        Ok(self.setup(client).await?.prefix)
+    }
+
+    async fn setup(&self, client: &Client) -> Result<&Setup, Error> {
         self.0
-            .prefix
+            .setup
             .get_or_try_init(|| async {
-                client
+                let prefix = client
                     .register_prefix_messages(&[Message::system(self.system_prompt())])
-                    .await
+                    .await?;
+                let context = client.model_info().await?.context_length;
+                // A probe session shows the prefix's tokens and the template's generation
+                // prompt: a message appended with it, minus the same message without.
+                let probe = client.create_session(Some(prefix), Vec::new()).await?;
+                let learned = async {
+                    let (prefix_tokens, _) = probe.tokens().await?;
+                    let base = prefix_tokens.len() as u32;
+                    let with = probe.append_messages(&[Message::user(".")], true).await?;
+                    let (log, _) = probe.tokens().await?;
+                    let (without, _) = probe
+                        .rewrite_messages(base, with, &[Message::user(".")], false)
+                        .await?;
+                    let open_turn = log[without as usize..with as usize].to_vec();
+                    Ok::<_, Error>((prefix_tokens, open_turn))
+                }
+                .await;
+                let _ = probe.close().await;
+                let (prefix_tokens, open_turn) = learned?;
+                let end_turn = client.tokenize("<|im_end|>\n", true).await?;
+                Ok::<_, Error>(Setup {
+                    prefix,
+                    prefix_tokens,
+                    open_turn,
+                    end_turn,
+                    context,
+                })
             })
             .await
-            .copied()
     }
 
     /// A new session starting from the agent's prefix.
@@ -188,7 +301,8 @@ impl Agent {
     }
 
     /// Runs the tool loop on `session` for `input` until a reply without calls or the turn
-    /// budget.
+    /// budget, compacting the log by the agent's [`ContextPolicy`] whenever the next step would
+    /// not fit.
     pub async fn run(&self, session: &Session, input: &str) -> Result<RunOutput, Error> {
         self.run_inner(session, input, None).await
     }
@@ -217,111 +331,60 @@ impl Agent {
         input: &str,
         events: Option<&mpsc::UnboundedSender<AgentEvent>>,
     ) -> Result<RunOutput, Error> {
-        let a = &self.0;
         let emit = |e: AgentEvent| {
             if let Some(tx) = events {
                 let _ = tx.send(e);
             }
         };
-        let specs: Vec<(String, serde_json::Value)> = a
-            .tools
-            .iter()
-            .map(|t| (t.name().to_owned(), t.parameters()))
-            .collect();
-        let mut out = RunOutput {
-            answer: String::new(),
-            transcript: vec![Message::user(input)],
-            usages: Vec::new(),
-            finished: false,
-        };
-        session
-            .append_messages(&[Message::user(input)], true)
-            .await?;
-        for turn in 0..a.max_turns {
-            let required = match a.tool_choice {
-                ToolChoice::Auto => false,
-                ToolChoice::RequiredFirst => turn == 0,
-                ToolChoice::Always => true,
-            };
-            let opts = if specs.is_empty() || !a.constrained {
-                a.options.clone()
-            } else {
-                a.options.clone().tool_calls(&specs, required)
-            };
-            let mut stream = session.generate(&opts).await?;
-            let (mut reply, mut usage) = (String::new(), None);
-            while let Some(ev) = stream.next().await {
-                match ev? {
-                    Event::Token { text, .. } => {
-                        if !text.is_empty() {
-                            emit(AgentEvent::Text(text.clone()));
-                        }
-                        reply.push_str(&text);
-                    }
-                    Event::Done(u) => usage = Some(u),
-                }
-            }
-            let usage = usage.ok_or_else(|| Error::Unavailable("the stream ended early".into()))?;
-            if usage.finish_reason != "eos" {
-                // Close the turn so the next message renders as ChatML expects.
-                let end = session.client().tokenize("<|im_end|>\n", true).await?;
-                session.append(end).await?;
-            }
-            emit(AgentEvent::TurnFinished(usage.clone()));
-            out.usages.push(usage);
-            out.transcript.push(Message::assistant(reply.clone()));
-            let (calls, text) = hermes::parse_calls(&reply);
-            out.answer = text;
-            if calls.is_empty() {
-                out.finished = true;
-                return Ok(out);
-            }
-            let results = self.call_tools(&calls, &emit).await;
-            session.append_messages(&results, true).await?;
-            out.transcript.extend(results);
-        }
-        Ok(out)
+        let setup = self.setup(session.client()).await?;
+        run::Run::new(&self.0, setup, session, input, &emit)
+            .run()
+            .await
     }
+}
 
-    /// Runs `calls` concurrently; their results, in call order, as `tool` messages.
-    async fn call_tools(&self, calls: &[ToolCall], emit: &impl Fn(AgentEvent)) -> Vec<Message> {
-        let timeout = self.0.tool_timeout;
-        let handles: Vec<_> = calls
-            .iter()
-            .map(|c| {
-                emit(AgentEvent::ToolCallStarted {
-                    name: c.name.clone(),
-                    arguments: c.arguments.clone(),
-                });
-                let tool = self.0.tools.iter().find(|t| t.name() == c.name).cloned();
-                let (name, args) = (c.name.clone(), c.arguments.clone());
-                tokio::spawn(async move {
-                    let Some(tool) = tool else {
-                        return Err(format!("there is no tool named {name:?}"));
-                    };
-                    match tokio::time::timeout(timeout, tool.call(args)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(format!("{name} timed out after {timeout:?}")),
-                    }
-                })
-            })
-            .collect();
-        let mut results = Vec::new();
-        for (c, h) in calls.iter().zip(handles) {
-            let r = h
-                .await
-                .unwrap_or_else(|e| Err(format!("the tool panicked: {e}")));
-            let (text, is_error) = match r {
-                Ok(t) => (t, false),
-                Err(e) => (format!("error: {e}"), true),
-            };
-            emit(AgentEvent::ToolCallFinished {
+/// Runs `calls` concurrently; their result texts (errors as `error: …`), in call order.
+async fn call_tools(
+    agent: &Inner,
+    calls: &[ToolCall],
+    emit: &(dyn Fn(AgentEvent) + Send + Sync),
+) -> Vec<String> {
+    let timeout = agent.tool_timeout;
+    let handles: Vec<_> = calls
+        .iter()
+        .map(|c| {
+            emit(AgentEvent::ToolCallStarted {
                 name: c.name.clone(),
-                result: text.clone(),
-                is_error,
+                arguments: c.arguments.clone(),
             });
-            results.push(Message::tool(hermes::tool_response(&c.name, &text)));
-        }
-        results
+            let tool = agent.tools.iter().find(|t| t.name() == c.name).cloned();
+            let (name, args) = (c.name.clone(), c.arguments.clone());
+            tokio::spawn(async move {
+                let Some(tool) = tool else {
+                    return Err(format!("there is no tool named {name:?}"));
+                };
+                match tokio::time::timeout(timeout, tool.call(args)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("{name} timed out after {timeout:?}")),
+                }
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for (c, h) in calls.iter().zip(handles) {
+        let r = h
+            .await
+            .unwrap_or_else(|e| Err(format!("the tool panicked: {e}")));
+        let (text, is_error) = match r {
+            Ok(t) => (t, false),
+            Err(e) => (format!("error: {e}"), true),
+        };
+        emit(AgentEvent::ToolCallFinished {
+            name: c.name.clone(),
+            result: text.clone(),
+            is_error,
+        });
+        results.push(text);
     }
+    results
 }

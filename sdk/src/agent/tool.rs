@@ -35,6 +35,9 @@ pub struct FnTool<A, F> {
 /// A tool named `name` that deserialises its arguments into `A` (whose JSON schema, with the
 /// doc comments of `A` and its fields as descriptions, is what the model must match) and runs
 /// `f`. `f`'s error is shown to the model as the result.
+///
+/// The schema is closed (`"additionalProperties": false`) unless `A` says otherwise: without
+/// that, a constrained model may fill the call with keys it copies from the schema itself.
 pub fn tool_fn<A, F, Fut, E>(name: &str, description: &str, f: F) -> Arc<dyn Tool>
 where
     A: DeserializeOwned + JsonSchema + Send + 'static,
@@ -47,6 +50,10 @@ where
     if let Some(obj) = parameters.as_object_mut() {
         obj.remove("$schema");
         obj.remove("title");
+        if obj.get("type").and_then(|t| t.as_str()) == Some("object") {
+            obj.entry("additionalProperties")
+                .or_insert(serde_json::Value::Bool(false));
+        }
     }
     Arc::new(FnTool {
         name: name.to_owned(),
@@ -106,6 +113,7 @@ mod tests {
         assert_eq!(p["type"], "object");
         assert_eq!(p["properties"]["a"]["description"], "The first term.");
         assert_eq!(p["required"], serde_json::json!(["a", "b"]));
+        assert_eq!(p["additionalProperties"], false);
         assert_eq!(
             t.call(serde_json::json!({"a": 2, "b": 3})).await,
             Ok("5".into())
