@@ -1,5 +1,6 @@
 //! End to end: constrained generation through the real daemon and model — tool calls that always
-//! parse and match a tool's schema, JSON-schema output, and bad constraints refused.
+//! parse and match a tool's schema (a cap on their number ends the reply after the last),
+//! JSON-schema output, and bad constraints refused.
 
 mod common;
 
@@ -125,13 +126,15 @@ async fn tool_calls_always_parse_and_match_a_schema() {
     ];
     let mut complete = 0;
     for (i, q) in questions.iter().enumerate() {
-        for required in [true, false] {
+        // (required, max_calls): calls only, text and calls, exactly one call.
+        for (required, max_calls) in [(true, 0), (false, 0), (true, 1)] {
             let s = c.create_session(Some(prefix), vec![]).await.unwrap();
             s.append_messages(&[Message::user(*q)], true).await.unwrap();
             let opts = GenerateOptions::default()
                 .seed(i as u64)
                 .max_tokens(120)
-                .tool_calls(&tools(), required);
+                .tool_calls(&tools(), required)
+                .max_tool_calls(max_calls);
             let (text, usage) = run(s.generate(&opts).await.unwrap()).await;
             let (found, outside) = calls(&text);
             for call in &found {
@@ -147,6 +150,12 @@ async fn tool_calls_always_parse_and_match_a_schema() {
                     outside.trim().is_empty(),
                     "{q:?}: text outside calls: {text:?}"
                 );
+            }
+            if max_calls == 1 {
+                // The reply ends with its one call: nothing cut off, nothing after it.
+                assert_eq!(found.len(), 1, "{q:?}: {text:?}");
+                assert_eq!(usage.finish_reason, "eos", "{q:?}: {text:?}");
+                assert!(text.trim_end().ends_with("</tool_call>"), "{text:?}");
             }
             assert!(usage.constraint_seconds > 0.0, "{usage:?}");
             eprintln!(

@@ -10,14 +10,14 @@
 pub mod calc;
 pub mod fs;
 
-use agentd_sdk::agent::{tool_fn, Agent, AgentEvent, ToolChoice};
+use agentd_sdk::agent::{tool_fn, Agent, AgentEvent, RunOutput, ToolChoice};
 use agentd_sdk::{Client, GenerateOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_stream::StreamExt;
 
 fn options() -> GenerateOptions {
-    GenerateOptions::default().max_tokens(120).seed(7)
+    GenerateOptions::greedy().max_tokens(120)
 }
 
 /// The file-system researcher over `root`.
@@ -41,7 +41,8 @@ pub fn fs_researcher(root: PathBuf) -> std::io::Result<Agent> {
     }))
     .options(options())
     .tool_choice(ToolChoice::RequiredFirst)
-    .max_turns(3)
+    .max_calls_per_reply(1)
+    .max_turns(4)
     .build())
 }
 
@@ -56,7 +57,8 @@ pub fn calculator() -> Agent {
         }))
         .options(options())
         .tool_choice(ToolChoice::RequiredFirst)
-        .max_turns(3)
+        .max_calls_per_reply(1)
+        .max_turns(4)
         .build()
 }
 
@@ -65,6 +67,23 @@ pub fn calculator() -> Agent {
 pub struct Question {
     /// The question, in full.
     pub question: String,
+}
+
+/// What a sub-agent's run gives its caller: its answer, or, when it ended without one (the
+/// turn budget ran out on calls), what its last tool call returned.
+fn delegated_answer(out: &RunOutput) -> String {
+    if !out.answer.is_empty() {
+        return out.answer.clone();
+    }
+    match out
+        .transcript
+        .iter()
+        .rev()
+        .find(|m| m.role == agentd_sdk::Role::Tool)
+    {
+        Some(m) => format!("(no final answer; its last tool result:) {}", m.content),
+        None => "(the sub-agent gave no answer)".into(),
+    }
 }
 
 /// The coordinator: `calculator` and `fs_researcher` (over `root`) as tools; each delegated
@@ -82,7 +101,7 @@ pub fn coordinator(client: Client, root: PathBuf) -> std::io::Result<Agent> {
                     .await
                     .map_err(|e| e.to_string())?;
                 let _ = s.close().await;
-                Ok::<_, String>(out.answer)
+                Ok::<_, String>(delegated_answer(&out))
             }
         }
     };
@@ -91,7 +110,8 @@ pub fn coordinator(client: Client, root: PathBuf) -> std::io::Result<Agent> {
         .tool(tool_fn("ask_researcher", "Asks the file researcher agent.", delegate(research, client)))
         .options(options())
         .tool_choice(ToolChoice::RequiredFirst)
-        .max_turns(2)
+        .max_calls_per_reply(2)
+        .max_turns(3)
         .tool_timeout(std::time::Duration::from_secs(120))
         .build())
 }

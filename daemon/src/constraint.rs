@@ -45,6 +45,8 @@ pub enum ConstraintSpec {
         tools: Vec<ToolSpec>,
         /// At least one call, and no free text.
         required: bool,
+        /// The most calls in the reply (0: any number); the reply ends after the last.
+        max_calls: usize,
     },
 }
 
@@ -66,9 +68,13 @@ impl ConstraintSpec {
                 }
                 Ok(TopLevelGrammar::from_lark(src.clone()))
             }
-            ConstraintSpec::ToolCalls { tools, required } => Ok(TopLevelGrammar::from_lark(
-                tool_call_grammar(tools, *required)?,
-            )),
+            ConstraintSpec::ToolCalls {
+                tools,
+                required,
+                max_calls,
+            } => Ok(TopLevelGrammar::from_lark(tool_call_grammar(
+                tools, *required, *max_calls,
+            )?)),
         }
     }
 }
@@ -91,7 +97,11 @@ fn compact(mut schema: serde_json::Value) -> Result<serde_json::Value, Constrain
 }
 
 /// The Lark grammar for tool calls over `tools`.
-pub fn tool_call_grammar(tools: &[ToolSpec], required: bool) -> Result<String, ConstraintError> {
+pub fn tool_call_grammar(
+    tools: &[ToolSpec],
+    required: bool,
+    max_calls: usize,
+) -> Result<String, ConstraintError> {
     if tools.is_empty() {
         return Err(ConstraintError::Invalid("the tool list is empty".into()));
     }
@@ -122,14 +132,25 @@ pub fn tool_call_grammar(tools: &[ToolSpec], required: bool) -> Result<String, C
     let json = serde_json::to_string(&schema).expect("a JSON value serialises");
     let open = TOOL_CALL_OPEN;
     let close = TOOL_CALL_CLOSE;
-    let start = if required {
-        "start: call+"
-    } else {
-        "start: TEXT? call*"
+    let start = match (required, max_calls) {
+        (true, 0) => "start: call+".to_owned(),
+        (false, 0) => "start: TEXT? call*".to_owned(),
+        // At most n: call (call (call)?)? — nested options, one per further call.
+        (true, n) => format!("start: {}", at_most(n)),
+        (false, n) => format!("start: TEXT? ({})?", at_most(n)),
     };
     Ok(format!(
         "{start}\ncall: \"{open}\\n\" args \"\\n{close}\\n\"\nargs: %json {json}\nTEXT: /[^<]+/\n"
     ))
+}
+
+/// One to `n` calls, as nested optional groups.
+fn at_most(n: usize) -> String {
+    let mut g = "call".to_owned();
+    for _ in 1..n {
+        g = format!("call ({g})?");
+    }
+    g
 }
 
 /// The longest string a tool argument may hold when its schema sets no bound of its own.
@@ -252,13 +273,13 @@ mod tests {
 
     #[test]
     fn bad_specs_are_invalid_with_a_reason() {
-        let e = tool_call_grammar(&[], false).unwrap_err();
+        let e = tool_call_grammar(&[], false, 0).unwrap_err();
         assert!(e.to_string().contains("empty"), "{e}");
         let bad = ToolSpec {
             name: "x".into(),
             parameters: serde_json::json!(3),
         };
-        assert!(tool_call_grammar(&[bad], true).is_err());
+        assert!(tool_call_grammar(&[bad], true, 0).is_err());
         assert!(ConstraintSpec::JsonSchema(serde_json::json!([1]))
             .grammar()
             .is_err());
@@ -269,9 +290,18 @@ mod tests {
                 parameters: serde_json::json!({"type": "object"}),
             }],
             false,
+            0,
         )
         .unwrap();
         assert!(g.starts_with("start: TEXT? call*"), "{g}");
+        let add = [ToolSpec {
+            name: "add".into(),
+            parameters: serde_json::json!({"type": "object"}),
+        }];
+        let g = tool_call_grammar(&add, true, 3).unwrap();
+        assert!(g.starts_with("start: call (call (call)?)?\n"), "{g}");
+        let g = tool_call_grammar(&add, false, 1).unwrap();
+        assert!(g.starts_with("start: TEXT? (call)?\n"), "{g}");
         let mut s = serde_json::json!({"type": "object", "properties": {
             "a": {"type": "string"}, "b": {"type": "string", "maxLength": 5},
             "c": {"type": ["string", "null"]}, "d": {"enum": ["x"]}}});

@@ -384,8 +384,20 @@ impl GenerateOptions {
             kind: Some(proto::constraint::Kind::ToolCalls(proto::ToolCalls {
                 tools,
                 required,
+                max_calls: 0,
             })),
         });
+        self
+    }
+    /// With [`GenerateOptions::tool_calls`]: at most `n` calls in the reply, which ends after
+    /// the last (0: any number, the default).
+    pub fn max_tool_calls(mut self, n: u32) -> Self {
+        if let Some(proto::Constraint {
+            kind: Some(proto::constraint::Kind::ToolCalls(t)),
+        }) = &mut self.constraint
+        {
+            t.max_calls = n;
+        }
         self
     }
     /// Seed for reproducible sampling.

@@ -204,6 +204,7 @@ fn constraint_spec(c: proto::Constraint) -> Result<ConstraintSpec, Status> {
             Ok(ConstraintSpec::ToolCalls {
                 tools,
                 required: t.required,
+                max_calls: t.max_calls as usize,
             })
         }
     }

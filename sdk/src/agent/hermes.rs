@@ -70,6 +70,12 @@ pub fn parse_calls(reply: &str) -> (Vec<ToolCall>, String) {
     if !rest.contains("<tool_call>") || calls.is_empty() {
         text.push_str(rest);
     }
+    // A reply cut off inside an opening tag leaves its start at the end: not text.
+    if let Some(i) = text.rfind('<') {
+        if text.len() - i < "<tool_call>".len() && "<tool_call>".starts_with(&text[i..]) {
+            text.truncate(i);
+        }
+    }
     (calls, text.trim().to_owned())
 }
 
@@ -108,5 +114,11 @@ mod tests {
         let (calls, _) = parse_calls(reply);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].arguments["x"], "}}</tool_call> hi");
+        // A reply cut inside the next opening tag.
+        let (calls, text) =
+            parse_calls("<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool");
+        assert_eq!((calls.len(), text.as_str()), (1, ""));
+        let (_, text) = parse_calls("a < b");
+        assert_eq!(text, "a < b");
     }
 }

@@ -141,6 +141,7 @@ struct Inner {
     tool_timeout: Duration,
     tool_choice: ToolChoice,
     constrained: bool,
+    max_calls: u32,
     context: ContextPolicy,
     setup: OnceCell<Setup>,
 }
@@ -173,6 +174,7 @@ pub struct AgentBuilder {
     tool_timeout: Duration,
     tool_choice: ToolChoice,
     constrained: bool,
+    max_calls: u32,
     context: ContextPolicy,
 }
 
@@ -209,6 +211,12 @@ impl AgentBuilder {
         self.constrained = on;
         self
     }
+    /// The most tool calls in one reply (default 0: any number). The daemon ends the reply
+    /// after the last, so a small model that would repeat calls until `max_tokens` does not.
+    pub fn max_calls_per_reply(mut self, n: u32) -> Self {
+        self.max_calls = n;
+        self
+    }
     /// How a run stays inside the context (default [`ContextPolicy::default`]: the daemon's
     /// context, old results masked, then older turns summarised).
     pub fn context(mut self, policy: ContextPolicy) -> Self {
@@ -225,6 +233,7 @@ impl AgentBuilder {
             tool_timeout: self.tool_timeout,
             tool_choice: self.tool_choice,
             constrained: self.constrained,
+            max_calls: self.max_calls,
             context: self.context,
             setup: OnceCell::new(),
         }))
@@ -242,6 +251,7 @@ impl Agent {
             tool_timeout: Duration::from_secs(30),
             tool_choice: ToolChoice::Auto,
             constrained: true,
+            max_calls: 0,
             context: ContextPolicy::default(),
         }
     }

@@ -107,7 +107,11 @@ impl<'a> Run<'a> {
             let opts = if specs.is_empty() || !self.agent.constrained {
                 self.agent.options.clone()
             } else {
-                self.agent.options.clone().tool_calls(&specs, required)
+                self.agent
+                    .options
+                    .clone()
+                    .tool_calls(&specs, required)
+                    .max_tool_calls(self.agent.max_calls)
             };
             let (reply, usage, end) = self.generate(&opts).await?;
             (self.emit)(AgentEvent::TurnFinished(usage.clone()));
