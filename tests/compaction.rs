@@ -308,3 +308,37 @@ async fn bad_rewrites_and_contexts_are_refused() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_longer_than_the_policy_allows_are_truncated_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("t.sock"), &[]).await;
+    let c = Client::connect(&d.socket).await.unwrap();
+    let agent = reader(ContextPolicy::new().max_result_tokens(60), 1);
+    let s = agent.session(&c).await.unwrap();
+    let out = agent.run(&s, "Read page 3.").await.unwrap();
+    // The transcript keeps the whole result; the log holds the cut one.
+    let whole = page_text(3);
+    let results: Vec<_> = out
+        .transcript
+        .iter()
+        .filter(|m| m.role == agentd_sdk::Role::Tool)
+        .collect();
+    assert!(!results.is_empty(), "{:?}", out.transcript);
+    assert!(results[0].content.contains(&whole));
+    let (log, _) = s.tokens().await.unwrap();
+    let text = tokenizer().decode(&log, false).unwrap();
+    let tool = messages(&text)
+        .into_iter()
+        .find(|m| m.0 == "tool")
+        .unwrap()
+        .1;
+    assert!(tool.contains("[truncated: the first "), "{tool}");
+    assert!(
+        tool.contains(&format!("of {} bytes]", whole.len())),
+        "{tool}"
+    );
+    let content = tool.trim_end().trim_end_matches("<|im_end|>");
+    let n = c.tokenize(content, false).await.unwrap().len();
+    assert!(n <= 60, "{n} tokens: {content}");
+}

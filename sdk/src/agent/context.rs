@@ -10,6 +10,10 @@
 //!   the end of the log) with one message holding a summary, so the kept tail starts with a
 //!   whole reply and its results.
 
+/// The smallest cap on a tool result's tokens: a truncated result's markup and note take about
+/// half of it.
+pub(crate) const MIN_RESULT_TOKENS: u32 = 48;
+
 /// How an agent keeps a session inside its context: a token budget, observation masking of
 /// old tool results, and summarisation as a new epoch. The prefix (system prompt and tool list)
 /// is never rewritten, so it stays cached for every session.
@@ -79,10 +83,10 @@ impl ContextPolicy {
         self.summary_tokens = n.max(16);
         self
     }
-    /// The longest tool result, in tokens; longer ones are truncated with a note saying so
-    /// (default: a quarter of the budget).
+    /// The longest tool result, in tokens (at least 48); longer ones are truncated with a
+    /// note saying so (default: a quarter of the budget).
     pub fn max_result_tokens(mut self, n: u32) -> Self {
-        self.max_result_tokens = Some(n.max(16));
+        self.max_result_tokens = Some(n.max(MIN_RESULT_TOKENS));
         self
     }
 }

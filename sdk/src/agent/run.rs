@@ -2,7 +2,7 @@
 //! compact the log (mask old results, summarise older turns) whenever the next step would not
 //! fit the context budget.
 
-use super::context::{ContextLog, Part};
+use super::context::{ContextLog, Part, MIN_RESULT_TOKENS};
 use super::{hermes, AgentEvent, Compaction, CompactionKind, Inner, RunOutput, Setup, ToolChoice};
 use crate::client::{Event, GenerateOptions, Session};
 use crate::{proto, Error, Message};
@@ -119,7 +119,7 @@ impl<'a> Run<'a> {
             self.out.usages.push(usage);
             self.out.transcript.push(Message::assistant(reply.clone()));
             let (mut calls, text) = hermes::parse_calls(&reply);
-            let unfinished = calls.is_empty() && text.contains("<tool_call>");
+            let unfinished = calls.is_empty() && reply.contains("<tool_call");
             self.out.answer = text;
             if calls.is_empty() && !unfinished {
                 self.log.push(Part::Reply { calls: 0 }, end);
@@ -151,12 +151,9 @@ impl<'a> Run<'a> {
                     .zip(&texts)
                     .map(|(c, t)| Message::tool(hermes::tool_response(&c.name, t))),
             );
-            let results = self.fit_results(&calls, &texts).await?;
-            let mut need = self.open_len() + self.reserve();
-            for m in &results {
-                need += self.count(&m.content).await? + MESSAGE_MARKUP;
-            }
-            self.ensure_room(need).await?;
+            let (results, tokens) = self.fit_results(&calls, &texts).await?;
+            self.ensure_room(tokens + self.open_len() + self.reserve())
+                .await?;
             let n = self.session.append_messages(&results, true).await?;
             self.log.push(
                 Part::Results {
@@ -424,41 +421,53 @@ impl<'a> Run<'a> {
     }
 
     /// Result texts as `tool` messages, each cut to the policy's longest result with a note
-    /// saying what was cut.
+    /// saying what was cut; and the tokens they take once appended.
     async fn fit_results(
         &self,
         calls: &[hermes::ToolCall],
         texts: &[String],
-    ) -> Result<Vec<Message>, Error> {
+    ) -> Result<(Vec<Message>, u32), Error> {
         let cap = self
             .agent
             .context
             .max_result_tokens
             .unwrap_or(self.budget / 4)
-            .max(16);
+            .max(MIN_RESULT_TOKENS);
         let mut fitted = Vec::with_capacity(texts.len());
+        let mut total = 0;
         for (call, text) in calls.iter().zip(texts) {
             // No token of a real vocabulary is longer than 64 bytes, so a longer text is cut
             // before it is counted.
-            let mut shown = &text[..floor_char_boundary(text, cap as usize * 64)];
-            let tokens = self.count(shown).await?;
-            if tokens > cap {
-                // Cut in proportion, a little short for the note.
-                let keep = shown.len() as u64 * u64::from(cap) * 9 / 10 / u64::from(tokens);
-                shown = &shown[..floor_char_boundary(shown, keep as usize)];
+            let head = &text[..floor_char_boundary(text, cap as usize * 64)];
+            let mut content = hermes::tool_response(&call.name, head);
+            let mut tokens = self.count(&content).await?;
+            if tokens > cap || head.len() < text.len() {
+                // What the markup and the note take, then the shown part cut in proportion to
+                // the room left, counted again until it fits.
+                let note = |shown: usize| {
+                    format!("\n[truncated: the first {shown} of {} bytes]", text.len())
+                };
+                let overhead = self
+                    .count(&hermes::tool_response(&call.name, &note(text.len())))
+                    .await?;
+                let room = u64::from(cap.saturating_sub(overhead).max(1));
+                let (mut shown, mut shown_tokens) = (head, tokens.saturating_sub(overhead));
+                for _ in 0..4 {
+                    let keep = shown.len() as u64 * room / u64::from(shown_tokens.max(1));
+                    shown = &shown[..floor_char_boundary(shown, keep as usize)];
+                    let body = format!("{shown}{}", note(shown.len()));
+                    content = hermes::tool_response(&call.name, &body);
+                    tokens = self.count(&content).await?;
+                    if tokens <= cap {
+                        break;
+                    }
+                    shown_tokens = tokens.saturating_sub(overhead);
+                }
             }
-            let body = if shown.len() < text.len() {
-                format!(
-                    "{shown}\n[truncated: the first {} of {} bytes]",
-                    shown.len(),
-                    text.len()
-                )
-            } else {
-                text.clone()
-            };
-            fitted.push(Message::tool(hermes::tool_response(&call.name, &body)));
+            total += tokens + MESSAGE_MARKUP;
+            fitted.push(Message::tool(content));
         }
-        Ok(fitted)
+        Ok((fitted, total))
     }
 }
 
