@@ -232,7 +232,8 @@ impl ContextLog {
     }
 
     /// Where a summary may end, the most spans kept first, keeping at most `keep_turns`
-    /// replies: the start of a reply or of the input, or the end of the log. A cut `c` means
+    /// replies: the start of a reply or of the input, or the end of the log unless it is a
+    /// reply whose results are still to be appended. A cut `c` means
     /// spans `..c` are summarised; the region always holds something besides an old summary.
     pub(crate) fn summary_cuts(&self, keep_turns: usize) -> Vec<usize> {
         let n = self.spans.len();
@@ -242,8 +243,19 @@ impl ContextLog {
                 .filter(|s| matches!(s.part, Part::Reply { .. }))
                 .count()
         };
+        // A last reply with calls has its results still to come: the end is no cut then.
+        let pending = matches!(
+            self.spans.last(),
+            Some(Span { part: Part::Reply { calls }, .. }) if *calls > 0
+        );
         (1..=n)
-            .filter(|&c| c == n || matches!(self.spans[c].part, Part::Reply { .. } | Part::Input))
+            .filter(|&c| {
+                if c == n {
+                    !pending
+                } else {
+                    matches!(self.spans[c].part, Part::Reply { .. } | Part::Input)
+                }
+            })
             .filter(|&c| kept_replies(c) <= keep_turns)
             .filter(|&c| {
                 self.spans[..c]
@@ -286,6 +298,15 @@ impl ContextLog {
                     other => return Err(format!("results span {i} follows {other:?}")),
                 }
             }
+            // Only the last reply may still wait for its results.
+            if let (Part::Reply { calls }, Some(next)) = (&s.part, self.spans.get(i + 1)) {
+                if *calls > 0 && !matches!(next.part, Part::Results { .. }) {
+                    return Err(format!(
+                        "reply {i} with calls is followed by {:?}",
+                        next.part
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -314,6 +335,21 @@ mod tests {
                 let end = l.len() + w * 3;
                 l.push(results(calls), end);
             }
+        }
+        l
+    }
+
+    /// As [`log`], with the last reply's results not appended yet (when it made calls).
+    fn log_pending(turns: &[(usize, u32)]) -> ContextLog {
+        let mut l = log(turns);
+        if matches!(
+            l.spans.last(),
+            Some(Span {
+                part: Part::Results { .. },
+                ..
+            })
+        ) {
+            l.spans.pop();
         }
         l
     }
@@ -348,6 +384,12 @@ mod tests {
         assert_eq!(l.summary_cuts(1), vec![3, 4]);
         assert_eq!(l.summary_cuts(0), vec![4]);
         assert!(l.input_before(1));
+        // Before the last reply's results are appended, the end is no cut: the reply would be
+        // summarised and its results appended after the summary.
+        let l = log_pending(&[(1, 10), (2, 10)]);
+        // Spans: input 0, reply 1, results 2, reply 3 (its results pending).
+        assert_eq!(l.summary_cuts(5), vec![1, 3]);
+        assert_eq!(l.summary_cuts(0), Vec::<usize>::new());
     }
 
     #[test]
@@ -379,9 +421,11 @@ mod tests {
             keep in 0usize..5,
             keep_turns in 0usize..4,
             pick in 0usize..100,
+            pending in any::<bool>(),
         ) {
-            let mut l = log(&turns);
+            let mut l = if pending { log_pending(&turns) } else { log(&turns) };
             l.check().unwrap();
+            let waiting = matches!(l.spans.last(), Some(Span { part: Part::Reply { calls }, .. }) if *calls > 0);
             let plan = l.mask_plan(keep);
             let newer: usize = l.spans.iter().enumerate()
                 .filter(|(i, _)| plan.first().is_none_or(|&p| *i > p))
@@ -405,6 +449,8 @@ mod tests {
                 let has_input = l.input_before(c);
                 l.replace(0..c, Some(Part::Summary { open, has_input }), 30);
                 l.check().unwrap();
+                let still_waiting = matches!(l.spans.last(), Some(Span { part: Part::Reply { calls }, .. }) if *calls > 0);
+                prop_assert_eq!(waiting, still_waiting, "a summary took a reply whose results are pending");
             }
             for i in l.mask_plan(keep) {
                 let Part::Results { names, .. } = l.spans[i].part.clone() else { unreachable!() };
