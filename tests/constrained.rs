@@ -210,6 +210,9 @@ async fn json_schema_output_and_bad_constraints() {
         GenerateOptions::greedy().json_schema(&json!([1, 2])),
         GenerateOptions::greedy().tool_calls(&[], false),
         GenerateOptions::greedy().tool_calls(&[(String::new(), json!({}))], true),
+        GenerateOptions::greedy()
+            .tool_calls(&tools(), true)
+            .max_tool_calls(u32::MAX),
     ];
     for opts in bad {
         match s.generate(&opts).await {

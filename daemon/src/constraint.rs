@@ -105,6 +105,13 @@ pub fn tool_call_grammar(
     if tools.is_empty() {
         return Err(ConstraintError::Invalid("the tool list is empty".into()));
     }
+    if max_calls > MAX_TOOL_CALLS {
+        // The grammar nests one group per call: an unbounded count would be an unbounded
+        // grammar.
+        return Err(ConstraintError::Invalid(format!(
+            "max_calls {max_calls} is more than {MAX_TOOL_CALLS} (0: any number)"
+        )));
+    }
     let mut calls = Vec::new();
     for t in tools {
         if t.name.is_empty() {
@@ -143,6 +150,9 @@ pub fn tool_call_grammar(
         "{start}\ncall: \"{open}\\n\" args \"\\n{close}\\n\"\nargs: %json {json}\nTEXT: /[^<]+/\n"
     ))
 }
+
+/// The largest cap on calls per reply a request may set.
+pub const MAX_TOOL_CALLS: usize = 64;
 
 /// One to `n` calls, as nested optional groups.
 fn at_most(n: usize) -> String {
@@ -300,6 +310,9 @@ mod tests {
         }];
         let g = tool_call_grammar(&add, true, 3).unwrap();
         assert!(g.starts_with("start: call (call (call)?)?\n"), "{g}");
+        assert!(tool_call_grammar(&add, true, MAX_TOOL_CALLS).is_ok());
+        let e = tool_call_grammar(&add, true, u32::MAX as usize).unwrap_err();
+        assert!(e.to_string().contains("max_calls"), "{e}");
         let g = tool_call_grammar(&add, false, 1).unwrap();
         assert!(g.starts_with("start: TEXT? (call)?\n"), "{g}");
         let mut s = serde_json::json!({"type": "object", "properties": {

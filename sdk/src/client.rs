@@ -390,7 +390,7 @@ impl GenerateOptions {
         self
     }
     /// With [`GenerateOptions::tool_calls`]: at most `n` calls in the reply, which ends after
-    /// the last (0: any number, the default).
+    /// the last (0: any number, the default; the daemon refuses more than 64).
     pub fn max_tool_calls(mut self, n: u32) -> Self {
         if let Some(proto::Constraint {
             kind: Some(proto::constraint::Kind::ToolCalls(t)),
