@@ -6,7 +6,8 @@ use serde_json::Value;
 use std::process::Command;
 
 fn model() -> std::path::PathBuf {
-    agentd::model_store::ensure_default_model(&mut |m| eprintln!("{m}")).expect("the default model")
+    agentd_engine::model_files::ensure_default_model(&mut |m| eprintln!("{m}"))
+        .expect("the default model")
 }
 
 #[test]

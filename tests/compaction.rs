@@ -5,8 +5,8 @@
 
 mod common;
 
-use agentd::model::GgufFile;
-use agentd::tokenizer::GgufTokenizer;
+use agentd_engine::model::GgufFile;
+use agentd_engine::tokenizer::GgufTokenizer;
 use agentd_sdk::agent::{tool_fn, Agent, AgentEvent, CompactionKind, ContextPolicy, ToolChoice};
 use agentd_sdk::{Client, Error, GenerateOptions};
 use common::Daemon;

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn model() -> PathBuf {
-    agentd::model_store::ensure_default_model(&mut |m| eprintln!("{m}")).expect("the default model")
+    agentd_engine::model_files::ensure_default_model(&mut |m| eprintln!("{m}"))
+        .expect("the default model")
 }
 
 /// Runs `agentd --model <model> <args>`.
@@ -164,7 +165,7 @@ fn default_model_is_found_in_agentd_home() {
     let home = tempfile::tempdir().unwrap();
     let models = home.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
-    let target = models.join(agentd::model_store::DEFAULT_MODEL_FILE);
+    let target = models.join(agentd_engine::model_files::DEFAULT_MODEL_FILE);
     std::fs::hard_link(model(), &target)
         .or_else(|_| std::fs::copy(model(), &target).map(|_| ()))
         .unwrap();

@@ -1,22 +1,28 @@
-//! The `agentd` command line: a thin layer over the `agentd` library.
+//! The `agentd` binary: the daemon (`serve`), one-shot generation, the client-side admin
+//! subcommands and the benchmarks, over the engine, scheduler, store and service crates.
+//!
+//! - `config`: the TOML file and its precedence (flags > environment > file > defaults).
+//! - `cli/`: subcommands that talk to a running daemon (`status`, `prefix …`).
+//! - `bench/`: `agentd bench …`, each printing JSON.
 
-mod admin_cli;
-mod run_cli;
+mod bench;
+mod cli;
+mod config;
 
-use agentd::bench::{run_engine_bench, EngineBenchConfig};
-use agentd::bench_prefix::{run_prefix_bench, PrefixBenchConfig};
-use agentd::generate::{Engine, GenerateOptions};
-use agentd::model::LoadOptions;
-use agentd::model_store;
-use agentd::sampling::SamplingParams;
-use agentd::scheduler::{SchedulerConfig, TenantLimits};
-use agentd_sdk::Message;
+use agentd_engine::model::LoadOptions;
+use agentd_engine::model_files;
+use agentd_engine::sampling::SamplingParams;
+use agentd_engine::{GenerateOptions, LoadedModel};
+use agentd_scheduler::{SchedulerConfig, SchedulerHandle, TenantLimits};
+use agentd_wire::{sampling_defaults, Message};
 use anyhow::{Context, Result};
+use bench::engine::{run_engine_bench, EngineBenchConfig};
+use bench::prefix::{run_prefix_bench, PrefixBenchConfig};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::Write;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// agentd: a local LLM runtime for agents, sharing KV-cache prefixes across sessions.
 #[derive(Parser)]
@@ -50,12 +56,12 @@ enum Command {
     Serve(ServeArgs),
     /// Print a running daemon's statistics (pool, cache hit rate, the caller's counters, the
     /// prefixes it may use) as JSON.
-    Status(admin_cli::StatusArgs),
+    Status(cli::admin::StatusArgs),
     /// List, publish, unpin or evict cached prefixes of a running daemon (publish, unpin, evict
     /// and `--all-tenants` are for operators).
     #[command(subcommand)]
-    Prefix(admin_cli::PrefixCommand),
-    /// Answer one question, streaming the reply to stdout.
+    Prefix(cli::admin::PrefixCommand),
+    /// Answer one question, streaming the reply to stdout (one session through the scheduler).
     Generate(GenerateArgs),
     /// Measure performance and print JSON.
     #[command(subcommand)]
@@ -63,9 +69,6 @@ enum Command {
     /// Manage the model file.
     #[command(subcommand)]
     Model(ModelCommand),
-    /// Run one of the agents (calculator, fs-researcher, coordinator) on a task, streaming what
-    /// happens; uses the daemon on the socket, or starts one in this process.
-    Run(run_cli::RunArgs),
 }
 
 #[derive(Args)]
@@ -109,19 +112,19 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = sampling_defaults::TEMPERATURE)]
     temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = sampling_defaults::TOP_K as usize)]
     top_k: usize,
     /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = sampling_defaults::TOP_P)]
     top_p: f32,
     /// Drop tokens below this fraction of the top token's probability (0 = off).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = sampling_defaults::MIN_P)]
     min_p: f32,
     /// Penalty for repeating recent tokens (1 = off).
-    #[arg(long, default_value_t = 1.1)]
+    #[arg(long, default_value_t = sampling_defaults::REPETITION_PENALTY)]
     repeat_penalty: f32,
     /// Subtracted from the logits of tokens already present (0 = off).
     #[arg(long, default_value_t = 0.0)]
@@ -142,21 +145,6 @@ struct GenerateArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Concurrent agent sessions running tool loops: tokens computed vs reused, turn latency,
-    /// tool-call validity with and without the constraint, constraint cost per token.
-    Agents {
-        /// Concurrent sessions.
-        #[arg(long, default_value_t = 8)]
-        sessions: usize,
-        /// Generations per session.
-        #[arg(long, default_value_t = 3)]
-        turns: usize,
-        /// Tokens per generation at most.
-        #[arg(long, default_value_t = 64)]
-        max_tokens: u32,
-        #[command(flatten)]
-        sched: SchedArgs,
-    },
     /// First-request TTFT on a persisted prefix after a restart vs a cold recompute, disk bytes
     /// per token, load throughput.
     Restart {
@@ -301,9 +289,9 @@ fn main() -> Result<()> {
                 .context("serve arguments")?;
             serve(cli.model, opts, args, sm)
         }
-        Command::Status(args) => admin_cli::status(args),
-        Command::Prefix(cmd) => admin_cli::prefix(cmd),
-        Command::Generate(args) => generate(&load(cli.model, opts)?, args),
+        Command::Status(args) => cli::admin::status(args),
+        Command::Prefix(cmd) => cli::admin::prefix(cmd),
+        Command::Generate(args) => generate(load(cli.model, opts)?, args),
         Command::Bench(BenchCommand::Engine {
             prefill,
             decode_contexts,
@@ -324,38 +312,20 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Command::Bench(BenchCommand::Agents {
-            sessions,
-            turns,
-            max_tokens,
-            sched,
-        }) => {
-            let engine = std::sync::Arc::new(load(cli.model, opts)?);
-            let cfg = agentd::bench_agents::AgentBenchConfig {
-                sessions,
-                turns,
-                max_tokens,
-            };
-            print_report(agentd::bench_agents::run_agent_bench(
-                engine,
-                sched.config(),
-                &cfg,
-            ))
-        }
         Command::Bench(BenchCommand::Restart {
             prefix_tokens,
             sched,
         }) => {
-            let engine = std::sync::Arc::new(load(cli.model, opts)?);
-            print_report(agentd::bench_restart::run_restart_bench(
+            let engine = Arc::new(load(cli.model, opts)?);
+            print_report(bench::restart::run_restart_bench(
                 engine,
                 sched.config(),
                 &prefix_tokens,
             ))
         }
         Command::Bench(BenchCommand::Serve { iterations }) => {
-            let engine = std::sync::Arc::new(load(cli.model, opts)?);
-            print_report(agentd::bench_serve::run_serve_bench(
+            let engine = Arc::new(load(cli.model, opts)?);
+            print_report(bench::serve::run_serve_bench(
                 engine,
                 SchedulerConfig::default(),
                 iterations,
@@ -369,7 +339,7 @@ fn main() -> Result<()> {
             skip_cache_off,
             sched,
         }) => {
-            let engine = std::sync::Arc::new(load(cli.model, opts)?);
+            let engine = Arc::new(load(cli.model, opts)?);
             let cfg = PrefixBenchConfig {
                 sessions,
                 system_tokens,
@@ -380,7 +350,6 @@ fn main() -> Result<()> {
             };
             print_report(async { Ok(run_prefix_bench(engine, &cfg).await?) })
         }
-        Command::Run(args) => run_cli::run(args, || load(cli.model, opts)),
         Command::Model(ModelCommand::Path) => {
             println!("{}", model_path(cli.model)?.display());
             Ok(())
@@ -412,9 +381,9 @@ fn serve(
     args: ServeArgs,
     sm: &ArgMatches,
 ) -> Result<()> {
-    use agentd::config::ConfigFile;
-    use agentd::service::serve::{bind_socket, serve, ServeConfig};
-    use agentd::service::Tenancy;
+    use agentd_service::serve::{bind_socket, serve, ServeConfig};
+    use agentd_service::Tenancy;
+    use config::ConfigFile;
     let file = match &args.config {
         Some(p) => ConfigFile::load(p)?,
         None => ConfigFile::default(),
@@ -470,7 +439,7 @@ fn serve(
     );
     sched.page_size = sched.page_size.min(4096);
     let socket = choose(sm, "socket", args.socket, file.socket.clone().map(Some))
-        .unwrap_or_else(agentd_sdk::default_socket_path);
+        .unwrap_or_else(agentd_wire::default_socket_path);
     let grace = choose(sm, "grace_seconds", args.grace_seconds, file.grace_seconds);
     let per_uid = choose(
         sm,
@@ -515,15 +484,14 @@ fn serve(
         file.cache_dir.clone().map(Some),
     ) {
         Some(d) => d,
-        None => model_store::data_dir()?.join("kv-cache"),
+        None => model_files::data_dir()?.join("kv-cache"),
     };
     let mut sched_cfg = sched.config();
-    sched_cfg.store = (disk_cache > 0).then_some(agentd::store::StoreConfig {
-        dir: cache_dir,
-        budget: disk_cache,
-    });
-    let engine = std::sync::Arc::new(load(model, opts)?);
-    let handle = agentd::scheduler::EngineHandle::spawn(engine, sched_cfg)?;
+    let engine = Arc::new(load(model, opts)?);
+    if disk_cache > 0 {
+        sched_cfg.store = Some(disk_tier(&engine, cache_dir, disk_cache)?);
+    }
+    let handle = SchedulerHandle::spawn(Box::new(engine.cpu_executor()), sched_cfg)?;
     let cfg = ServeConfig {
         socket: socket.clone(),
         tenancy,
@@ -533,7 +501,7 @@ fn serve(
         operators: file.operators.clone(),
     };
     eprintln!("agentd: listening on {}", socket.display());
-    rt.block_on(serve(handle, cfg, listener))?;
+    rt.block_on(serve(handle, engine, cfg, listener))?;
     eprintln!("agentd: stopped");
     Ok(())
 }
@@ -556,18 +524,33 @@ fn print_report<T: serde::Serialize>(
 fn model_path(flag: Option<PathBuf>) -> Result<PathBuf> {
     match flag {
         Some(p) => Ok(p),
-        None => Ok(model_store::ensure_default_model(&mut |msg| {
+        None => Ok(model_files::ensure_default_model(&mut |msg| {
             eprintln!("agentd: {msg}")
         })?),
     }
 }
 
-fn load(flag: Option<PathBuf>, opts: LoadOptions) -> Result<Engine> {
-    let path = model_path(flag)?;
-    Engine::load(&path, opts).with_context(|| format!("loading {}", path.display()))
+/// The disk tier at `dir` with a budget of `budget` bytes, for KV computed by `model`.
+fn disk_tier(
+    model: &LoadedModel,
+    dir: PathBuf,
+    budget: u64,
+) -> Result<agentd_scheduler::DiskTierConfig> {
+    Ok(agentd_scheduler::DiskTierConfig {
+        store: agentd_store::StoreConfig { dir, budget },
+        digests: model
+            .digests()
+            .context("hashing the model for the disk cache")?,
+    })
 }
 
-fn generate(engine: &Engine, args: GenerateArgs) -> Result<()> {
+fn load(flag: Option<PathBuf>, opts: LoadOptions) -> Result<LoadedModel> {
+    let path = model_path(flag)?;
+    LoadedModel::load(&path, opts).with_context(|| format!("loading {}", path.display()))
+}
+
+/// `agentd generate`: one session through the scheduler, its reply streamed to stdout.
+fn generate(engine: LoadedModel, args: GenerateArgs) -> Result<()> {
     let mut messages = Vec::new();
     if let Some(system) = args.system {
         messages.push(Message::system(system));
@@ -590,30 +573,55 @@ fn generate(engine: &Engine, args: GenerateArgs) -> Result<()> {
         stop: args.stop,
         ..GenerateOptions::default()
     };
+    let dec = engine.decoding(&opts)?;
+    let exec = engine.cpu_executor();
+    // A pool just large enough for this one sequence.
+    let page_size = 16;
+    let context = agentd_engine::Executor::shape(&exec).context_length;
+    let tokens = (prompt.len() + args.max_tokens).min(context);
+    let pages = tokens.div_ceil(page_size) + 2;
+    let cfg = SchedulerConfig {
+        page_size,
+        kv_memory: pages * page_size * agentd_engine::Executor::kv_bytes_per_token(&exec),
+        max_batch: 1,
+        ..SchedulerConfig::default()
+    };
+    let sched = SchedulerHandle::spawn(Box::new(exec), cfg)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
-    // A closed stdout (e.g. `agentd generate … | head -c 10`) cancels the generation.
-    let result = engine.generate(&prompt, &opts, &mut |text| match out
-        .write_all(text.as_bytes())
-        .and_then(|_| out.flush())
-    {
-        Ok(()) => ControlFlow::Continue(()),
-        Err(e) => {
-            write_err = Some(e);
-            ControlFlow::Break(())
+    let usage = rt.block_on(async {
+        let session = sched.create_session(0, None, prompt).await?;
+        let mut rx = sched.generate(0, session, dec).await?;
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                agentd_scheduler::Event::Token { text, .. } => {
+                    // A closed stdout (`agentd generate … | head -c 10`) cancels the
+                    // generation: dropping the receiver does.
+                    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                        write_err = Some(e);
+                        return Ok(None);
+                    }
+                }
+                agentd_scheduler::Event::Done(u) => return Ok(Some(u)),
+                agentd_scheduler::Event::Error(e) => return Err(e),
+            }
         }
+        Err(agentd_scheduler::SchedError::Shutdown)
     })?;
-    if args.stats {
-        let decode_s = result.decode_time.as_secs_f64();
+    if let (true, Some(u)) = (args.stats, &usage) {
+        let decode_s = (u.total - u.ttft).as_secs_f64();
         eprintln!(
             "{}",
             serde_json::json!({
-                "prompt_tokens": result.prompt_tokens,
-                "generated_tokens": result.tokens.len(),
-                "finish": result.finish,
-                "prefill_seconds": result.prefill_time.as_secs_f64(),
-                "decode_tokens_per_s": (result.tokens.len().saturating_sub(1)) as f64 / decode_s.max(1e-9),
+                "prompt_tokens": u.prompt_tokens,
+                "generated_tokens": u.generated_tokens,
+                "finish": u.finish,
+                "prefill_seconds": u.ttft.as_secs_f64(),
+                "decode_tokens_per_s": (u.generated_tokens.saturating_sub(1)) as f64 / decode_s.max(1e-9),
             })
         );
     }

@@ -4,7 +4,7 @@ use crate::error::Error;
 use crate::proto::agentd_client::AgentdClient;
 use crate::proto::{self, generate_event};
 use hyper_util::rt::TokioIo;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::net::UnixStream;
@@ -13,23 +13,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// The socket a daemon listens on by default: `$AGENTD_SOCKET`, else
-/// `$XDG_RUNTIME_DIR/agentd/agentd.sock`, else
-/// `agentd.sock` in the data directory (`$AGENTD_HOME`, else the XDG data directory's `agentd`).
-pub fn default_socket_path() -> PathBuf {
-    if let Some(sock) = std::env::var_os("AGENTD_SOCKET").filter(|v| !v.is_empty()) {
-        return PathBuf::from(sock);
-    }
-    if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
-        return PathBuf::from(run).join("agentd").join("agentd.sock");
-    }
-    let home = std::env::var_os("AGENTD_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| dirs::data_dir().map(|d| d.join("agentd")))
-        .unwrap_or_else(|| PathBuf::from(".agentd"));
-    home.join("agentd.sock")
-}
+pub use agentd_wire::default_socket_path;
 
 fn wire_messages(messages: &[crate::Message]) -> Vec<proto::Message> {
     messages
@@ -278,8 +262,10 @@ impl Client {
     }
 }
 
-/// How to generate. Defaults: 256 tokens, temperature 0.7, top-k 40, top-p 0.95, min-p 0.05,
-/// repetition penalty 1.1 (as `agentd generate`); [`GenerateOptions::greedy`] for determinism.
+/// How to generate. Defaults: 256 tokens and agentd's sampling defaults
+/// ([`agentd_wire::sampling_defaults`]: temperature 0.7, top-k 40, top-p 0.95, min-p 0.05,
+/// repetition penalty 1.1, as the daemon and `agentd generate` use);
+/// [`GenerateOptions::greedy`] for determinism.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateOptions {
     max_tokens: u32,
@@ -292,16 +278,7 @@ impl Default for GenerateOptions {
     fn default() -> Self {
         Self {
             max_tokens: 256,
-            sampling: proto::Sampling {
-                temperature: 0.7,
-                top_k: 40,
-                top_p: 0.95,
-                min_p: 0.05,
-                repetition_penalty: 1.1,
-                presence_penalty: 0.0,
-                frequency_penalty: 0.0,
-                seed: None,
-            },
+            sampling: agentd_wire::sampling_defaults::wire(),
             stop: Vec::new(),
             constraint: None,
         }

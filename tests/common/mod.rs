@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 
 pub fn model() -> PathBuf {
-    agentd::model_store::ensure_default_model(&mut |m| eprintln!("{m}")).expect("the default model")
+    agentd_engine::model_files::ensure_default_model(&mut |m| eprintln!("{m}"))
+        .expect("the default model")
 }
 
 /// A daemon process on its own socket; killed when dropped.

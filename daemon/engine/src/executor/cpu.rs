@@ -1,0 +1,88 @@
+//! [`CpuExecutor`]: the GGUF model's forward pass on the CPU over f16 KV pages in host memory.
+
+use super::{check_page, ExecError, Executor, KvDtype, KvLayout, ModelShape, SeqStep};
+use crate::model::{KvPages, Model};
+use std::sync::Arc;
+
+/// The model's weights and the KV pages, on the CPU (rayon's thread pool runs the kernels).
+pub struct CpuExecutor {
+    model: Arc<Model>,
+    kv: KvPages,
+}
+
+impl CpuExecutor {
+    /// An executor for `model` with no pages yet ([`Executor::allocate`] makes them).
+    pub fn new(model: Arc<Model>) -> Self {
+        let kv = KvPages::new(model.config(), 0, 16);
+        Self { model, kv }
+    }
+}
+
+impl Executor for CpuExecutor {
+    fn shape(&self) -> ModelShape {
+        let c = self.model.config();
+        ModelShape {
+            vocab: c.vocab,
+            context_length: c.context_length,
+        }
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        KvPages::bytes_per_token(self.model.config())
+    }
+
+    fn allocate(&mut self, pages: usize, page_size: usize) -> Result<(), ExecError> {
+        if page_size == 0 {
+            return Err(ExecError::Pool(
+                "a page must hold at least one token".into(),
+            ));
+        }
+        self.kv = KvPages::new(self.model.config(), pages, page_size);
+        Ok(())
+    }
+
+    fn layout(&self) -> KvLayout {
+        let c = self.model.config();
+        KvLayout {
+            page_size: self.kv.page_size(),
+            pages: self.kv.num_pages(),
+            layers: c.layers,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            dtype: KvDtype::F16,
+        }
+    }
+
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Vec<Option<Vec<f32>>>, ExecError> {
+        Ok(self.model.forward_batch(steps, &mut self.kv)?)
+    }
+
+    fn copy_page(&mut self, src: u32, dst: u32, tokens: usize) -> Result<(), ExecError> {
+        check_page(src, self.kv.num_pages())?;
+        check_page(dst, self.kv.num_pages())?;
+        self.kv.copy_page(src, dst, tokens);
+        Ok(())
+    }
+
+    fn page_bytes(&self) -> usize {
+        self.kv.page_bytes()
+    }
+
+    fn read_page(&self, page: u32, out: &mut Vec<u8>) -> Result<(), ExecError> {
+        check_page(page, self.kv.num_pages())?;
+        self.kv.read_page_bytes(page, out);
+        Ok(())
+    }
+
+    fn write_page(&mut self, page: u32, bytes: &[u8]) -> Result<(), ExecError> {
+        check_page(page, self.kv.num_pages())?;
+        if bytes.len() != self.kv.page_bytes() {
+            return Err(ExecError::PageBytes {
+                expected: self.kv.page_bytes(),
+                got: bytes.len(),
+            });
+        }
+        self.kv.write_page_bytes(page, bytes);
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! The forward pass: a batch of sequences' new tokens through the network, their keys and
+//! values written into KV pages, logits out for the sequences that ask for them.
+
+use super::error::{ModelError, Result};
+use super::kv::KvPages;
+use super::weights::{forward_shared, MatScratch, RowSplit};
+use super::Model;
+pub use crate::executor::{RowKind, SeqStep};
+use agentd_kernels::attention::AttentionShape;
+use agentd_kernels::norm::rms_norm;
+use agentd_kernels::paged_attention::{paged_causal_attention, write_kv, PagedKv, PagedKvMut};
+use agentd_kernels::vecops;
+use rayon::prelude::*;
+
+/// A single sequence's KV in its own growable pages, for the oracle tests (the product runs
+/// every sequence through the scheduler).
+#[cfg(test)]
+pub struct KvCache {
+    pages: KvPages,
+    table: Vec<u32>,
+    len: usize,
+}
+
+#[cfg(test)]
+impl KvCache {
+    pub(super) fn new(pages: KvPages) -> Self {
+        Self {
+            pages,
+            table: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Tokens whose keys and values are cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position from `len` on (to re-run from a shared prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Bytes held for keys and values.
+    pub fn size_bytes(&self) -> usize {
+        self.pages.size_bytes()
+    }
+}
+
+/// Buffers reused across the layers of one forward call.
+#[derive(Default)]
+struct Scratch {
+    norm: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    mat: MatScratch,
+}
+
+impl Model {
+    /// Runs `tokens` (the sequence's next tokens, at positions `cache.len()…`) through the
+    /// network, appends their keys and values to `cache`, and returns the logits for the last
+    /// of them. One token is a decode row, several are prompt rows.
+    #[cfg(test)]
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let ps = cache.pages.page_size();
+        let need = (cache.len + tokens.len()).div_ceil(ps);
+        if need > cache.table.len() {
+            cache.pages.grow(need.next_power_of_two());
+            cache.table = (0..cache.pages.num_pages() as u32).collect();
+        }
+        let kind = if tokens.len() == 1 {
+            RowKind::Decode
+        } else {
+            RowKind::Prompt
+        };
+        let step = SeqStep {
+            tokens,
+            pos0: cache.len,
+            page_table: &cache.table,
+            kind,
+            logits: true,
+        };
+        let mut out = self.forward_batch(&[step], &mut cache.pages)?;
+        cache.len += tokens.len();
+        Ok(out.pop().flatten().expect("logits were asked for"))
+    }
+
+    fn check_step(&self, s: &SeqStep<'_>, page_size: usize, num_pages: usize) -> Result<()> {
+        let c = &self.config;
+        let n = s.tokens.len();
+        let bad = |reason: String| ModelError::BadTensor {
+            name: "input".into(),
+            reason,
+        };
+        if n == 0 {
+            return Err(bad("no tokens to run".into()));
+        }
+        let limit = c.context_length.min(self.rope.positions());
+        if s.pos0 + n > limit {
+            return Err(ModelError::ContextOverflow {
+                needed: s.pos0 + n,
+                limit,
+            });
+        }
+        if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(ModelError::TokenOutOfRange { id, vocab: c.vocab });
+        }
+        let pages = (s.pos0 + n).div_ceil(page_size);
+        if s.page_table.len() < pages {
+            return Err(bad(format!(
+                "page table has {} pages, positions up to {} need {pages}",
+                s.page_table.len(),
+                s.pos0 + n
+            )));
+        }
+        if let Some(p) = s.page_table[..pages]
+            .iter()
+            .find(|&&p| p as usize >= num_pages)
+        {
+            return Err(bad(format!("page {p} is outside the pool of {num_pages}")));
+        }
+        Ok(())
+    }
+
+    /// One forward step over a batch of sequences: every sequence's new tokens run through the
+    /// network together (decode rows in one quantized pass over the weights, prompt rows in one
+    /// dense product), each sequence's keys and values go into its pages in `kv`, and attention
+    /// reads them back from the pages. Returns, per sequence in order, the logits of its last new
+    /// token when it asked for them.
+    pub fn forward_batch(
+        &self,
+        seqs: &[SeqStep<'_>],
+        kv: &mut KvPages,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let c = &self.config;
+        for s in seqs {
+            self.check_step(s, kv.page_size(), kv.num_pages())?;
+        }
+        // Decode rows first, then prompt rows; `order[i]` is the i-th sequence in row order.
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].kind == RowKind::Prompt);
+        let mut row0 = vec![0usize; seqs.len()];
+        let mut split = RowSplit {
+            decode: 0,
+            prompt: 0,
+        };
+        for &i in &order {
+            row0[i] = split.total();
+            match seqs[i].kind {
+                RowKind::Decode => split.decode += seqs[i].tokens.len(),
+                RowKind::Prompt => split.prompt += seqs[i].tokens.len(),
+            }
+        }
+        let n = split.total();
+        let hidden = c.hidden;
+        let mut x = vec![0f32; n * hidden];
+        for (i, s) in seqs.iter().enumerate() {
+            for (j, &t) in s.tokens.iter().enumerate() {
+                let r = row0[i] + j;
+                self.embedding
+                    .lookup(t as usize, &mut x[r * hidden..(r + 1) * hidden]);
+            }
+        }
+        let shape = AttentionShape {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        };
+        let (q_row, kv_row) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let page_size = kv.page_size();
+        let mut s = Scratch {
+            norm: vec![0f32; n * hidden],
+            ..Default::default()
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut s.norm);
+            forward_shared(
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &s.norm,
+                split,
+                &mut [&mut s.q, &mut s.k, &mut s.v],
+                &mut s.mat,
+            )?;
+            let (k_pool, v_pool) = kv.layer_mut(li);
+            for (i, seq) in seqs.iter().enumerate() {
+                let rows = row0[i]..row0[i] + seq.tokens.len();
+                let q = &mut s.q[rows.start * q_row..rows.end * q_row];
+                self.rope.apply(q, seq.pos0, c.heads, c.head_dim);
+                let k = &mut s.k[rows.start * kv_row..rows.end * kv_row];
+                self.rope.apply(k, seq.pos0, c.kv_heads, c.head_dim);
+                let v = &s.v[rows.start * kv_row..rows.end * kv_row];
+                let dst = PagedKvMut {
+                    k_pool: &mut *k_pool,
+                    v_pool: &mut *v_pool,
+                    page_size,
+                    page_table: seq.page_table,
+                };
+                write_kv(shape, dst, seq.pos0, k, v)?;
+            }
+            s.attn.resize(s.q.len(), 0.0);
+            let (k_pool, v_pool) = kv.layer(li);
+            // Each sequence's output rows, in row order, paired with the sequence.
+            let mut outs: Vec<(usize, &mut [f32])> = Vec::with_capacity(seqs.len());
+            let mut rest = &mut s.attn[..];
+            for &i in &order {
+                let (head, tail) = rest.split_at_mut(seqs[i].tokens.len() * q_row);
+                outs.push((i, head));
+                rest = tail;
+            }
+            let q = &s.q;
+            let attend = |(i, out): (usize, &mut [f32])| {
+                let seq = &seqs[i];
+                let kv = PagedKv {
+                    k_pool,
+                    v_pool,
+                    page_size,
+                    page_table: seq.page_table,
+                };
+                let rows = row0[i]..row0[i] + seq.tokens.len();
+                let q = &q[rows.start * q_row..rows.end * q_row];
+                paged_causal_attention(shape, q, kv, seq.pos0, scale, out)
+            };
+            if outs.len() == 1 {
+                outs.into_iter().try_for_each(attend)?;
+            } else {
+                outs.into_par_iter().try_for_each(attend)?;
+            }
+            layer.wo.forward(&s.attn, split, &mut s.proj, &mut s.mat)?;
+            vecops::add(&mut x, &s.proj);
+
+            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut s.norm);
+            forward_shared(
+                &[&layer.gate, &layer.up],
+                &s.norm,
+                split,
+                &mut [&mut s.gate, &mut s.up],
+                &mut s.mat,
+            )?;
+            vecops::silu_mul(&mut s.gate, &s.up);
+            layer
+                .down
+                .forward(&s.gate, split, &mut s.proj, &mut s.mat)?;
+            vecops::add(&mut x, &s.proj);
+        }
+        // The head runs only on the rows whose logits are wanted, all as decode rows (it has
+        // no dense copy; one quantized pass serves the whole batch).
+        let wanted: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].logits).collect();
+        let mut normed = vec![0f32; wanted.len() * hidden];
+        for (j, &i) in wanted.iter().enumerate() {
+            let r = row0[i] + seqs[i].tokens.len() - 1;
+            rms_norm(
+                &x[r * hidden..(r + 1) * hidden],
+                &self.output_norm,
+                c.rms_eps,
+                &mut normed[j * hidden..(j + 1) * hidden],
+            );
+        }
+        let mut logits = Vec::new();
+        let head_rows = RowSplit {
+            decode: wanted.len(),
+            prompt: 0,
+        };
+        if !wanted.is_empty() {
+            self.head
+                .forward(&normed, head_rows, &mut logits, &mut s.mat)?;
+        }
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
+        for (j, &i) in wanted.iter().enumerate() {
+            out[i] = Some(logits[j * c.vocab..(j + 1) * c.vocab].to_vec());
+        }
+        Ok(out)
+    }
+}

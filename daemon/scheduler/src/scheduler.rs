@@ -1,0 +1,744 @@
+//! The scheduler's state and its session operations: sessions as token logs, pinned prefixes,
+//! the waiting queue and cache-aware, tenant-fair admission.
+
+use super::types::*;
+use crate::cache::{Namespace, NodeId, PageId, PagePool, RadixTree};
+use agentd_engine::{Decoding, Executor, ModelShape};
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// A session: its tenant, its token log and where its shared prefix lives.
+pub(super) struct Session {
+    pub tenant: TenantId,
+    pub tokens: Vec<u32>,
+    pub epoch: u64,
+    /// The namespace of the published prefix it was created from, matched besides the tenant's.
+    pub published: Option<Namespace>,
+    /// The request in flight, if any.
+    pub busy: Option<u64>,
+}
+
+/// A registered prefix.
+pub(super) struct Prefix {
+    pub tenant: TenantId,
+    pub ns: Namespace,
+    pub tokens: Vec<u32>,
+    pub pinned: bool,
+}
+
+/// Called once when a prefix registration finishes.
+pub(super) type PrefixReply = Box<dyn FnOnce(Result<PrefixInfo>) + Send>;
+
+/// A registered prefix, as returned to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PrefixInfo {
+    /// Its id (to create sessions from it).
+    pub id: PrefixId,
+    /// Its length in tokens.
+    pub tokens: usize,
+}
+
+/// What a request computes.
+pub(super) enum Work {
+    /// Generate tokens for a session, streaming events to `sink`.
+    Generate {
+        session: SessionId,
+        dec: Box<Decoding>,
+        sink: UnboundedSender<Event>,
+    },
+    /// Compute and pin a prefix.
+    Prefix {
+        id: PrefixId,
+        reply: Option<PrefixReply>,
+    },
+}
+
+/// A request waiting or running.
+pub(super) struct Request {
+    pub id: u64,
+    pub tenant: TenantId,
+    pub ns: Namespace,
+    pub published: Option<Namespace>,
+    /// Every token of the sequence: the prompt, then what was sampled so far.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub work: Work,
+    pub submitted: Instant,
+    pub first_token: Option<Instant>,
+    /// Prompt tokens served from the cache at first admission.
+    pub cached_tokens: Option<usize>,
+    pub preemptions: u32,
+}
+
+impl Request {
+    /// True when the reader of a generation has gone away.
+    pub fn cancelled(&self) -> bool {
+        matches!(&self.work, Work::Generate { sink, .. } if sink.is_closed())
+    }
+}
+
+/// A running sequence: a request plus the pages holding its KV.
+pub(super) struct Seq {
+    pub req: Request,
+    /// One reference per page, positions `k*page_size..` in page `k`.
+    pub pages: Vec<PageId>,
+    /// Tokens whose KV is in the pages.
+    pub kv_len: usize,
+    /// The tree node this sequence holds locked.
+    pub node: Option<NodeId>,
+    /// Admission order (larger = younger).
+    pub admitted: u64,
+    /// Whether the next token is a sampled one (a decode row).
+    pub decoding: bool,
+}
+
+/// The scheduler: drives an [`Executor`] (which owns the KV pages) and owns the page
+/// accounting, the radix tree, the sessions and the queues. Single-threaded;
+/// [`super::SchedulerHandle`] runs it on its own thread.
+pub struct Scheduler {
+    pub(super) exec: Box<dyn Executor>,
+    pub(super) shape: ModelShape,
+    pub(super) cfg: SchedulerConfig,
+    pub(super) tree: RadixTree,
+    pub(super) sessions: HashMap<SessionId, Session>,
+    pub(super) prefixes: HashMap<PrefixId, Prefix>,
+    pub(super) waiting: VecDeque<Request>,
+    pub(super) running: Vec<Seq>,
+    pub(super) stats: SchedStats,
+    next_id: u64,
+    pub(super) admit_clock: u64,
+    last_tenant: Option<TenantId>,
+    /// The disk tier.
+    pub(super) store: Option<agentd_store::Store>,
+}
+
+/// Candidates looked at per tenant per admission (bounds admission work per step).
+const ADMIT_LOOKAHEAD: usize = 16;
+
+impl Scheduler {
+    /// A scheduler driving `exec`, whose KV pool it allocates: `cfg.kv_memory` bytes.
+    pub fn new(mut exec: Box<dyn Executor>, cfg: SchedulerConfig) -> Result<Self> {
+        let shape = exec.shape();
+        if cfg.max_batch == 0 || cfg.step_tokens == 0 {
+            return Err(SchedError::InvalidRequest(
+                "max_batch and step_tokens must be at least 1".into(),
+            ));
+        }
+        let per_token = exec.kv_bytes_per_token();
+        let pool = PagePool::from_budget(cfg.kv_memory, per_token, cfg.page_size)
+            .map_err(|e| SchedError::InvalidRequest(e.to_string()))?;
+        if pool.capacity() < 2 {
+            return Err(SchedError::InvalidRequest(format!(
+                "--kv-memory of {} bytes holds {} pages of {} tokens ({} bytes each); at least 2 are needed",
+                cfg.kv_memory,
+                pool.capacity(),
+                cfg.page_size,
+                per_token * cfg.page_size
+            )));
+        }
+        exec.allocate(pool.capacity(), cfg.page_size)
+            .map_err(|e| SchedError::Executor(Cause::new(e)))?;
+        tracing::info!(
+            pages = pool.capacity(),
+            page_size = cfg.page_size,
+            bytes = pool.capacity() * exec.page_bytes(),
+            "KV pool allocated"
+        );
+        let stats = SchedStats {
+            pool_pages: pool.capacity(),
+            page_size: cfg.page_size,
+            page_bytes: per_token * cfg.page_size,
+            ..Default::default()
+        };
+        let store_cfg = cfg.store.clone();
+        let mut s = Self {
+            exec,
+            shape,
+            cfg,
+            tree: RadixTree::new(pool),
+            sessions: HashMap::new(),
+            prefixes: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats,
+            next_id: 1,
+            admit_clock: 0,
+            last_tenant: None,
+            store: None,
+        };
+        if let Some(store) = &store_cfg {
+            s.open_store(store)?;
+        }
+        Ok(s)
+    }
+
+    /// Makes later ids larger than `id` (restored from disk).
+    pub(super) fn bump_id_past(&mut self, id: u64) {
+        self.next_id = self.next_id.max(id + 1);
+    }
+
+    /// The vocabulary and context length of the model behind the executor.
+    pub fn shape(&self) -> ModelShape {
+        self.shape
+    }
+
+    pub(super) fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id - 1
+    }
+
+    /// True when nothing is waiting or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub(super) fn context_limit(&self) -> usize {
+        self.shape.context_length
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        self.check_vocab(tokens)?;
+        self.check_length(tokens.len())
+    }
+
+    fn check_vocab(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.shape.vocab;
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(SchedError::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A log of `len` tokens must leave room for one generated token.
+    fn check_length(&self, len: usize) -> Result<()> {
+        let limit = self.context_limit();
+        if len >= limit {
+            return Err(SchedError::ContextOverflow {
+                needed: len + 1,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_session_limit(&self, tenant: TenantId) -> Result<()> {
+        let open = self
+            .sessions
+            .values()
+            .filter(|s| s.tenant == tenant)
+            .count();
+        let limit = self.cfg.limits.sessions;
+        if open >= limit {
+            return Err(SchedError::LimitExceeded {
+                what: "open sessions",
+                limit,
+                wanted: open + 1,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a generation of `max_tokens` after `log_len` tokens against `tenant`'s limits.
+    fn check_generation_limits(
+        &self,
+        tenant: TenantId,
+        log_len: usize,
+        max_tokens: usize,
+    ) -> Result<()> {
+        let l = self.cfg.limits;
+        let in_flight = self.waiting.iter().filter(|r| r.tenant == tenant).count()
+            + self
+                .running
+                .iter()
+                .filter(|s| s.req.tenant == tenant)
+                .count();
+        let over = |what, limit: usize, wanted: usize| {
+            (wanted > limit).then_some(SchedError::LimitExceeded {
+                what,
+                limit,
+                wanted,
+            })
+        };
+        let tokens = log_len + max_tokens;
+        let checks = [
+            over(
+                "concurrent generations",
+                l.concurrent_generations,
+                in_flight + 1,
+            ),
+            over(
+                "tokens per request (prompt + max_tokens)",
+                l.request_tokens,
+                tokens,
+            ),
+            over(
+                "KV pages per request",
+                l.request_pages,
+                tokens.div_ceil(self.cfg.page_size),
+            ),
+        ];
+        match checks.into_iter().flatten().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn session(&self, tenant: TenantId, id: SessionId) -> Result<&Session> {
+        match self.sessions.get(&id) {
+            Some(s) if s.tenant == tenant => Ok(s),
+            _ => Err(SchedError::UnknownSession(id.0)),
+        }
+    }
+
+    fn idle_session(&mut self, tenant: TenantId, id: SessionId) -> Result<&mut Session> {
+        let s = match self.sessions.get_mut(&id) {
+            Some(s) if s.tenant == tenant => s,
+            _ => return Err(SchedError::UnknownSession(id.0)),
+        };
+        if s.busy.is_some() {
+            return Err(SchedError::SessionBusy(id.0));
+        }
+        Ok(s)
+    }
+
+    /// A prefix `tenant` may use: its own, or a published one.
+    fn visible_prefix(&self, tenant: TenantId, id: PrefixId) -> Result<&Prefix> {
+        match self.prefixes.get(&id) {
+            Some(p) if p.tenant == tenant || matches!(p.ns, Namespace::Published(_)) => Ok(p),
+            _ => Err(SchedError::UnknownPrefix(id.0)),
+        }
+    }
+
+    /// Opens a session for `tenant` whose log starts with the prefix `from` (if any) followed by
+    /// `tokens`.
+    pub fn create_session(
+        &mut self,
+        tenant: TenantId,
+        from: Option<PrefixId>,
+        tokens: Vec<u32>,
+    ) -> Result<SessionId> {
+        let (mut log, published) = match from {
+            Some(p) => {
+                let p = self.visible_prefix(tenant, p)?;
+                let published = matches!(p.ns, Namespace::Published(_)).then_some(p.ns);
+                (p.tokens.clone(), published)
+            }
+            None => (Vec::new(), None),
+        };
+        log.extend_from_slice(&tokens);
+        self.check_tokens(&log)?;
+        self.check_session_limit(tenant)?;
+        let id = SessionId(self.fresh_id());
+        self.sessions.insert(
+            id,
+            Session {
+                tenant,
+                tokens: log,
+                epoch: 0,
+                published,
+                busy: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Appends `tokens` to an idle session's log; returns the new length.
+    pub fn append(&mut self, tenant: TenantId, id: SessionId, tokens: &[u32]) -> Result<usize> {
+        self.append_input(tenant, id, AppendInput::Tokens(tokens.to_vec()))
+            .map(|a| a.tokens)
+    }
+
+    /// Appends to an idle session's log in one step: tokens, or messages the caller rendered
+    /// both as a first turn and as a continuation (the choice depends on whether the log is
+    /// empty, decided here, atomically with the append). Returns the new length and epoch.
+    pub fn append_input(
+        &mut self,
+        tenant: TenantId,
+        id: SessionId,
+        input: AppendInput,
+    ) -> Result<Appended> {
+        let len = self.session(tenant, id)?.tokens.len();
+        let add = match input {
+            AppendInput::Tokens(t) => t,
+            AppendInput::Rendered { first, continuing } => {
+                if len == 0 { first } else { continuing }.map_err(SchedError::InvalidRequest)?
+            }
+        };
+        self.check_vocab(&add)?;
+        self.check_length(len + add.len())?;
+        let s = self.idle_session(tenant, id)?;
+        s.tokens.extend_from_slice(&add);
+        Ok(Appended {
+            tokens: s.tokens.len(),
+            epoch: s.epoch,
+        })
+    }
+
+    /// A new session with a copy of an idle session's log. Its KV is shared through the cache:
+    /// every full page is reused and only the last partial page is copied when written.
+    pub fn fork(&mut self, tenant: TenantId, id: SessionId) -> Result<SessionId> {
+        let s = self.idle_session(tenant, id)?;
+        let (tokens, published, epoch) = (s.tokens.clone(), s.published, s.epoch);
+        self.check_session_limit(tenant)?;
+        let new = SessionId(self.fresh_id());
+        self.sessions.insert(
+            new,
+            Session {
+                tenant,
+                tokens,
+                epoch,
+                published,
+                busy: None,
+            },
+        );
+        Ok(new)
+    }
+
+    /// Replaces tokens `start..end` of an idle session's log with `tokens` (compaction) and
+    /// starts a new epoch; returns it. Everything before `start` keeps its cache hits.
+    pub fn rewrite(
+        &mut self,
+        tenant: TenantId,
+        id: SessionId,
+        start: usize,
+        end: usize,
+        tokens: &[u32],
+    ) -> Result<u64> {
+        let old = &self.session(tenant, id)?.tokens;
+        if start > end || end > old.len() {
+            return Err(SchedError::InvalidRequest(format!(
+                "rewrite range {start}..{end} is not inside the session's {} tokens",
+                old.len()
+            )));
+        }
+        let mut log = old[..start].to_vec();
+        log.extend_from_slice(tokens);
+        log.extend_from_slice(&old[end..]);
+        self.check_tokens(&log)?;
+        let s = self.idle_session(tenant, id)?;
+        s.tokens = log;
+        s.epoch += 1;
+        Ok(s.epoch)
+    }
+
+    /// The session's token log and epoch.
+    pub fn session_tokens(&self, tenant: TenantId, id: SessionId) -> Result<(Vec<u32>, u64)> {
+        let s = self.session(tenant, id)?;
+        Ok((s.tokens.clone(), s.epoch))
+    }
+
+    /// Closes a session; a generation in flight is cancelled and everything it held is freed.
+    pub fn close(&mut self, tenant: TenantId, id: SessionId) -> Result<()> {
+        let busy = self.session(tenant, id)?.busy;
+        if let Some(req) = busy {
+            self.cancel_request(req);
+        }
+        self.sessions.remove(&id);
+        Ok(())
+    }
+
+    /// Starts a generation continuing the session's log; events go to `sink`.
+    pub fn generate(
+        &mut self,
+        tenant: TenantId,
+        id: SessionId,
+        dec: Decoding,
+        sink: UnboundedSender<Event>,
+    ) -> Result<()> {
+        let limit = self.context_limit();
+        let max_tokens = dec.max_tokens();
+        let s = self.session(tenant, id)?;
+        if s.busy.is_some() {
+            return Err(SchedError::SessionBusy(id.0));
+        }
+        if s.tokens.is_empty() {
+            return Err(SchedError::InvalidRequest(
+                "the session is empty: append a prompt first".into(),
+            ));
+        }
+        if max_tokens == 0 || max_tokens > limit {
+            return Err(SchedError::InvalidRequest(format!(
+                "max_tokens must be in 1..={limit}, got {max_tokens}"
+            )));
+        }
+        if s.tokens.len() >= limit {
+            return Err(SchedError::ContextOverflow {
+                needed: s.tokens.len() + 1,
+                limit,
+            });
+        }
+        self.check_generation_limits(tenant, s.tokens.len(), max_tokens)?;
+        let (tokens, published) = (s.tokens.clone(), s.published);
+        let rid = self.fresh_id();
+        self.sessions.get_mut(&id).expect("checked").busy = Some(rid);
+        let prompt_len = tokens.len();
+        self.waiting.push_back(Request {
+            id: rid,
+            tenant,
+            ns: Namespace::Tenant(tenant),
+            published,
+            tokens,
+            prompt_len,
+            work: Work::Generate {
+                session: id,
+                dec: Box::new(dec),
+                sink,
+            },
+            submitted: Instant::now(),
+            first_token: None,
+            cached_tokens: None,
+            preemptions: 0,
+        });
+        Ok(())
+    }
+
+    /// Registers `tokens` as a pinned prefix of `tenant` (or, with `publish`, one every tenant
+    /// may start sessions from). `reply` gets the result once its KV is computed and pinned.
+    pub fn register_prefix(
+        &mut self,
+        tenant: TenantId,
+        tokens: Vec<u32>,
+        publish: bool,
+        reply: PrefixReply,
+    ) {
+        if tokens.is_empty() {
+            return reply(Err(SchedError::InvalidRequest(
+                "the prefix is empty".into(),
+            )));
+        }
+        if let Err(e) = self.check_tokens(&tokens) {
+            return reply(Err(e));
+        }
+        let id = PrefixId(self.fresh_id());
+        let ns = if publish {
+            Namespace::Published(id.0)
+        } else {
+            Namespace::Tenant(tenant)
+        };
+        let info = PrefixInfo {
+            id,
+            tokens: tokens.len(),
+        };
+        self.prefixes.insert(
+            id,
+            Prefix {
+                tenant,
+                ns,
+                tokens: tokens.clone(),
+                pinned: false,
+            },
+        );
+        // Already cached: pin it now.
+        if self.cfg.cache && self.tree.longest_prefix_len(ns, &tokens) == tokens.len() {
+            return reply(self.pin_prefix(id).map(|()| info));
+        }
+        let rid = self.fresh_id();
+        self.waiting.push_back(Request {
+            id: rid,
+            tenant,
+            ns,
+            published: None,
+            prompt_len: tokens.len(),
+            tokens,
+            work: Work::Prefix {
+                id,
+                reply: Some(reply),
+            },
+            submitted: Instant::now(),
+            first_token: None,
+            cached_tokens: None,
+            preemptions: 0,
+        });
+    }
+
+    pub(super) fn pin_prefix(&mut self, id: PrefixId) -> Result<()> {
+        let p = self.prefixes.get_mut(&id).expect("registered prefix");
+        if !self.cfg.cache || p.pinned {
+            return Ok(());
+        }
+        self.tree.pin(p.ns, &p.tokens)?;
+        p.pinned = true;
+        self.persist_prefix(id);
+        Ok(())
+    }
+
+    /// Unpins and forgets a prefix of `tenant` (its KV becomes ordinary cache).
+    pub fn drop_prefix(&mut self, tenant: TenantId, id: PrefixId) -> Result<()> {
+        match self.prefixes.get(&id) {
+            Some(p) if p.tenant == tenant => {}
+            _ => return Err(SchedError::UnknownPrefix(id.0)),
+        }
+        self.unpin_prefix(id)
+    }
+
+    /// Cancels a request wherever it is, freeing what it holds.
+    pub(super) fn cancel_request(&mut self, rid: u64) {
+        if let Some(i) = self.waiting.iter().position(|r| r.id == rid) {
+            let req = self.waiting.remove(i).expect("found");
+            self.finish_waiting(req);
+        } else if let Some(i) = self.running.iter().position(|s| s.req.id == rid) {
+            self.retire(i, Some(agentd_engine::FinishReason::Cancelled));
+        }
+    }
+
+    /// Longest cached prefix of `req` in its namespaces: (length, namespace).
+    pub(super) fn cached_len(&self, req: &Request) -> (usize, Namespace) {
+        if !self.cfg.cache {
+            return (0, req.ns);
+        }
+        let own = self.tree.longest_prefix_len(req.ns, &req.tokens);
+        match req.published {
+            Some(p) => {
+                let shared = self.tree.longest_prefix_len(p, &req.tokens);
+                if shared > own {
+                    (shared, p)
+                } else {
+                    (own, req.ns)
+                }
+            }
+            None => (own, req.ns),
+        }
+    }
+
+    /// Picks the next request to admit: tenants take turns; within a tenant, a preempted
+    /// request first, else the longest cached prefix among the first few waiting. A request
+    /// whose prompt shares more with a prefill in flight than the cache holds waits for that
+    /// prefill to land in the cache instead of computing the same tokens twice.
+    fn pick(&self) -> Option<usize> {
+        let mut tenants: Vec<TenantId> = self.waiting.iter().map(|r| r.tenant).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let start = match self.last_tenant {
+            Some(t) => tenants.iter().position(|&x| x > t).unwrap_or(0),
+            None => 0,
+        };
+        let ps = self.cfg.page_size;
+        for k in 0..tenants.len() {
+            let tenant = tenants[(start + k) % tenants.len()];
+            let mut best: Option<(bool, usize, usize)> = None;
+            for (i, r) in self
+                .waiting
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.tenant == tenant)
+                .take(ADMIT_LOOKAHEAD)
+            {
+                let (cached, _) = self.cached_len(r);
+                let in_flight = self.cfg.cache
+                    && self.running.iter().any(|s| {
+                        !s.decoding
+                            && (s.req.ns == r.ns || Some(s.req.ns) == r.published)
+                            && crate::common_len(&s.req.tokens[..s.req.prompt_len], &r.tokens)
+                                > cached + ps
+                    });
+                if in_flight {
+                    continue;
+                }
+                let key = (r.preemptions > 0, cached, usize::MAX - i);
+                if best.is_none_or(|b| key > b) {
+                    best = Some(key);
+                }
+            }
+            if let Some((_, _, inv)) = best {
+                return Some(usize::MAX - inv);
+            }
+        }
+        None
+    }
+
+    /// Moves waiting requests into the running batch while there is room.
+    pub(super) fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_batch {
+            let Some(i) = self.pick() else { break };
+            let (cached, _) = self.cached_len(&self.waiting[i]);
+            let ps = self.cfg.page_size;
+            let len = self.waiting[i].tokens.len();
+            let need = (len + 1).div_ceil(ps) - cached.min(len.saturating_sub(1)) / ps;
+            let available = self.pages_available();
+            if need > available {
+                if self.running.is_empty() {
+                    let req = self.waiting.remove(i).expect("picked");
+                    let err = SchedError::PoolTooSmall {
+                        needed: need,
+                        available,
+                        capacity: self.tree.pool().capacity(),
+                    };
+                    self.fail_waiting(req, err);
+                    continue;
+                }
+                break; // wait for running sequences to finish
+            }
+            if self.tree.pool().free_count() < need {
+                self.evict(need - self.tree.pool().free_count());
+                if self.tree.pool().free_count() < need && !self.running.is_empty() {
+                    break;
+                }
+            }
+            let req = self.waiting.remove(i).expect("picked");
+            self.last_tenant = Some(req.tenant);
+            self.start(req);
+        }
+    }
+
+    /// Pages a sequence could get with all unpinned cache evicted and nothing else running.
+    pub(super) fn pages_available(&self) -> usize {
+        let pinned: usize = self
+            .prefixes
+            .values()
+            .filter(|p| p.pinned)
+            .map(|p| p.tokens.len().div_ceil(self.cfg.page_size))
+            .sum();
+        self.tree.pool().capacity().saturating_sub(pinned)
+    }
+
+    /// Evicts cached prefixes until `pages` more pages are free (or nothing is left to evict).
+    pub(super) fn evict(&mut self, pages: usize) {
+        match self.tree.evict(pages) {
+            Ok(report) => {
+                self.stats.evicted_pages += report.freed as u64;
+                self.persist_evicted(report.evicted);
+            }
+            Err(e) => tracing::error!(error = %e, "eviction failed"),
+        }
+    }
+
+    /// Admits `req`: matches its cached prefix, takes references on those pages and locks the
+    /// matched node.
+    fn start(&mut self, mut req: Request) {
+        let ps = self.cfg.page_size;
+        let (mut pages, mut kv_len, mut node) = (Vec::new(), 0, None);
+        for ns in [Some(req.ns), req.published].into_iter().flatten() {
+            self.load_from_disk(ns, &req.tokens);
+        }
+        let (cached, ns) = self.cached_len(&req);
+        if cached > 0 {
+            let m = self.tree.match_prefix(ns, &req.tokens);
+            // The last token is always run, to get its logits.
+            kv_len = m.matched_tokens.min(req.tokens.len() - 1);
+            pages = m.pages[..kv_len.div_ceil(ps)].to_vec();
+            for &p in &pages {
+                self.tree.pool_mut().retain(p).expect("tree pages are live");
+            }
+            if let Some(n) = m.last_node {
+                self.tree.lock(n).expect("matched node is live");
+                node = Some(n);
+            }
+        }
+        req.cached_tokens.get_or_insert(kv_len);
+        let t = self.stats.tenants.entry(req.tenant).or_default();
+        t.cached_tokens += kv_len as u64;
+        self.stats.cached_tokens += kv_len as u64;
+        self.admit_clock += 1;
+        self.running.push(Seq {
+            req,
+            pages,
+            kv_len,
+            node,
+            admitted: self.admit_clock,
+            decoding: false,
+        });
+    }
+}

@@ -1,0 +1,477 @@
+//! One scheduler step: choose the batch (every running decode plus prefill chunks under the token
+//! budget), make sure its pages exist (evicting cache, then preempting the youngest sequence),
+//! run the forward pass, sample, stream, and retire finished sequences.
+
+use super::scheduler::{Request, Scheduler, Seq, Work};
+use super::types::*;
+use agentd_engine::executor::{RowKind, SeqStep};
+use agentd_engine::{ExecError, FinishReason};
+use std::time::Instant;
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    seq: usize,
+    tokens: usize,
+    kind: RowKind,
+}
+
+impl Scheduler {
+    /// Runs one step; returns the number of tokens computed (0 when there was nothing to do).
+    pub fn step(&mut self) -> usize {
+        self.poll_store();
+        self.reap_cancelled();
+        self.admit();
+        let plan = loop {
+            let plan = self.plan();
+            if plan.is_empty() {
+                return 0;
+            }
+            let need: usize = plan.iter().map(|p| self.pages_needed(p)).sum();
+            let free = self.tree.pool().free_count();
+            if need <= free {
+                break plan;
+            }
+            self.evict(need - free);
+            if need <= self.tree.pool().free_count() {
+                break plan;
+            }
+            self.preempt_youngest();
+        };
+        let span = tracing::debug_span!(
+            "engine_step",
+            seqs = plan.len(),
+            tokens = tracing::field::Empty
+        );
+        let _enter = span.enter();
+        let prepared: std::result::Result<(), ExecError> =
+            plan.iter().try_for_each(|p| self.prepare_pages(p));
+        let used = self.tree.pool().used_count();
+        self.stats.peak_pages = self.stats.peak_pages.max(used);
+        let tables: Vec<Vec<u32>> = plan
+            .iter()
+            .map(|p| self.running[p.seq].pages.iter().map(|pg| pg.0).collect())
+            .collect();
+        let steps: Vec<SeqStep<'_>> = plan
+            .iter()
+            .zip(&tables)
+            .map(|(p, table)| {
+                let s = &self.running[p.seq];
+                SeqStep {
+                    tokens: &s.req.tokens[s.kv_len..s.kv_len + p.tokens],
+                    pos0: s.kv_len,
+                    page_table: table,
+                    kind: p.kind,
+                    logits: s.kv_len + p.tokens == s.req.tokens.len()
+                        && matches!(s.req.work, Work::Generate { .. }),
+                }
+            })
+            .collect();
+        let computed: usize = plan.iter().map(|p| p.tokens).sum();
+        span.record("tokens", computed);
+        let result = prepared.and_then(|()| self.exec.forward(&steps));
+        drop(steps);
+        self.stats.steps += 1;
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // An executor error is a bug or bad weights: fail this batch, keep serving.
+                tracing::error!(error = %e, "forward pass failed");
+                let e = Cause::new(e);
+                let mut seqs: Vec<usize> = plan.iter().map(|p| p.seq).collect();
+                seqs.sort_unstable_by_key(|&s| std::cmp::Reverse(s));
+                for i in seqs {
+                    let seq = self.running.swap_remove(i);
+                    self.release_seq_pages(&seq);
+                    self.fail_waiting(seq.req, SchedError::Executor(e.clone()));
+                }
+                return computed;
+            }
+        };
+        let mut done: Vec<(usize, Option<FinishReason>)> = Vec::new();
+        for (p, logits) in plan.iter().zip(logits) {
+            let seq = &mut self.running[p.seq];
+            seq.kv_len += p.tokens;
+            if p.kind == RowKind::Prompt {
+                let t = self.stats.tenants.entry(seq.req.tenant).or_default();
+                t.prefill_tokens += p.tokens as u64;
+                self.stats.prefill_tokens += p.tokens as u64;
+            }
+            match logits {
+                Some(mut logits) => {
+                    if let Some(finish) = self.sample(p.seq, &mut logits) {
+                        done.push((p.seq, finish));
+                    }
+                }
+                None if self.running[p.seq].kv_len == self.running[p.seq].req.tokens.len() => {
+                    // A prefix registration is complete.
+                    done.push((p.seq, None));
+                }
+                None => {}
+            }
+            if p.kind == RowKind::Prompt {
+                self.cache_progress(p.seq);
+            }
+        }
+        done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
+        for (i, finish) in done {
+            self.retire(i, finish);
+        }
+        computed
+    }
+
+    /// The batch: every decoding sequence gets its one token, then prefill chunks in admission
+    /// order while the step's token budget lasts (at least one chunk per step).
+    fn plan(&self) -> Vec<Planned> {
+        let mut plan = Vec::new();
+        let mut budget = self.cfg.step_tokens;
+        for (i, s) in self.running.iter().enumerate() {
+            if s.decoding {
+                plan.push(Planned {
+                    seq: i,
+                    tokens: 1,
+                    kind: RowKind::Decode,
+                });
+                budget = budget.saturating_sub(1);
+            }
+        }
+        let mut prefills: Vec<usize> = (0..self.running.len())
+            .filter(|&i| !self.running[i].decoding)
+            .collect();
+        prefills.sort_by_key(|&i| self.running[i].admitted);
+        for (k, i) in prefills.into_iter().enumerate() {
+            let s = &self.running[i];
+            // A resumed (preempted) sequence recomputes its sampled tokens as decode rows, as
+            // they were first computed, so preemption never changes a sequence's numerics; its
+            // prompt stays prompt rows. So a chunk never crosses the prompt's end.
+            let (pending, kind) = if s.kv_len < s.req.prompt_len {
+                (s.req.prompt_len - s.kv_len, RowKind::Prompt)
+            } else {
+                (s.req.tokens.len() - s.kv_len, RowKind::Decode)
+            };
+            let n = pending.min(if k == 0 { budget.max(1) } else { budget });
+            if n == 0 {
+                break;
+            }
+            plan.push(Planned {
+                seq: i,
+                tokens: n,
+                kind,
+            });
+            budget -= n.min(budget);
+        }
+        plan
+    }
+
+    /// Page indices a step of `p` writes to: `first..=last`.
+    fn write_range(&self, p: &Planned) -> (usize, usize) {
+        let s = &self.running[p.seq];
+        let ps = self.cfg.page_size;
+        (s.kv_len / ps, (s.kv_len + p.tokens - 1) / ps)
+    }
+
+    /// New pages `p` needs: pages not yet held, plus shared pages it must copy before writing.
+    fn pages_needed(&self, p: &Planned) -> usize {
+        let s = &self.running[p.seq];
+        let (first, last) = self.write_range(p);
+        (first..=last)
+            .filter(|&k| match s.pages.get(k) {
+                Some(&pg) => self.tree.pool().refcount(pg).unwrap_or(0) > 1,
+                None => true,
+            })
+            .count()
+    }
+
+    /// Allocates the pages `p` writes to, copying a shared page before writing into it (copy on
+    /// write: a partial page matched from the cache, or one this sequence shares after a fork
+    /// or after caching its own prefix). Enough pages must be free.
+    fn prepare_pages(&mut self, p: &Planned) -> std::result::Result<(), ExecError> {
+        let (first, last) = self.write_range(p);
+        let ps = self.cfg.page_size;
+        for k in first..=last {
+            let s = &self.running[p.seq];
+            match s.pages.get(k).copied() {
+                Some(old) if self.tree.pool().refcount(old).unwrap_or(0) > 1 => {
+                    let new = self.tree.pool_mut().alloc().expect("pages were reserved");
+                    let valid = s.kv_len.saturating_sub(k * ps).min(ps);
+                    // The new page is the sequence's before the copy, so a failed copy leaves
+                    // every page accounted for.
+                    self.running[p.seq].pages[k] = new;
+                    self.tree.pool_mut().release(old).expect("held page");
+                    self.exec.copy_page(old.0, new.0, valid)?;
+                }
+                Some(_) => {}
+                None => {
+                    let new = self.tree.pool_mut().alloc().expect("pages were reserved");
+                    self.running[p.seq].pages.push(new);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples the next token of running sequence `i`; returns `Some(finish)` when it is done.
+    fn sample(&mut self, i: usize, logits: &mut [f32]) -> Option<Option<FinishReason>> {
+        let ctx = self.context_limit();
+        let seq = &mut self.running[i];
+        let Work::Generate { dec, sink, .. } = &mut seq.req.work else {
+            return None;
+        };
+        let tok = dec.sample(logits, &seq.req.tokens);
+        seq.req.first_token.get_or_insert_with(Instant::now);
+        seq.req.tokens.push(tok);
+        seq.decoding = true;
+        let pushed = match dec.push(tok, seq.kv_len >= ctx) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = sink.send(Event::Error(SchedError::Generation(Cause::new(e))));
+                return Some(Some(FinishReason::Cancelled));
+            }
+        };
+        if !dec.is_stop_token(tok) {
+            let t = self.stats.tenants.entry(seq.req.tenant).or_default();
+            t.generated_tokens += 1;
+            self.stats.generated_tokens += 1;
+        }
+        if sink
+            .send(Event::Token {
+                id: tok,
+                text: pushed.text,
+            })
+            .is_err()
+        {
+            return Some(Some(FinishReason::Cancelled));
+        }
+        pushed.finish.map(Some)
+    }
+
+    /// Makes the computed part of running sequence `i` visible in the cache (so requests that
+    /// share it hit, even before this one finishes), moving its lock to the new node.
+    fn cache_progress(&mut self, i: usize) {
+        if !self.cfg.cache {
+            return;
+        }
+        let ps = self.cfg.page_size;
+        let s = &self.running[i];
+        let n = s.kv_len;
+        let res = self
+            .tree
+            .insert(s.req.ns, &s.req.tokens[..n], &s.pages[..n.div_ceil(ps)]);
+        match res {
+            Ok(ins) => {
+                if let Some(node) = ins.last_node {
+                    if self.tree.lock(node).is_ok() {
+                        if let Some(old) = self.running[i].node.replace(node) {
+                            let _ = self.tree.unlock(old);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "caching a prefix failed"),
+        }
+        let ns = self.running[i].req.ns;
+        self.pin_restored(ns);
+    }
+
+    /// Drops a sequence's page references and its lock.
+    pub(super) fn release_seq_pages(&mut self, seq: &Seq) {
+        for &p in &seq.pages {
+            if let Err(e) = self.tree.pool_mut().release(p) {
+                tracing::error!(error = %e, "page accounting error");
+            }
+        }
+        if let Some(n) = seq.node {
+            let _ = self.tree.unlock(n);
+        }
+    }
+
+    /// Removes running sequence `i`: caches what it computed, frees its pages, and finishes its
+    /// request (`finish` is `None` for a completed prefix registration).
+    pub(super) fn retire(&mut self, i: usize, finish: Option<FinishReason>) {
+        if self.cfg.cache && !matches!(finish, Some(FinishReason::Cancelled)) {
+            self.cache_progress(i);
+        }
+        let seq = self.running.swap_remove(i);
+        self.release_seq_pages(&seq);
+        let mut req = seq.req;
+        match (&mut req.work, finish) {
+            (Work::Prefix { id, reply }, _) => {
+                let id = *id;
+                let res = self.pin_prefix(id).map(|()| super::PrefixInfo {
+                    id,
+                    tokens: req.tokens.len(),
+                });
+                if let Some(reply) = reply.take() {
+                    reply(res);
+                }
+            }
+            (Work::Generate { session, dec, sink }, finish) => {
+                let finish = finish.unwrap_or(FinishReason::Cancelled);
+                if let Some(s) = self.sessions.get_mut(session) {
+                    s.busy = None;
+                    s.tokens = std::mem::take(&mut req.tokens);
+                }
+                let now = Instant::now();
+                let usage = Usage {
+                    prompt_tokens: req.prompt_len,
+                    cached_tokens: req.cached_tokens.unwrap_or(0),
+                    generated_tokens: dec.tokens.len(),
+                    finish,
+                    ttft: req.first_token.unwrap_or(now) - req.submitted,
+                    total: now - req.submitted,
+                    preemptions: req.preemptions,
+                    constraint_seconds: dec.constraint_seconds(),
+                };
+                let _ = sink.send(Event::Done(usage));
+            }
+        }
+    }
+
+    /// Frees a running sequence for lack of memory and puts its request back at the head of the
+    /// queue: it keeps its tokens and its output so far and recomputes (or re-matches) its KV.
+    /// The only sequence left that still does not fit is failed instead.
+    fn preempt_youngest(&mut self) {
+        let Some(i) = (0..self.running.len()).max_by_key(|&i| self.running[i].admitted) else {
+            return;
+        };
+        let seq = self.running.swap_remove(i);
+        self.release_seq_pages(&seq);
+        if self.running.is_empty() {
+            let ps = self.cfg.page_size;
+            let err = SchedError::PoolTooSmall {
+                needed: (seq.req.tokens.len() + 1).div_ceil(ps),
+                available: self.pages_available(),
+                capacity: self.tree.pool().capacity(),
+            };
+            self.fail_waiting(seq.req, err);
+            return;
+        }
+        let mut req = seq.req;
+        req.preemptions += 1;
+        self.stats.preemptions += 1;
+        tracing::info!(request = req.id, "preempted for lack of KV pages");
+        self.waiting.push_front(req);
+    }
+
+    /// Ends a request that holds no pages with an error.
+    pub(super) fn fail_waiting(&mut self, mut req: Request, err: SchedError) {
+        match &mut req.work {
+            Work::Prefix { id, reply } => {
+                self.prefixes.remove(id);
+                if let Some(reply) = reply.take() {
+                    reply(Err(err));
+                }
+            }
+            Work::Generate { session, sink, .. } => {
+                if let Some(s) = self.sessions.get_mut(session) {
+                    s.busy = None;
+                }
+                let _ = sink.send(Event::Error(err));
+            }
+        }
+    }
+
+    /// Ends a waiting request as cancelled.
+    pub(super) fn finish_waiting(&mut self, mut req: Request) {
+        match &mut req.work {
+            Work::Prefix { .. } => self.fail_waiting(req, SchedError::Shutdown),
+            Work::Generate { session, dec, sink } => {
+                if let Some(s) = self.sessions.get_mut(session) {
+                    s.busy = None;
+                }
+                let now = Instant::now();
+                let _ = sink.send(Event::Done(Usage {
+                    prompt_tokens: req.prompt_len,
+                    cached_tokens: req.cached_tokens.unwrap_or(0),
+                    generated_tokens: dec.tokens.len(),
+                    finish: FinishReason::Cancelled,
+                    ttft: req.first_token.unwrap_or(now) - req.submitted,
+                    total: now - req.submitted,
+                    preemptions: req.preemptions,
+                    constraint_seconds: dec.constraint_seconds(),
+                }));
+            }
+        }
+    }
+
+    /// Frees every request whose reader has gone away.
+    fn reap_cancelled(&mut self) {
+        let gone: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|r| r.cancelled())
+            .map(|r| r.id)
+            .chain(
+                self.running
+                    .iter()
+                    .filter(|s| s.req.cancelled())
+                    .map(|s| s.req.id),
+            )
+            .collect();
+        for rid in gone {
+            tracing::info!(request = rid, "stream closed; cancelling");
+            self.cancel_request(rid);
+        }
+    }
+
+    /// Cancels everything (shutdown).
+    pub fn cancel_all(&mut self) {
+        let ids: Vec<u64> = self
+            .waiting
+            .iter()
+            .map(|r| r.id)
+            .chain(self.running.iter().map(|s| s.req.id))
+            .collect();
+        for rid in ids {
+            self.cancel_request(rid);
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SchedStats {
+        let mut s = self.stats.clone();
+        s.free_pages = self.tree.pool().free_count();
+        s.tree = self.tree.stats();
+        s.tree_tokens = s.tree.cached_tokens;
+        s.disk = self.store.as_ref().map(|st| st.stats());
+        for t in s.tenants.values_mut() {
+            (t.sessions, t.running, t.waiting) = (0, 0, 0);
+        }
+        for sess in self.sessions.values() {
+            s.tenants.entry(sess.tenant).or_default().sessions += 1;
+        }
+        for q in &self.running {
+            s.tenants.entry(q.req.tenant).or_default().running += 1;
+        }
+        for r in &self.waiting {
+            s.tenants.entry(r.tenant).or_default().waiting += 1;
+        }
+        s
+    }
+
+    /// Checks the pool and tree accounting, and that every page a running sequence holds is
+    /// live: for tests.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.tree.check_invariants()?;
+        let mut refs = self.tree.held_pages();
+        for s in &self.running {
+            for &p in &s.pages {
+                *refs.entry(p).or_insert(0) += 1;
+            }
+        }
+        for (p, n) in &refs {
+            let rc = self.tree.pool().refcount(*p).map_err(|e| e.to_string())?;
+            if rc != *n {
+                return Err(format!("{p}: {n} holders but refcount {rc}"));
+            }
+        }
+        let used = self.tree.pool().used_count();
+        if used != refs.len() {
+            return Err(format!(
+                "{used} pages in use but {} have holders (leak)",
+                refs.len()
+            ));
+        }
+        Ok(())
+    }
+}

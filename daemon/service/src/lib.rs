@@ -1,0 +1,673 @@
+//! The gRPC service (`agentd.v1.Agentd`): each RPC checks its input, finds the caller's tenant
+//! from the connection, does the request's slow preparation on the caller's side (rendering and
+//! tokenizing messages, compiling a constraint on a blocking worker), and forwards to the
+//! scheduler thread through [`SchedulerHandle`].
+//!
+//! - [`serve`]: the Unix socket (permissions, stale sockets, a live daemon already there) and
+//!   graceful shutdown on SIGTERM/SIGINT.
+//! - `status`: scheduler errors → gRPC statuses.
+
+pub mod serve;
+mod status;
+
+use agentd_engine::constraint::{ConstraintSpec, ToolSpec};
+use agentd_engine::sampling::SamplingParams;
+use agentd_engine::{FinishReason, GenerateOptions, LoadedModel};
+use agentd_scheduler::{AppendInput, Event, PrefixId, SchedulerHandle, SessionId, TenantId};
+use agentd_wire::proto::{self, agentd_server::Agentd, generate_event};
+use status::to_status;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::{wrappers::UnboundedReceiverStream, Stream, StreamExt};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+/// How callers map to tenants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tenancy {
+    /// A personal daemon: every caller is tenant 0.
+    Single,
+    /// Each Unix user (peer uid) is its own tenant.
+    PerUid,
+    /// The configuration's uid → tenant map; other uids are refused.
+    Map(std::collections::HashMap<u32, TenantId>),
+}
+
+/// The service: the scheduler, the model it runs (for rendering, tokenizing and compiling
+/// constraints off the scheduler thread) and the tenancy rules.
+pub struct AgentdService {
+    sched: SchedulerHandle,
+    model: Arc<LoadedModel>,
+    tenancy: Tenancy,
+    /// Bearer token → tenant, for calls over TCP.
+    tokens: std::collections::HashMap<String, TenantId>,
+    /// Unix uids allowed the admin RPCs.
+    operators: std::collections::HashSet<u32>,
+    page_size: usize,
+    pool_pages: usize,
+}
+
+impl AgentdService {
+    /// A service over the scheduler `sched` running `model`; `tokens` maps TCP bearer tokens
+    /// to tenants; `operators` are the Unix uids allowed the admin RPCs.
+    pub fn new(
+        sched: SchedulerHandle,
+        model: Arc<LoadedModel>,
+        tenancy: Tenancy,
+        tokens: std::collections::HashMap<String, TenantId>,
+        operators: std::collections::HashSet<u32>,
+        page_size: usize,
+        pool_pages: usize,
+    ) -> Self {
+        Self {
+            sched,
+            model,
+            tenancy,
+            tokens,
+            operators,
+            page_size,
+            pool_pages,
+        }
+    }
+
+    /// The caller's tenant: over the Unix socket from the connection's peer credentials, over
+    /// TCP from its bearer token; never from a request field.
+    fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
+        let Some(uds) = req.extensions().get::<UdsConnectInfo>() else {
+            return self.tcp_tenant(req);
+        };
+        if self.tenancy == Tenancy::Single {
+            return Ok(0);
+        }
+        let uid = uds.peer_cred.map(|c| c.uid()).ok_or_else(|| {
+            Status::permission_denied("the caller's peer credentials are unavailable")
+        })?;
+        match &self.tenancy {
+            Tenancy::Map(map) => map.get(&uid).copied().ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "uid {uid} is not a tenant of this daemon (see [tenants] in its config)"
+                ))
+            }),
+            _ => Ok(TenantId::from(uid)),
+        }
+    }
+
+    /// The caller's tenant, when the caller is an operator: a Unix-socket peer whose uid is in
+    /// `operators`. Anyone else gets PERMISSION_DENIED.
+    fn operator<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
+        let tenant = self.tenant(req)?;
+        let uid = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|u| u.peer_cred)
+            .map(|c| c.uid());
+        match uid {
+            Some(uid) if self.operators.contains(&uid) => Ok(tenant),
+            Some(uid) => Err(Status::permission_denied(format!(
+                "uid {uid} is not an operator of this daemon (operators are the daemon's own uid and the config's `operators`)"
+            ))),
+            None => Err(Status::permission_denied(
+                "admin calls are only accepted over the Unix socket, from an operator's uid",
+            )),
+        }
+    }
+
+    /// A TCP caller's tenant, from `authorization: Bearer <token>`.
+    fn tcp_tenant<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization header is not `Bearer <token>`")
+            })?;
+        self.tokens
+            .get(token)
+            .copied()
+            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))
+    }
+}
+
+/// Wire messages → chat messages; an unknown role is INVALID_ARGUMENT.
+fn chat_messages(msgs: Vec<proto::Message>) -> Result<Vec<agentd_wire::Message>, Status> {
+    use agentd_wire::Role;
+    msgs.into_iter()
+        .map(|m| {
+            let role = match m.role.as_str() {
+                "system" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                "tool" => Role::Tool,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown message role {other:?} (system, user, assistant or tool)"
+                    )))
+                }
+            };
+            Ok(agentd_wire::Message::new(role, m.content))
+        })
+        .collect()
+}
+
+/// Tokens for messages (see [`agentd_engine::render::message_tokens`]), as a status on failure.
+fn render(
+    engine: &LoadedModel,
+    msgs: Vec<proto::Message>,
+    continuing: bool,
+    add_generation_prompt: bool,
+) -> Result<Vec<u32>, Status> {
+    let msgs = chat_messages(msgs)?;
+    agentd_engine::render::message_tokens(engine, &msgs, continuing, add_generation_prompt)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// The request's sampling parameters; absent, agentd's defaults
+/// ([`agentd_wire::sampling_defaults`]).
+fn sampling_params(s: Option<proto::Sampling>) -> SamplingParams {
+    let Some(s) = s else {
+        return SamplingParams::default();
+    };
+    let or_one = |x: f32| if x == 0.0 { 1.0 } else { x };
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: or_one(s.top_p),
+        min_p: s.min_p,
+        repetition_penalty: or_one(s.repetition_penalty),
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+        ..SamplingParams::default()
+    }
+}
+
+/// A wire constraint → the engine's; bad JSON is INVALID_ARGUMENT naming where.
+fn constraint_spec(c: proto::Constraint) -> Result<ConstraintSpec, Status> {
+    use proto::constraint::Kind;
+    let json = |what: &str, text: &str| {
+        serde_json::from_str::<serde_json::Value>(text)
+            .map_err(|e| Status::invalid_argument(format!("{what} is not valid JSON: {e}")))
+    };
+    match c.kind {
+        None => Err(Status::invalid_argument(
+            "the constraint is empty: give json_schema, lark or tool_calls",
+        )),
+        Some(Kind::JsonSchema(s)) => Ok(ConstraintSpec::JsonSchema(json("json_schema", &s)?)),
+        Some(Kind::Lark(g)) => Ok(ConstraintSpec::Lark(g)),
+        Some(Kind::ToolCalls(t)) => {
+            let tools = t
+                .tools
+                .into_iter()
+                .map(|tool| {
+                    let what = format!("the parameters of tool {:?}", tool.name);
+                    Ok(ToolSpec {
+                        parameters: json(&what, &tool.parameters_json)?,
+                        name: tool.name,
+                    })
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            Ok(ConstraintSpec::ToolCalls {
+                tools,
+                required: t.required,
+                max_calls: t.max_calls as usize,
+            })
+        }
+    }
+}
+
+fn finish_fields(f: &FinishReason) -> (String, String) {
+    match f {
+        FinishReason::Eos => ("eos".into(), String::new()),
+        FinishReason::Stop(s) => ("stop".into(), s.clone()),
+        FinishReason::MaxTokens => ("max_tokens".into(), String::new()),
+        FinishReason::ContextFull => ("context_full".into(), String::new()),
+        FinishReason::Cancelled => ("cancelled".into(), String::new()),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agentd for AgentdService {
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "health", session = tracing::field::Empty))]
+    async fn health(
+        &self,
+        _req: Request<proto::HealthRequest>,
+    ) -> Result<Response<proto::HealthReply>, Status> {
+        Ok(Response::new(proto::HealthReply {
+            version: env!("CARGO_PKG_VERSION").into(),
+            ready: true,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "model_info", session = tracing::field::Empty))]
+    async fn model_info(
+        &self,
+        _req: Request<proto::ModelInfoRequest>,
+    ) -> Result<Response<proto::ModelInfoReply>, Status> {
+        let e = &self.model;
+        let c = e.model.config();
+        Ok(Response::new(proto::ModelInfoReply {
+            path: e.path.display().to_string(),
+            context_length: c.context_length as u32,
+            vocab_size: c.vocab as u32,
+            layers: c.layers as u32,
+            heads: c.heads as u32,
+            kv_heads: c.kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            page_size: self.page_size as u32,
+            pool_pages: self.pool_pages as u32,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "tokenize", session = tracing::field::Empty))]
+    async fn tokenize(
+        &self,
+        req: Request<proto::TokenizeRequest>,
+    ) -> Result<Response<proto::TokenizeReply>, Status> {
+        let r = req.into_inner();
+        let limit = 1 << 20;
+        if r.text.len() > limit {
+            return Err(Status::invalid_argument(format!(
+                "text of {} bytes is longer than the limit of {limit}",
+                r.text.len()
+            )));
+        }
+        let tokens = self
+            .model
+            .tokenizer
+            .encode(&r.text, r.parse_special)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(proto::TokenizeReply { tokens }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "register_prefix", session = tracing::field::Empty))]
+    async fn register_prefix(
+        &self,
+        req: Request<proto::RegisterPrefixRequest>,
+    ) -> Result<Response<proto::RegisterPrefixReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let mut r = req.get_ref().clone();
+        if !r.messages.is_empty() {
+            if !r.tokens.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give either tokens or messages, not both",
+                ));
+            }
+            r.tokens = render(&self.model, r.messages, false, false)?;
+        }
+        let tenant = if r.publish {
+            self.operator(&req)?
+        } else {
+            tenant
+        };
+        let info = self
+            .sched
+            .register_prefix(tenant, r.tokens, r.publish)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::RegisterPrefixReply {
+            prefix_id: info.id.0,
+            tokens: info.tokens as u32,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "create_session", session = tracing::field::Empty))]
+    async fn create_session(
+        &self,
+        req: Request<proto::CreateSessionRequest>,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let r = req.into_inner();
+        let from = (r.prefix_id != 0).then_some(PrefixId(r.prefix_id));
+        let id = self
+            .sched
+            .create_session(tenant, from, r.tokens)
+            .await
+            .map_err(to_status)?;
+        self.session_reply(tenant, id).await
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "fork_session", session = tracing::field::Empty))]
+    async fn fork_session(
+        &self,
+        req: Request<proto::SessionRef>,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let id = SessionId(req.into_inner().session_id);
+        let new = self.sched.fork(tenant, id).await.map_err(to_status)?;
+        self.session_reply(tenant, new).await
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "close_session", session = tracing::field::Empty))]
+    async fn close_session(
+        &self,
+        req: Request<proto::SessionRef>,
+    ) -> Result<Response<proto::CloseReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let id = SessionId(req.into_inner().session_id);
+        self.sched.close(tenant, id).await.map_err(to_status)?;
+        Ok(Response::new(proto::CloseReply {}))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "append", session = tracing::field::Empty))]
+    async fn append(
+        &self,
+        req: Request<proto::AppendRequest>,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let r = req.into_inner();
+        let id = SessionId(r.session_id);
+        tracing::Span::current().record("session", r.session_id);
+        let input = match (r.tokens.is_empty(), r.messages.is_empty()) {
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "nothing to append: give tokens or messages",
+                ))
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "give either tokens or messages, not both",
+                ))
+            }
+            (false, true) => AppendInput::Tokens(r.tokens),
+            // Rendered here, in both forms; the scheduler picks the one that fits the log in
+            // the same command that appends it.
+            (true, false) => {
+                let msgs = chat_messages(r.messages)?;
+                let render = |continuing| {
+                    agentd_engine::render::message_tokens(
+                        &self.model,
+                        &msgs,
+                        continuing,
+                        r.add_generation_prompt,
+                    )
+                    .map_err(|e| e.to_string())
+                };
+                AppendInput::Rendered {
+                    first: render(false),
+                    continuing: render(true),
+                }
+            }
+        };
+        let done = self
+            .sched
+            .append_input(tenant, id, input)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::SessionReply {
+            session_id: id.0,
+            tokens: done.tokens as u32,
+            epoch: done.epoch,
+        }))
+    }
+
+    type GenerateStream = EventStream;
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "generate", session = tracing::field::Empty))]
+    async fn generate(
+        &self,
+        req: Request<proto::GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let tenant = self.tenant(&req)?;
+        let r = req.into_inner();
+        tracing::Span::current().record("session", r.session_id);
+        let opts = GenerateOptions {
+            sampling: sampling_params(r.sampling),
+            max_tokens: r.max_tokens as usize,
+            stop: r.stop,
+            constraint: r.constraint.map(constraint_spec).transpose()?,
+            ..GenerateOptions::default()
+        };
+        // Checking the options and compiling the constraint (a large grammar takes a while)
+        // happen on a blocking worker, never on the scheduler thread.
+        let model = self.model.clone();
+        let dec = tokio::task::spawn_blocking(move || model.decoding(&opts))
+            .await
+            .map_err(|e| Status::internal(format!("preparing the generation: {e}")))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let rx = self
+            .sched
+            .generate(tenant, SessionId(r.session_id), dec)
+            .await
+            .map_err(to_status)?;
+        let stream = UnboundedReceiverStream::new(rx).map(|ev| match ev {
+            Event::Token { id, text } => Ok(proto::GenerateEvent {
+                event: Some(generate_event::Event::Token(proto::TokenEvent { id, text })),
+            }),
+            Event::Done(u) => {
+                let (finish_reason, stop) = finish_fields(&u.finish);
+                Ok(proto::GenerateEvent {
+                    event: Some(generate_event::Event::Done(proto::Usage {
+                        prompt_tokens: u.prompt_tokens as u32,
+                        cached_tokens: u.cached_tokens as u32,
+                        generated_tokens: u.generated_tokens as u32,
+                        finish_reason,
+                        stop,
+                        ttft_seconds: u.ttft.as_secs_f64(),
+                        total_seconds: u.total.as_secs_f64(),
+                        preemptions: u.preemptions,
+                        constraint_seconds: u.constraint_seconds,
+                    })),
+                })
+            }
+            Event::Error(e) => Err(to_status(e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "rewrite", session = tracing::field::Empty))]
+    async fn rewrite(
+        &self,
+        req: Request<proto::RewriteRequest>,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let r = req.into_inner();
+        let id = SessionId(r.session_id);
+        tracing::Span::current().record("session", r.session_id);
+        let tokens = match (r.tokens.is_empty(), r.messages.is_empty()) {
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "give either tokens or messages, not both",
+                ))
+            }
+            (_, true) if r.add_generation_prompt => {
+                return Err(Status::invalid_argument(
+                    "add_generation_prompt needs messages",
+                ))
+            }
+            (_, true) => r.tokens,
+            (true, false) => {
+                // Rendered as an append after the tokens before `start`, which a rewrite at 0
+                // does not have.
+                render(
+                    &self.model,
+                    r.messages,
+                    r.start > 0,
+                    r.add_generation_prompt,
+                )?
+            }
+        };
+        self.sched
+            .rewrite(tenant, id, r.start as usize..r.end as usize, tokens)
+            .await
+            .map_err(to_status)?;
+        self.session_reply(tenant, id).await
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "session_tokens", session = tracing::field::Empty))]
+    async fn session_tokens(
+        &self,
+        req: Request<proto::SessionRef>,
+    ) -> Result<Response<proto::TokensReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let id = SessionId(req.into_inner().session_id);
+        let (tokens, epoch) = self
+            .sched
+            .session_tokens(tenant, id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::TokensReply { tokens, epoch }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "stats", session = tracing::field::Empty))]
+    async fn stats(
+        &self,
+        req: Request<proto::StatsRequest>,
+    ) -> Result<Response<proto::StatsReply>, Status> {
+        let all = req.get_ref().all_tenants;
+        let tenant = if all {
+            self.operator(&req)?
+        } else {
+            self.tenant(&req)?
+        };
+        let s = self.sched.stats().await.map_err(to_status)?;
+        let tenants = s
+            .tenants
+            .iter()
+            .filter(|_| all)
+            .map(|(&t, c)| proto::TenantStats {
+                tenant: t,
+                sessions: c.sessions as u32,
+                running: c.running as u32,
+                waiting: c.waiting as u32,
+                prefill_tokens: c.prefill_tokens,
+                cached_tokens: c.cached_tokens,
+                generated_tokens: c.generated_tokens,
+            })
+            .collect();
+        let own = s.tenants.get(&tenant).cloned().unwrap_or_default();
+        Ok(Response::new(proto::StatsReply {
+            pool_pages: s.pool_pages as u32,
+            free_pages: s.free_pages as u32,
+            peak_pages: s.peak_pages as u32,
+            page_size: s.page_size as u32,
+            page_bytes: s.page_bytes as u64,
+            tree_tokens: s.tree_tokens as u64,
+            steps: s.steps,
+            hit_rate: s.hit_rate(),
+            preemptions: s.preemptions,
+            sessions: own.sessions as u32,
+            running: own.running as u32,
+            waiting: own.waiting as u32,
+            prefill_tokens: own.prefill_tokens,
+            cached_tokens: own.cached_tokens,
+            generated_tokens: own.generated_tokens,
+            tenants,
+            disk_records: s.disk.as_ref().map_or(0, |d| d.records as u32),
+            disk_bytes: s.disk.as_ref().map_or(0, |d| d.bytes),
+            disk_budget: s.disk.as_ref().map_or(0, |d| d.budget),
+            disk_loaded_tokens: s.disk_loaded_tokens,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "drop_prefix", session = tracing::field::Empty))]
+    async fn drop_prefix(
+        &self,
+        req: Request<proto::PrefixRef>,
+    ) -> Result<Response<proto::DropPrefixReply>, Status> {
+        let tenant = self.tenant(&req)?;
+        let id = PrefixId(req.into_inner().prefix_id);
+        self.sched
+            .drop_prefix(tenant, id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::DropPrefixReply {}))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "list_prefixes"))]
+    async fn list_prefixes(
+        &self,
+        req: Request<proto::ListPrefixesRequest>,
+    ) -> Result<Response<proto::ListPrefixesReply>, Status> {
+        let all = req.get_ref().all_tenants;
+        let tenant = if all {
+            self.operator(&req)?
+        } else {
+            self.tenant(&req)?
+        };
+        let entries = self
+            .sched
+            .list_prefixes((!all).then_some(tenant))
+            .await
+            .map_err(to_status)?;
+        let prefixes = entries
+            .into_iter()
+            .map(|e| proto::PrefixEntry {
+                prefix_id: e.id.0,
+                tokens: e.tokens as u32,
+                pinned: e.pinned,
+                published: e.published,
+                resident_tokens: e.resident_tokens as u32,
+                own: e.tenant == tenant,
+                tenant: if all { e.tenant } else { 0 },
+            })
+            .collect();
+        Ok(Response::new(proto::ListPrefixesReply { prefixes }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "publish_prefix"))]
+    async fn publish_prefix(
+        &self,
+        req: Request<proto::PrefixRef>,
+    ) -> Result<Response<proto::RegisterPrefixReply>, Status> {
+        self.operator(&req)?;
+        let id = PrefixId(req.into_inner().prefix_id);
+        let info = self.sched.publish_prefix(id).await.map_err(to_status)?;
+        Ok(Response::new(proto::RegisterPrefixReply {
+            prefix_id: info.id.0,
+            tokens: info.tokens as u32,
+        }))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "unpin_prefix"))]
+    async fn unpin_prefix(
+        &self,
+        req: Request<proto::PrefixRef>,
+    ) -> Result<Response<proto::DropPrefixReply>, Status> {
+        self.operator(&req)?;
+        let id = PrefixId(req.into_inner().prefix_id);
+        self.sched.unpin_prefix(id).await.map_err(to_status)?;
+        Ok(Response::new(proto::DropPrefixReply {}))
+    }
+
+    #[tracing::instrument(name = "rpc", skip_all, fields(method = "evict_cache"))]
+    async fn evict_cache(
+        &self,
+        req: Request<proto::EvictCacheRequest>,
+    ) -> Result<Response<proto::EvictCacheReply>, Status> {
+        self.operator(&req)?;
+        let pages = req.into_inner().pages;
+        let freed = self
+            .sched
+            .evict_cache((pages > 0).then_some(pages as usize))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::EvictCacheReply {
+            freed_pages: freed as u32,
+        }))
+    }
+}
+
+impl AgentdService {
+    async fn session_reply(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+    ) -> Result<Response<proto::SessionReply>, Status> {
+        let (tokens, epoch) = self
+            .sched
+            .session_tokens(tenant, id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::SessionReply {
+            session_id: id.0,
+            tokens: tokens.len() as u32,
+            epoch,
+        }))
+    }
+}

@@ -1,0 +1,224 @@
+//! `agentd serve`: the Unix socket and the server's life cycle.
+//!
+//! The socket is created with mode 0660; a directory the daemon creates for it gets 0700. A
+//! socket file nobody answers on (a daemon that crashed) is removed; one a live daemon answers
+//! on makes start-up fail with a message naming it. On SIGTERM or SIGINT the server stops
+//! accepting, lets running streams finish for a grace period, then drops them (which cancels
+//! their generations), flushes the disk cache, removes the socket and returns.
+
+use super::{AgentdService, Tenancy};
+use agentd_engine::LoadedModel;
+use agentd_scheduler::SchedulerHandle;
+use agentd_wire::proto::agentd_server::AgentdServer;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// What can stop the daemon from serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Another daemon answers on the socket.
+    #[error("another agentd is already listening on {0}; stop it or pass a different --socket")]
+    InUse(PathBuf),
+    /// Creating, binding or securing the socket failed.
+    #[error("cannot set up the socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("server error: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+/// How to serve.
+#[derive(Debug)]
+pub struct ServeConfig {
+    /// The Unix socket to listen on.
+    pub socket: PathBuf,
+    /// How callers map to tenants.
+    pub tenancy: Tenancy,
+    /// How long running streams may go on after SIGTERM/SIGINT.
+    pub grace: Duration,
+    /// An optional TCP listener (bound by the caller), where calls carry bearer tokens.
+    pub tcp: Option<std::net::TcpListener>,
+    /// Bearer token → tenant, for TCP calls.
+    pub tokens: std::collections::HashMap<String, agentd_scheduler::TenantId>,
+    /// Unix uids allowed the admin RPCs (besides the daemon's own, which is always one).
+    pub operators: Vec<u32>,
+}
+
+/// A server running in this process (see [`spawn_local`]).
+pub struct LocalServer {
+    /// Its socket.
+    pub socket: PathBuf,
+    /// The socket's temporary directory (removed when dropped).
+    pub dir: tempfile::TempDir,
+    /// The server task.
+    pub task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+/// A server for the scheduler `sched` running `model`, in this process, on a socket in a fresh
+/// temporary directory: one tenant, no TCP, a one-second grace period (for benchmarks and
+/// `agentd-run`). Must be called inside a tokio runtime.
+pub fn spawn_local(
+    sched: SchedulerHandle,
+    model: Arc<LoadedModel>,
+) -> Result<LocalServer, ServeError> {
+    let dir = tempfile::tempdir().map_err(|source| ServeError::Socket {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let socket = dir.path().join("agentd.sock");
+    let listener = bind_socket(&socket)?;
+    let cfg = ServeConfig {
+        socket: socket.clone(),
+        tenancy: Tenancy::Single,
+        grace: Duration::from_secs(1),
+        tcp: None,
+        tokens: Default::default(),
+        operators: Vec::new(),
+    };
+    let task = tokio::spawn(serve(sched, model, cfg, listener));
+    Ok(LocalServer { socket, dir, task })
+}
+
+/// Creates the socket's directory (0700 when the daemon creates it), clears a stale socket and
+/// binds a listener with mode 0660.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+    let err = |source| ServeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::InUse(path.to_owned()));
+        }
+        tracing::warn!(path = %path.display(), "removing a stale socket");
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until the process is killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Serves the scheduler `sched` running `model` on `cfg.socket` until SIGTERM or SIGINT.
+pub async fn serve(
+    sched: SchedulerHandle,
+    model: Arc<LoadedModel>,
+    cfg: ServeConfig,
+    listener: UnixListener,
+) -> Result<(), ServeError> {
+    let stats = sched.stats().await.map_err(|e| ServeError::Socket {
+        path: cfg.socket.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let own_uid = unsafe { libc::geteuid() };
+    let operators = cfg.operators.iter().copied().chain([own_uid]).collect();
+    let flush = sched.clone();
+    let service = std::sync::Arc::new(AgentdService::new(
+        sched,
+        model,
+        cfg.tenancy,
+        cfg.tokens,
+        operators,
+        stats.page_size,
+        stats.pool_pages,
+    ));
+    let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
+    let mut rx = signalled_rx.clone();
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        while !*rx.borrow() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    let uds = tonic::transport::Server::builder()
+        .add_service(AgentdServer::from_arc(service.clone()))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            stopped(signalled_rx.clone()),
+        );
+    let tcp = match cfg.tcp {
+        Some(l) => {
+            l.set_nonblocking(true)
+                .map_err(|source| ServeError::Socket {
+                    path: cfg.socket.clone(),
+                    source,
+                })?;
+            let l = tokio::net::TcpListener::from_std(l).map_err(|source| ServeError::Socket {
+                path: cfg.socket.clone(),
+                source,
+            })?;
+            let server = tonic::transport::Server::builder()
+                .add_service(AgentdServer::from_arc(service))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(l),
+                    stopped(signalled_rx.clone()),
+                );
+            Some(server)
+        }
+        None => None,
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = signalled_tx.send(true);
+    });
+    let server = async move {
+        match tcp {
+            Some(tcp) => tokio::try_join!(uds, tcp).map(|_| ()),
+            None => uds.await,
+        }
+    };
+    let grace = cfg.grace;
+    let grace_over = async move {
+        while !*rx.borrow() {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+        tokio::time::sleep(grace).await;
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(ServeError::from),
+        () = grace_over => {
+            tracing::warn!(?grace, "grace period over; cancelling the streams still running");
+            Ok(())
+        }
+    };
+    drop(signalled_rx);
+    // Make the disk tier durable before exiting.
+    if let Err(e) = flush.flush().await {
+        tracing::warn!(error = %e, "flushing the disk cache failed");
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    result
+}

@@ -1,0 +1,264 @@
+//! What the disk tier writes: the fingerprint every record carries, the record metadata kept in
+//! sled, the blob file header, and the chained page hashes the index is keyed by.
+
+use crate::Namespace;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Bumped whenever the layout of a record or a blob changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything the KV bytes depend on. A record whose fingerprint differs from the running
+/// daemon's in any field is dropped, never served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// [`FORMAT_VERSION`] when written.
+    pub format_version: u32,
+    /// SHA-256 of the GGUF file.
+    pub model_sha256: String,
+    /// Element type of the stored K/V ("f16").
+    pub kv_dtype: String,
+    /// Tokens per page.
+    pub page_size: u32,
+    /// Layers, K/V heads and head dimension: the page layout.
+    pub layers: u32,
+    /// K/V heads per layer.
+    pub kv_heads: u32,
+    /// Elements per head.
+    pub head_dim: u32,
+    /// SHA-256 of the tokenizer's serialised form.
+    pub tokenizer_digest: String,
+    /// SHA-256 of the chat template's source.
+    pub template_digest: String,
+}
+
+impl Fingerprint {
+    /// The first field in which `self` (a record's) differs from `current`, by name.
+    pub fn mismatch(&self, current: &Fingerprint) -> Option<&'static str> {
+        let fields: [(&'static str, bool); 9] = [
+            (
+                "format_version",
+                self.format_version != current.format_version,
+            ),
+            ("model_sha256", self.model_sha256 != current.model_sha256),
+            ("kv_dtype", self.kv_dtype != current.kv_dtype),
+            ("page_size", self.page_size != current.page_size),
+            ("layers", self.layers != current.layers),
+            ("kv_heads", self.kv_heads != current.kv_heads),
+            ("head_dim", self.head_dim != current.head_dim),
+            (
+                "tokenizer_digest",
+                self.tokenizer_digest != current.tokenizer_digest,
+            ),
+            (
+                "template_digest",
+                self.template_digest != current.template_digest,
+            ),
+        ];
+        fields.iter().find(|(_, differs)| *differs).map(|(n, _)| *n)
+    }
+
+    /// Bytes of one page's K/V across all layers (keys then values, layer by layer).
+    pub fn page_bytes(&self) -> usize {
+        self.layers as usize
+            * 2
+            * self.page_size as usize
+            * self.kv_heads as usize
+            * self.head_dim as usize
+            * 2
+    }
+}
+
+/// One record: the KV of pages `first_page..` of a token sequence, in one blob file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordMeta {
+    /// What the bytes depend on.
+    pub fingerprint: Fingerprint,
+    /// The namespace the sequence is cached in.
+    pub ns: Namespace,
+    /// The whole sequence from position 0 to the record's end (the KV of a page is only valid
+    /// after exactly these earlier tokens).
+    pub tokens: Vec<u32>,
+    /// The first page the blob holds; pages before it come from memory or other records.
+    pub first_page: u32,
+    /// CRC-32 of each page's bytes in the blob, in order.
+    pub page_crc: Vec<u32>,
+    /// Kept through disk-budget eviction as long as possible (a pinned prefix's KV).
+    pub pinned: bool,
+    /// Loads from disk so far.
+    pub hits: u64,
+    /// Seconds since the Unix epoch of the last write or load (for LRU on disk).
+    pub last_use: u64,
+    /// CRC-32 of the fields above (see [`RecordMeta::compute_crc`]).
+    pub meta_crc: u32,
+}
+
+impl RecordMeta {
+    /// Pages in the blob.
+    pub fn pages(&self, page_size: usize) -> usize {
+        self.tokens.len().div_ceil(page_size) - self.first_page as usize
+    }
+
+    /// The blob file's size: header plus pages.
+    pub fn blob_len(&self) -> u64 {
+        let ps = self.fingerprint.page_size as usize;
+        (BLOB_HEADER_LEN + self.pages(ps) * self.fingerprint.page_bytes()) as u64
+    }
+
+    /// CRC-32 over what identifies the bytes: namespace, tokens, first page, page CRCs (the
+    /// fingerprint is compared field by field instead; hits and last use change over time).
+    pub fn compute_crc(&self) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&ns_bytes(self.ns));
+        for t in &self.tokens {
+            h.update(&t.to_le_bytes());
+        }
+        h.update(&self.first_page.to_le_bytes());
+        for c in &self.page_crc {
+            h.update(&c.to_le_bytes());
+        }
+        h.finalize()
+    }
+}
+
+/// A registered prefix as persisted, so its id stays valid across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixRecord {
+    /// Tokenizer and template the tokens were produced with (and the model).
+    pub fingerprint: Fingerprint,
+    /// Its id.
+    pub id: u64,
+    /// The tenant that registered it.
+    pub tenant: u64,
+    /// Where it is cached.
+    pub ns: Namespace,
+    /// Its tokens.
+    pub tokens: Vec<u32>,
+}
+
+/// `AGKV`, then the format version, the record id and the payload length, then a CRC of those.
+pub const BLOB_HEADER_LEN: usize = 32;
+const BLOB_MAGIC: &[u8; 4] = b"AGKV";
+
+/// A blob file's header for record `id` with `payload` bytes of pages.
+pub fn blob_header(id: u64, payload: u64) -> [u8; BLOB_HEADER_LEN] {
+    let mut h = [0u8; BLOB_HEADER_LEN];
+    h[..4].copy_from_slice(BLOB_MAGIC);
+    h[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..16].copy_from_slice(&id.to_le_bytes());
+    h[16..24].copy_from_slice(&payload.to_le_bytes());
+    let crc = crc32fast::hash(&h[..24]);
+    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Why a record on disk cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Damage {
+    /// The blob is shorter than its header.
+    #[error("the blob is shorter than its header")]
+    ShortHeader,
+    /// The blob does not start with the magic bytes.
+    #[error("the blob does not start with AGKV")]
+    Magic,
+    /// The header's own checksum fails.
+    #[error("the blob header's checksum does not match")]
+    HeaderChecksum,
+    /// The header is intact but belongs to another record, version or length.
+    #[error("the blob header names another record, version or length")]
+    HeaderMismatch,
+    /// The record's metadata checksum fails.
+    #[error("the metadata checksum does not match")]
+    MetaChecksum,
+    /// The metadata's page checksums do not cover its pages.
+    #[error("the page checksums do not match the page count")]
+    PageCount,
+    /// The blob's length differs from the metadata's.
+    #[error("the blob has {len} bytes, {expected} expected")]
+    BlobLength {
+        /// Bytes on disk.
+        len: u64,
+        /// Bytes the metadata says.
+        expected: u64,
+    },
+    /// One page's checksum fails.
+    #[error("page {page} fails its checksum (the blob is damaged)")]
+    PageChecksum {
+        /// The page.
+        page: u32,
+    },
+    /// The record was written for another model, tokenizer, template or layout.
+    #[error("written for a different {0}")]
+    Fingerprint(&'static str),
+}
+
+/// Checks a blob header against the record it should belong to; says what is wrong.
+pub fn check_blob_header(h: &[u8], id: u64, payload: u64) -> Result<(), Damage> {
+    if h.len() < BLOB_HEADER_LEN {
+        return Err(Damage::ShortHeader);
+    }
+    if &h[..4] != BLOB_MAGIC {
+        return Err(Damage::Magic);
+    }
+    let crc = u32::from_le_bytes(h[24..28].try_into().expect("4 bytes"));
+    if crc != crc32fast::hash(&h[..24]) {
+        return Err(Damage::HeaderChecksum);
+    }
+    if h[..BLOB_HEADER_LEN] != blob_header(id, payload) {
+        return Err(Damage::HeaderMismatch);
+    }
+    Ok(())
+}
+
+fn ns_bytes(ns: Namespace) -> [u8; 9] {
+    let (tag, v) = match ns {
+        Namespace::Tenant(t) => (0u8, t),
+        Namespace::Published(p) => (1u8, p),
+    };
+    let mut b = [0u8; 9];
+    b[0] = tag;
+    b[1..].copy_from_slice(&v.to_le_bytes());
+    b
+}
+
+/// A chained hash over whole pages: `root(ns)`, then `next(h, page k's tokens)` for each page.
+/// Equal hashes mean equal namespaces and equal tokens before the page.
+pub type ChainHash = [u8; 32];
+
+/// The chain's start for namespace `ns`.
+pub fn chain_root(ns: Namespace) -> ChainHash {
+    let mut h = Sha256::new();
+    h.update(b"agentd-kv-chain");
+    h.update(ns_bytes(ns));
+    h.finalize().into()
+}
+
+/// The chain after one more full page of `tokens`.
+pub fn chain_next(prev: &ChainHash, tokens: &[u32]) -> ChainHash {
+    let mut h = Sha256::new();
+    h.update(prev);
+    for t in tokens {
+        h.update(t.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_and_chains_detect_what_differs() {
+        let h = blob_header(7, 100);
+        assert!(check_blob_header(&h, 7, 100).is_ok());
+        assert!(check_blob_header(&h, 8, 100).is_err());
+        assert!(check_blob_header(&h, 7, 101).is_err());
+        let mut bad = h;
+        bad[10] ^= 1;
+        assert_eq!(check_blob_header(&bad, 7, 100), Err(Damage::HeaderChecksum));
+        let a = chain_next(&chain_root(Namespace::Tenant(1)), &[1, 2]);
+        assert_ne!(a, chain_next(&chain_root(Namespace::Tenant(2)), &[1, 2]));
+        assert_ne!(a, chain_next(&chain_root(Namespace::Published(1)), &[1, 2]));
+        assert_ne!(a, chain_next(&chain_root(Namespace::Tenant(1)), &[1, 3]));
+    }
+}

@@ -1,0 +1,555 @@
+//! The disk tier of the prefix cache: records of KV pages in blob files, their metadata and the
+//! registered prefixes in sled, an in-memory index to match requests against what is on disk,
+//! and a disk budget with LRU eviction.
+//!
+//! Why blob files and not sled values: a record is hundreds of KiB to tens of MiB; files written
+//! tmp → fsync → rename are atomic without loading sled's log with large values, can be read a
+//! page range at a time, and make the integrity checks easy to exercise (a test flips a byte).
+//! sled holds only small metadata, and a record goes into sled only after its blob is durable,
+//! so a crash leaves at worst an orphan blob, which the next start deletes.
+//!
+//! - [`format`]: the fingerprint, record metadata, blob header, chained page hashes.
+//! - [`index`]: chain hash → pages on disk; token-granular matching.
+//! - [`writer`]: the thread that writes blobs and sled.
+//!
+//! The store is owned by the scheduler's thread; page reads are synchronous there.
+
+pub mod format;
+pub mod index;
+mod writer;
+
+use format::{check_blob_header, Damage, Fingerprint, PrefixRecord, RecordMeta, BLOB_HEADER_LEN};
+use index::{DiskIndex, DiskMatch};
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use writer::{blob_path, Done, Job};
+
+/// A cache namespace: the tree and the disk tier never match across namespaces.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum Namespace {
+    /// One tenant's private prefixes.
+    Tenant(u64),
+    /// Prefixes an operator published for sharing.
+    Published(u64),
+}
+
+/// How many leading tokens `a` and `b` share.
+pub fn common_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// What can go wrong in the disk tier.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The metadata database failed.
+    #[error("the cache metadata: {0}")]
+    Db(#[from] sled::Error),
+    /// The record's metadata cannot be decoded.
+    #[error("unreadable metadata: {0}")]
+    BadMeta(#[from] serde_json::Error),
+    /// The record was dropped meanwhile.
+    #[error("record {0} is gone")]
+    RecordGone(u64),
+    /// A page outside the record was asked for.
+    #[error("page {page} is not in record {record}")]
+    PageNotInRecord {
+        /// The record.
+        record: u64,
+        /// The page.
+        page: u32,
+    },
+    /// The caller's buffer is not one page.
+    #[error("a page is {expected} bytes, not {got}")]
+    PageSize {
+        /// One page's bytes.
+        expected: usize,
+        /// The buffer's length.
+        got: usize,
+    },
+    /// The record fails a check (its tokens will be recomputed).
+    #[error(transparent)]
+    Damaged(#[from] format::Damage),
+    /// The directory cannot be created or read.
+    #[error("cannot use the cache directory {dir}: {source}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// sled cannot open its database (another agentd holds it, or it is damaged).
+    #[error("cannot open the cache database in {dir} (is another agentd using it?): {source}")]
+    Open {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        source: sled::Error,
+    },
+}
+
+/// Where and how much.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The directory holding `meta/` (sled) and `blobs/`.
+    pub dir: PathBuf,
+    /// Most bytes of blobs kept.
+    pub budget: u64,
+}
+
+/// Counters of the disk tier.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct StoreStats {
+    /// Records on disk.
+    pub records: usize,
+    /// Bytes of blobs on disk (and being written).
+    pub bytes: u64,
+    /// The budget.
+    pub budget: u64,
+    /// Records written since start.
+    pub written: u64,
+    /// Pages read back into memory since start.
+    pub loaded_pages: u64,
+    /// Bytes read back since start.
+    pub loaded_bytes: u64,
+    /// Seconds spent reading and checking them.
+    pub load_seconds: f64,
+    /// Records dropped: fingerprint or checksum mismatch, missing or short blob.
+    pub dropped: u64,
+    /// Records evicted to stay under the budget.
+    pub evicted: u64,
+}
+
+/// The disk tier (see the module docs).
+pub struct Store {
+    fp: Fingerprint,
+    page_size: usize,
+    blobs: PathBuf,
+    db: sled::Db,
+    index: DiskIndex,
+    metas: HashMap<u64, RecordMeta>,
+    /// Records being written: id → blob bytes.
+    pending: HashMap<u64, (RecordMeta, u64)>,
+    stats: StoreStats,
+    jobs: Option<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<Done>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating) the store in `cfg.dir` for a daemon whose KV depends on `fp`: drops
+    /// records and prefixes written for anything else, or whose blob is missing or damaged,
+    /// deletes orphan blobs, and trims to the budget. Returns the persisted prefixes.
+    pub fn open(
+        cfg: &StoreConfig,
+        fp: Fingerprint,
+    ) -> Result<(Self, Vec<PrefixRecord>), StoreError> {
+        let dir_err = |source| StoreError::Dir {
+            dir: cfg.dir.clone(),
+            source,
+        };
+        let blobs = cfg.dir.join("blobs");
+        std::fs::create_dir_all(&blobs).map_err(dir_err)?;
+        let db = sled::Config::new()
+            .path(cfg.dir.join("meta"))
+            .open()
+            .map_err(|source| StoreError::Open {
+                dir: cfg.dir.clone(),
+                source,
+            })?;
+        let open_err = |source| StoreError::Open {
+            dir: cfg.dir.clone(),
+            source,
+        };
+        let records = db.open_tree("records").map_err(open_err)?;
+        let prefixes = db.open_tree("prefixes").map_err(open_err)?;
+        let (jobs_tx, jobs_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        let writer = {
+            let (dir, db) = (blobs.clone(), db.clone());
+            std::thread::Builder::new()
+                .name("agentd-store".into())
+                .spawn(move || writer::run(dir, db, jobs_rx, done_tx))
+                .map_err(dir_err)?
+        };
+        let page_size = fp.page_size as usize;
+        let mut store = Store {
+            index: DiskIndex::new(page_size),
+            page_size,
+            blobs,
+            db,
+            metas: HashMap::new(),
+            pending: HashMap::new(),
+            stats: StoreStats {
+                budget: cfg.budget,
+                ..Default::default()
+            },
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            writer: Some(writer),
+            fp,
+        };
+        for (key, value) in records.iter().flatten() {
+            let id = u64::from_be_bytes(key.as_ref().try_into().unwrap_or([0; 8]));
+            match serde_json::from_slice::<RecordMeta>(&value) {
+                Ok(meta) => match store.check_on_open(id, &meta) {
+                    Ok(()) => store.admit(id, meta),
+                    Err(why) => store.drop_record(id, &why),
+                },
+                Err(e) => store.drop_record(id, &StoreError::BadMeta(e)),
+            }
+        }
+        store.remove_orphans().map_err(dir_err)?;
+        store.trim(0);
+        let mut kept = Vec::new();
+        for (key, value) in prefixes.iter().flatten() {
+            match serde_json::from_slice::<PrefixRecord>(&value) {
+                Ok(p) if p.fingerprint == store.fp => kept.push(p),
+                _ => {
+                    tracing::warn!(
+                        "dropping a persisted prefix written for another model or tokenizer"
+                    );
+                    let _ = prefixes.remove(key);
+                }
+            }
+        }
+        tracing::info!(
+            records = store.metas.len(),
+            bytes = store.stats.bytes,
+            prefixes = kept.len(),
+            "disk cache opened"
+        );
+        Ok((store, kept))
+    }
+
+    fn check_on_open(&self, id: u64, meta: &RecordMeta) -> Result<(), StoreError> {
+        if let Some(field) = meta.fingerprint.mismatch(&self.fp) {
+            return Err(Damage::Fingerprint(field).into());
+        }
+        if meta.meta_crc != meta.compute_crc() {
+            return Err(Damage::MetaChecksum.into());
+        }
+        if meta.page_crc.len() != meta.pages(self.page_size) {
+            return Err(Damage::PageCount.into());
+        }
+        let path = blob_path(&self.blobs, id);
+        let io = |source| StoreError::Io {
+            what: "opening a blob",
+            source,
+        };
+        let mut f = std::fs::File::open(&path).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        if len != meta.blob_len() {
+            return Err(Damage::BlobLength {
+                len,
+                expected: meta.blob_len(),
+            }
+            .into());
+        }
+        let mut h = [0u8; BLOB_HEADER_LEN];
+        f.read_exact(&mut h).map_err(io)?;
+        Ok(check_blob_header(&h, id, len - BLOB_HEADER_LEN as u64)?)
+    }
+
+    fn admit(&mut self, id: u64, meta: RecordMeta) {
+        self.index
+            .add(id, meta.ns, &meta.tokens, meta.first_page as usize);
+        self.stats.bytes += meta.blob_len();
+        self.metas.insert(id, meta);
+    }
+
+    fn remove_orphans(&self) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(&self.blobs)? {
+            let path = entry?.path();
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| u64::from_str_radix(s, 16).ok());
+            let is_blob = path.extension().is_some_and(|e| e == "kv");
+            if !(is_blob && id.is_some_and(|id| self.metas.contains_key(&id))) {
+                tracing::info!(path = %path.display(), "removing an orphan cache file");
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, job: Job) {
+        if let Some(tx) = &self.jobs {
+            let _ = tx.send(job);
+        }
+    }
+
+    /// Drops record `id` (index, metadata, blob), logging why.
+    pub fn drop_record(&mut self, id: u64, why: &StoreError) {
+        tracing::warn!(
+            record = id,
+            reason = %why,
+            "dropping a disk cache record; its tokens will be recomputed"
+        );
+        self.stats.dropped += 1;
+        self.forget(id);
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.index.remove(id);
+        if let Some(meta) = self.metas.remove(&id) {
+            self.stats.bytes -= meta.blob_len();
+        }
+        self.send(Job::Remove { id });
+    }
+
+    /// Applies finished writes: committed records become matchable.
+    pub fn poll(&mut self) {
+        while let Ok(done) = self.done.try_recv() {
+            match done {
+                Done::Committed { id } => {
+                    if let Some((meta, _)) = self.pending.remove(&id) {
+                        self.stats.written += 1;
+                        self.stats.bytes -= meta.blob_len();
+                        self.admit(id, meta);
+                    }
+                }
+                Done::Failed { id, error } => {
+                    tracing::warn!(record = id, %error, "writing a disk cache record failed");
+                    if let Some((meta, _)) = self.pending.remove(&id) {
+                        self.stats.bytes -= meta.blob_len();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The longest prefix of `tokens` in `ns` servable from the first `resident` tokens in
+    /// memory plus pages on disk.
+    pub fn longest_match(&self, ns: Namespace, tokens: &[u32], resident: usize) -> DiskMatch {
+        self.index.longest_match(ns, tokens, resident)
+    }
+
+    /// Reads page `page` of record `record` into `out` (one page's bytes), checking the blob's
+    /// header and the page's checksum. On any failure the record is dropped and the error says
+    /// why; the caller recomputes instead.
+    pub fn read_page(&mut self, record: u64, page: u32, out: &mut [u8]) -> Result<(), StoreError> {
+        let t0 = std::time::Instant::now();
+        let r = self.try_read_page(record, page, out);
+        match &r {
+            Ok(()) => {
+                self.stats.loaded_pages += 1;
+                self.stats.loaded_bytes += out.len() as u64;
+                self.stats.load_seconds += t0.elapsed().as_secs_f64();
+            }
+            Err(why) => self.drop_record(record, why),
+        }
+        r
+    }
+
+    fn try_read_page(&self, record: u64, page: u32, out: &mut [u8]) -> Result<(), StoreError> {
+        let meta = self
+            .metas
+            .get(&record)
+            .ok_or(StoreError::RecordGone(record))?;
+        let k = page
+            .checked_sub(meta.first_page)
+            .filter(|&k| (k as usize) < meta.page_crc.len())
+            .ok_or(StoreError::PageNotInRecord { record, page })? as usize;
+        let page_bytes = self.fp.page_bytes();
+        if out.len() != page_bytes {
+            return Err(StoreError::PageSize {
+                expected: page_bytes,
+                got: out.len(),
+            });
+        }
+        let mut f = std::fs::File::open(blob_path(&self.blobs, record)).map_err(|source| {
+            StoreError::Io {
+                what: "opening a blob",
+                source,
+            }
+        })?;
+        let read = |source| StoreError::Io {
+            what: "reading a blob",
+            source,
+        };
+        let mut h = [0u8; BLOB_HEADER_LEN];
+        f.read_exact(&mut h).map_err(read)?;
+        check_blob_header(&h, record, meta.blob_len() - BLOB_HEADER_LEN as u64)?;
+        f.seek(SeekFrom::Start((BLOB_HEADER_LEN + k * page_bytes) as u64))
+            .and_then(|_| f.read_exact(out))
+            .map_err(read)?;
+        if crc32fast::hash(out) != meta.page_crc[k] {
+            return Err(Damage::PageChecksum { page }.into());
+        }
+        Ok(())
+    }
+
+    /// Notes a load from record `id` (for LRU on disk).
+    pub fn touch(&mut self, id: u64) {
+        if let Some(meta) = self.metas.get_mut(&id) {
+            meta.hits += 1;
+            meta.last_use = now_secs();
+            let meta = Box::new(meta.clone());
+            self.send(Job::Meta { id, meta });
+        }
+    }
+
+    /// Writes pages `first_page..` of `tokens` in `ns` (their bytes in `bytes`, page after
+    /// page) as a new record, in the background; it becomes matchable once durable. Older
+    /// records are evicted to stay under the budget; a record that cannot fit is not written.
+    pub fn write(
+        &mut self,
+        ns: Namespace,
+        tokens: Vec<u32>,
+        first_page: usize,
+        bytes: Vec<u8>,
+        pinned: bool,
+    ) {
+        let page_bytes = self.fp.page_bytes();
+        let page_crc: Vec<u32> = bytes.chunks(page_bytes).map(crc32fast::hash).collect();
+        let mut meta = RecordMeta {
+            fingerprint: self.fp.clone(),
+            ns,
+            tokens,
+            first_page: first_page as u32,
+            page_crc,
+            pinned,
+            hits: 0,
+            last_use: now_secs(),
+            meta_crc: 0,
+        };
+        debug_assert_eq!(meta.page_crc.len(), meta.pages(self.page_size));
+        meta.meta_crc = meta.compute_crc();
+        let len = meta.blob_len();
+        if !self.trim(len) {
+            tracing::warn!(
+                bytes = len,
+                budget = self.stats.budget,
+                "a record does not fit the disk cache budget; not written"
+            );
+            return;
+        }
+        let Ok(id) = self.db.generate_id() else {
+            return;
+        };
+        self.stats.bytes += len;
+        self.pending.insert(id, (meta.clone(), len));
+        self.send(Job::Write {
+            id,
+            meta: Box::new(meta),
+            bytes,
+        });
+    }
+
+    /// Evicts records, least recently used first (unpinned before pinned), until `incoming`
+    /// more bytes fit the budget; false when they cannot.
+    fn trim(&mut self, incoming: u64) -> bool {
+        if incoming > self.stats.budget {
+            return false;
+        }
+        while self.stats.bytes + incoming > self.stats.budget {
+            let victim = self
+                .metas
+                .iter()
+                .min_by_key(|(id, m)| (m.pinned, m.last_use, **id))
+                .map(|(id, _)| *id);
+            let Some(id) = victim else {
+                return false;
+            };
+            self.stats.evicted += 1;
+            self.forget(id);
+        }
+        true
+    }
+
+    /// Whether the whole of `tokens` in `ns` is on disk (or being written) already.
+    pub fn covers(&self, ns: Namespace, tokens: &[u32]) -> bool {
+        self.index.longest_match(ns, tokens, 0).tokens == tokens.len()
+            || self
+                .pending
+                .values()
+                .any(|(m, _)| m.ns == ns && m.tokens.starts_with(tokens))
+    }
+
+    /// Marks the records holding a prefix of `tokens` in `ns` as unpinned (ordinary LRU).
+    pub fn unpin(&mut self, ns: Namespace, tokens: &[u32]) {
+        let ids: Vec<u64> = self
+            .metas
+            .iter()
+            .filter(|(_, m)| m.pinned && m.ns == ns && tokens.starts_with(&m.tokens))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let meta = self.metas.get_mut(&id).expect("listed");
+            meta.pinned = false;
+            let meta = Box::new(meta.clone());
+            self.send(Job::Meta { id, meta });
+        }
+    }
+
+    /// Persists a prefix registration.
+    pub fn put_prefix(&self, id: u64, tenant: u64, ns: Namespace, tokens: Vec<u32>) {
+        self.send(Job::PutPrefix(Box::new(PrefixRecord {
+            fingerprint: self.fp.clone(),
+            id,
+            tenant,
+            ns,
+            tokens,
+        })));
+    }
+
+    /// Forgets a persisted prefix registration.
+    pub fn remove_prefix(&self, id: u64) {
+        self.send(Job::RemovePrefix(id));
+    }
+
+    /// Waits until every queued write is durable (blobs and sled).
+    pub fn flush(&mut self) {
+        let (tx, rx) = mpsc::channel();
+        self.send(Job::Flush(tx));
+        let _ = rx.recv();
+        self.poll();
+    }
+
+    /// Bytes of one page.
+    pub fn page_bytes(&self) -> usize {
+        self.fp.page_bytes()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            records: self.metas.len(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// The blob directory (for tests and benchmarks).
+    pub fn blob_dir(&self) -> &Path {
+        &self.blobs
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
