@@ -1,21 +1,59 @@
 //! [`SchedulerHandle`]: the scheduler on its own thread, driven by commands over a channel (actor
-//! style: no lock is shared with callers). While work is pending the thread alternates between
-//! draining commands and running steps; when idle it sleeps on the channel.
+//! style: no lock is shared with callers), with its steps overlapped with commands.
+//!
+//! The scheduler thread plans a step ([`Scheduler::begin_step`]), hands it to the executor
+//! thread, and keeps answering commands while the step runs: commands that only read or touch
+//! idle sessions and the queues ("light": create, append, fork, rewrite, session tokens,
+//! generate, stats, list prefixes) run at once, so session calls are answered in milliseconds
+//! even during a long prefill chunk; commands that would change the running sequences, the page
+//! pool or the executor's pages (close, evict, publish, pin, flush, invariant checks) wait for
+//! the step to finish. When idle it sleeps on the channel. The thread stops when every handle
+//! is dropped, after cancelling what is still running.
 
 use super::admin::PrefixEntry;
 use super::scheduler::{PrefixInfo, Scheduler};
+use super::step::{InFlight, StepOutput};
 use super::types::*;
 use agentd_engine::{Decoding, Executor, ModelShape};
-use std::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 type Command = Box<dyn FnOnce(&mut Scheduler) + Send>;
+
+/// Whether a command may run while a step is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Touches only idle sessions, the waiting queue, or reads.
+    Light,
+    /// May change the running sequences, the pool or the pages: waits for the step.
+    Heavy,
+}
+
+enum Msg {
+    Command(Command, Kind),
+    /// The executor thread finished a step.
+    StepDone(Box<(InFlight, StepOutput)>),
+    /// The last handle was dropped.
+    Shutdown,
+}
+
+/// Sends [`Msg::Shutdown`] when the last handle goes away.
+struct Alive(mpsc::Sender<Msg>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        let _ = self.0.send(Msg::Shutdown);
+    }
+}
 
 /// A cloneable handle to the scheduler thread. The thread stops when every handle is dropped,
 /// after cancelling what is still running.
 #[derive(Clone)]
 pub struct SchedulerHandle {
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Msg>,
+    _alive: Arc<Alive>,
     shape: ModelShape,
 }
 
@@ -25,12 +63,36 @@ impl SchedulerHandle {
     pub fn spawn(exec: Box<dyn Executor>, cfg: SchedulerConfig) -> Result<Self> {
         let mut sched = Scheduler::new(exec, cfg)?;
         let shape = sched.shape();
-        let (tx, rx) = mpsc::channel::<Command>();
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let (job_tx, job_rx) = mpsc::channel::<InFlight>();
+        let exec = sched.exec.clone();
+        let done = tx.clone();
+        std::thread::Builder::new()
+            .name("agentd-executor".into())
+            .spawn(move || {
+                // Ends when the scheduler thread drops `job_tx`.
+                for mut job in job_rx {
+                    let out = {
+                        let mut exec = exec.lock().unwrap_or_else(|e| e.into_inner());
+                        let _span = tracing::debug_span!("forward").entered();
+                        job.run(&mut **exec)
+                    };
+                    if done.send(Msg::StepDone(Box::new((job, out)))).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| SchedError::Spawn(Cause::new(e)))?;
         std::thread::Builder::new()
             .name("agentd-scheduler".into())
-            .spawn(move || run(&mut sched, rx))
+            .spawn(move || run(&mut sched, rx, job_tx))
             .map_err(|e| SchedError::Spawn(Cause::new(e)))?;
-        Ok(Self { tx, shape })
+        let alive = Arc::new(Alive(tx.clone()));
+        Ok(Self {
+            tx,
+            _alive: alive,
+            shape,
+        })
     }
 
     /// The vocabulary and context length of the model behind the executor.
@@ -38,15 +100,34 @@ impl SchedulerHandle {
         self.shape
     }
 
+    /// Runs `f` on the scheduler thread between steps.
     async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Scheduler) -> T + Send + 'static,
     ) -> Result<T> {
+        self.send(Kind::Heavy, f).await
+    }
+
+    /// Runs `f` on the scheduler thread at once, even while a step is in flight: `f` must not
+    /// change the running sequences, the page pool or the executor's pages.
+    async fn call_light<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Scheduler) -> T + Send + 'static,
+    ) -> Result<T> {
+        self.send(Kind::Light, f).await
+    }
+
+    async fn send<T: Send + 'static>(
+        &self,
+        kind: Kind,
+        f: impl FnOnce(&mut Scheduler) -> T + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
+        let cmd: Command = Box::new(move |s| {
+            let _ = tx.send(f(s));
+        });
         self.tx
-            .send(Box::new(move |s| {
-                let _ = tx.send(f(s));
-            }))
+            .send(Msg::Command(cmd, kind))
             .map_err(|_| SchedError::Shutdown)?;
         rx.await.map_err(|_| SchedError::Shutdown)
     }
@@ -58,13 +139,13 @@ impl SchedulerHandle {
         from: Option<PrefixId>,
         tokens: Vec<u32>,
     ) -> Result<SessionId> {
-        self.call(move |s| s.create_session(tenant, from, tokens))
+        self.call_light(move |s| s.create_session(tenant, from, tokens))
             .await?
     }
 
     /// See [`Scheduler::append`].
     pub async fn append(&self, tenant: TenantId, id: SessionId, tokens: Vec<u32>) -> Result<usize> {
-        self.call(move |s| s.append(tenant, id, &tokens)).await?
+        self.call_light(move |s| s.append(tenant, id, &tokens)).await?
     }
 
     /// One command: see [`Scheduler::append_input`].
@@ -74,13 +155,13 @@ impl SchedulerHandle {
         id: SessionId,
         input: AppendInput,
     ) -> Result<Appended> {
-        self.call(move |s| s.append_input(tenant, id, input))
+        self.call_light(move |s| s.append_input(tenant, id, input))
             .await?
     }
 
     /// See [`Scheduler::fork`].
     pub async fn fork(&self, tenant: TenantId, id: SessionId) -> Result<SessionId> {
-        self.call(move |s| s.fork(tenant, id)).await?
+        self.call_light(move |s| s.fork(tenant, id)).await?
     }
 
     /// See [`Scheduler::rewrite`].
@@ -91,13 +172,13 @@ impl SchedulerHandle {
         range: std::ops::Range<usize>,
         tokens: Vec<u32>,
     ) -> Result<u64> {
-        self.call(move |s| s.rewrite(tenant, id, range.start, range.end, &tokens))
+        self.call_light(move |s| s.rewrite(tenant, id, range.start, range.end, &tokens))
             .await?
     }
 
     /// See [`Scheduler::session_tokens`].
     pub async fn session_tokens(&self, tenant: TenantId, id: SessionId) -> Result<(Vec<u32>, u64)> {
-        self.call(move |s| s.session_tokens(tenant, id)).await?
+        self.call_light(move |s| s.session_tokens(tenant, id)).await?
     }
 
     /// See [`Scheduler::close`].
@@ -114,8 +195,20 @@ impl SchedulerHandle {
         id: SessionId,
         dec: Decoding,
     ) -> Result<tmpsc::UnboundedReceiver<Event>> {
+        self.generate_at(tenant, id, dec, Instant::now()).await
+    }
+
+    /// [`SchedulerHandle::generate`] for a call that arrived at `arrived`: TTFT and latency are
+    /// measured from then (the service passes the moment the RPC arrived).
+    pub async fn generate_at(
+        &self,
+        tenant: TenantId,
+        id: SessionId,
+        dec: Decoding,
+        arrived: Instant,
+    ) -> Result<tmpsc::UnboundedReceiver<Event>> {
         let (tx, rx) = tmpsc::unbounded_channel();
-        self.call(move |s| s.generate(tenant, id, dec, tx))
+        self.call_light(move |s| s.generate_at(tenant, id, dec, tx, arrived))
             .await??;
         Ok(rx)
     }
@@ -149,7 +242,7 @@ impl SchedulerHandle {
 
     /// See [`Scheduler::list_prefixes`].
     pub async fn list_prefixes(&self, tenant: Option<TenantId>) -> Result<Vec<PrefixEntry>> {
-        self.call(move |s| s.list_prefixes(tenant)).await
+        self.call_light(move |s| s.list_prefixes(tenant)).await
     }
 
     /// See [`Scheduler::publish_prefix`]; returns once the published copy is pinned.
@@ -184,7 +277,7 @@ impl SchedulerHandle {
 
     /// A snapshot of the scheduler's counters.
     pub async fn stats(&self) -> Result<SchedStats> {
-        self.call(|s| s.stats()).await
+        self.call_light(|s| s.stats()).await
     }
 
     /// Checks the page accounting (for tests).
@@ -193,27 +286,53 @@ impl SchedulerHandle {
     }
 }
 
-fn run(sched: &mut Scheduler, rx: mpsc::Receiver<Command>) {
-    loop {
+fn run(sched: &mut Scheduler, rx: mpsc::Receiver<Msg>, jobs: mpsc::Sender<InFlight>) {
+    let mut deferred: VecDeque<Command> = VecDeque::new();
+    let mut shutdown = false;
+    while !shutdown {
+        // Between steps every command runs, the ones deferred during the last step first.
+        while let Some(cmd) = deferred.pop_front() {
+            cmd(sched);
+        }
         if sched.is_idle() {
             match rx.recv() {
-                Ok(cmd) => cmd(sched),
-                Err(_) => break,
+                Ok(Msg::Command(cmd, _)) => cmd(sched),
+                Ok(Msg::Shutdown) | Err(_) => break,
+                Ok(Msg::StepDone(_)) => unreachable!("no step is in flight"),
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(cmd) => cmd(sched),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    sched.cancel_all();
-                    return;
+                Ok(Msg::Command(cmd, _)) => cmd(sched),
+                Ok(Msg::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => {
+                    shutdown = true;
+                    break;
                 }
+                Ok(Msg::StepDone(_)) => unreachable!("no step is in flight"),
+                Err(mpsc::TryRecvError::Empty) => break,
             }
         }
-        if !sched.is_idle() {
-            sched.step();
+        if shutdown || sched.is_idle() {
+            continue;
         }
+        let Some(job) = sched.begin_step() else {
+            continue;
+        };
+        if jobs.send(job).is_err() {
+            tracing::error!("the executor thread is gone");
+            break;
+        }
+        // While the step runs, light commands are answered; the rest wait for it.
+        let (job, out) = loop {
+            match rx.recv() {
+                Ok(Msg::StepDone(done)) => break *done,
+                Ok(Msg::Command(cmd, Kind::Light)) => cmd(sched),
+                Ok(Msg::Command(cmd, Kind::Heavy)) => deferred.push_back(cmd),
+                Ok(Msg::Shutdown) => shutdown = true,
+                Err(_) => unreachable!("the executor thread holds a sender"),
+            }
+        };
+        sched.finish_step(job, out);
     }
     sched.cancel_all();
 }

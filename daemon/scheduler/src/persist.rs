@@ -31,7 +31,7 @@ impl Scheduler {
     /// Opens the disk tier and restores the registered prefixes it kept (their KV loads on
     /// first use).
     pub(super) fn open_store(&mut self, cfg: &DiskTierConfig) -> Result<()> {
-        let fp = fingerprint(&cfg.digests, &self.exec.layout());
+        let fp = fingerprint(&cfg.digests, &self.exec().layout());
         let (store, prefixes) =
             Store::open(&cfg.store, fp).map_err(|e| SchedError::DiskTier(Cause::new(e)))?;
         for p in prefixes {
@@ -65,9 +65,9 @@ impl Scheduler {
     }
 
     fn pages_bytes(&self, pages: &[PageId]) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(pages.len() * self.exec.page_bytes());
+        let mut out = Vec::with_capacity(pages.len() * self.exec().page_bytes());
         for p in pages {
-            if let Err(e) = self.exec.read_page(p.0, &mut out) {
+            if let Err(e) = self.exec().read_page(p.0, &mut out) {
                 tracing::error!(error = %e, "reading a page for the disk tier failed");
                 return None;
             }
@@ -156,7 +156,7 @@ impl Scheduler {
             self.evict(need - self.tree.pool().free_count());
         }
         let mut loaded: Vec<PageId> = Vec::with_capacity(need);
-        let mut buf = vec![0u8; self.exec.page_bytes()];
+        let mut buf = vec![0u8; self.exec().page_bytes()];
         let mut ok = self.tree.pool().free_count() >= need;
         let mut records = Vec::new();
         for loc in m.pages.iter().take_while(|_| ok) {
@@ -168,7 +168,7 @@ impl Scheduler {
             }
             let page = self.tree.pool_mut().alloc().expect("reserved above");
             loaded.push(page);
-            if let Err(e) = self.exec.write_page(page.0, &buf) {
+            if let Err(e) = self.exec().write_page(page.0, &buf) {
                 tracing::error!(error = %e, "writing a page loaded from disk failed");
                 ok = false;
                 break;

@@ -5,7 +5,12 @@ use super::types::*;
 use crate::cache::{Namespace, NodeId, PageId, PagePool, RadixTree};
 use agentd_engine::{Decoding, Executor, ModelShape};
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+
+/// The executor, shared with the thread that runs steps while the scheduler thread keeps
+/// answering commands ([`super::SchedulerHandle`]); locked only for page operations and steps.
+pub(super) type SharedExecutor = Arc<Mutex<Box<dyn Executor>>>;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// A session: its tenant, its token log and where its shared prefix lives.
@@ -97,7 +102,7 @@ pub(super) struct Seq {
 /// accounting, the radix tree, the sessions and the queues. Single-threaded;
 /// [`super::SchedulerHandle`] runs it on its own thread.
 pub struct Scheduler {
-    pub(super) exec: Box<dyn Executor>,
+    pub(super) exec: SharedExecutor,
     pub(super) shape: ModelShape,
     pub(super) cfg: SchedulerConfig,
     pub(super) tree: RadixTree,
@@ -153,7 +158,7 @@ impl Scheduler {
         };
         let store_cfg = cfg.store.clone();
         let mut s = Self {
-            exec,
+            exec: Arc::new(Mutex::new(exec)),
             shape,
             cfg,
             tree: RadixTree::new(pool),
@@ -181,6 +186,12 @@ impl Scheduler {
     /// The vocabulary and context length of the model behind the executor.
     pub fn shape(&self) -> ModelShape {
         self.shape
+    }
+
+    /// The executor, for a page operation or a step (a panic in an earlier step does not
+    /// poison it: its pages are only written by steps, whose sequences then fail).
+    pub(super) fn exec(&self) -> MutexGuard<'_, Box<dyn Executor>> {
+        self.exec.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(super) fn fresh_id(&mut self) -> u64 {
@@ -448,6 +459,19 @@ impl Scheduler {
         dec: Decoding,
         sink: UnboundedSender<Event>,
     ) -> Result<()> {
+        self.generate_at(tenant, id, dec, sink, Instant::now())
+    }
+
+    /// [`Scheduler::generate`] for a call that arrived at `arrived` (TTFT and latency in the
+    /// usage are measured from then).
+    pub fn generate_at(
+        &mut self,
+        tenant: TenantId,
+        id: SessionId,
+        dec: Decoding,
+        sink: UnboundedSender<Event>,
+        arrived: Instant,
+    ) -> Result<()> {
         let limit = self.context_limit();
         let max_tokens = dec.max_tokens();
         let s = self.session(tenant, id)?;
@@ -487,7 +511,7 @@ impl Scheduler {
                 dec: Box::new(dec),
                 sink,
             },
-            submitted: Instant::now(),
+            submitted: arrived,
             first_token: None,
             cached_tokens: None,
             preemptions: 0,

@@ -5,7 +5,7 @@
 use super::scheduler::{Request, Scheduler, Seq, Work};
 use super::types::*;
 use agentd_engine::executor::{RowKind, SeqStep};
-use agentd_engine::{ExecError, FinishReason};
+use agentd_engine::{ExecError, Executor, FinishReason};
 use std::time::Instant;
 
 /// One sequence's share of a step.
@@ -16,16 +16,72 @@ struct Planned {
     kind: RowKind,
 }
 
+/// One sequence's rows of a step, owned, so the step can run on another thread while the
+/// scheduler thread keeps answering commands.
+#[derive(Debug, Clone)]
+pub(super) struct OwnedStep {
+    tokens: Vec<u32>,
+    pos0: usize,
+    table: Vec<u32>,
+    kind: RowKind,
+    logits: bool,
+}
+
+/// What a forward pass returns: per sequence, its logits when asked for.
+pub(super) type StepOutput = std::result::Result<Vec<Option<Vec<f32>>>, ExecError>;
+
+/// A step between [`Scheduler::begin_step`] and [`Scheduler::finish_step`]: while it is in
+/// flight the running sequences and the page pool must not change (commands that would change
+/// them wait; see [`super::SchedulerHandle`]).
+pub(super) struct InFlight {
+    plan: Vec<Planned>,
+    steps: Vec<OwnedStep>,
+    /// A copy-on-write failure while preparing the pages: the step is not run.
+    prepared: std::result::Result<(), ExecError>,
+    computed: usize,
+}
+
+impl InFlight {
+    /// Runs the forward pass on `exec`.
+    pub(super) fn run(&mut self, exec: &mut dyn Executor) -> StepOutput {
+        std::mem::replace(&mut self.prepared, Ok(()))?;
+        let steps: Vec<SeqStep<'_>> = self
+            .steps
+            .iter()
+            .map(|s| SeqStep {
+                tokens: &s.tokens,
+                pos0: s.pos0,
+                page_table: &s.table,
+                kind: s.kind,
+                logits: s.logits,
+            })
+            .collect();
+        exec.forward(&steps)
+    }
+}
+
 impl Scheduler {
-    /// Runs one step; returns the number of tokens computed (0 when there was nothing to do).
+    /// Runs one step on this thread; returns the number of tokens computed (0 when there was
+    /// nothing to do).
     pub fn step(&mut self) -> usize {
+        let Some(mut f) = self.begin_step() else {
+            return 0;
+        };
+        let exec = self.exec.clone();
+        let out = f.run(&mut **exec.lock().unwrap_or_else(|e| e.into_inner()));
+        self.finish_step(f, out)
+    }
+
+    /// The first half of a step: admission, the batch, its pages (evicting, preempting, copying
+    /// shared pages). `None` when there is nothing to run.
+    pub(super) fn begin_step(&mut self) -> Option<InFlight> {
         self.poll_store();
         self.reap_cancelled();
         self.admit();
         let plan = loop {
             let plan = self.plan();
             if plan.is_empty() {
-                return 0;
+                return None;
             }
             let need: usize = plan.iter().map(|p| self.pages_needed(p)).sum();
             let free = self.tree.pool().free_count();
@@ -38,39 +94,39 @@ impl Scheduler {
             }
             self.preempt_youngest();
         };
-        let span = tracing::debug_span!(
-            "engine_step",
-            seqs = plan.len(),
-            tokens = tracing::field::Empty
-        );
-        let _enter = span.enter();
         let prepared: std::result::Result<(), ExecError> =
             plan.iter().try_for_each(|p| self.prepare_pages(p));
         let used = self.tree.pool().used_count();
         self.stats.peak_pages = self.stats.peak_pages.max(used);
-        let tables: Vec<Vec<u32>> = plan
+        let steps = plan
             .iter()
-            .map(|p| self.running[p.seq].pages.iter().map(|pg| pg.0).collect())
-            .collect();
-        let steps: Vec<SeqStep<'_>> = plan
-            .iter()
-            .zip(&tables)
-            .map(|(p, table)| {
+            .map(|p| {
                 let s = &self.running[p.seq];
-                SeqStep {
-                    tokens: &s.req.tokens[s.kv_len..s.kv_len + p.tokens],
+                OwnedStep {
+                    tokens: s.req.tokens[s.kv_len..s.kv_len + p.tokens].to_vec(),
                     pos0: s.kv_len,
-                    page_table: table,
+                    table: s.pages.iter().map(|pg| pg.0).collect(),
                     kind: p.kind,
                     logits: s.kv_len + p.tokens == s.req.tokens.len()
                         && matches!(s.req.work, Work::Generate { .. }),
                 }
             })
             .collect();
-        let computed: usize = plan.iter().map(|p| p.tokens).sum();
-        span.record("tokens", computed);
-        let result = prepared.and_then(|()| self.exec.forward(&steps));
-        drop(steps);
+        let computed = plan.iter().map(|p| p.tokens).sum();
+        Some(InFlight {
+            plan,
+            steps,
+            prepared,
+            computed,
+        })
+    }
+
+    /// The second half of a step: sample, stream, cache progress, retire. Returns the tokens
+    /// computed.
+    pub(super) fn finish_step(&mut self, f: InFlight, result: StepOutput) -> usize {
+        let InFlight { plan, computed, .. } = f;
+        let span = tracing::debug_span!("step", seqs = plan.len(), tokens = computed);
+        let _enter = span.enter();
         self.stats.steps += 1;
         let logits = match result {
             Ok(l) => l,
@@ -198,7 +254,7 @@ impl Scheduler {
                     // every page accounted for.
                     self.running[p.seq].pages[k] = new;
                     self.tree.pool_mut().release(old).expect("held page");
-                    self.exec.copy_page(old.0, new.0, valid)?;
+                    self.exec().copy_page(old.0, new.0, valid)?;
                 }
                 Some(_) => {}
                 None => {

@@ -413,6 +413,8 @@ impl Agentd for AgentdService {
         &self,
         req: Request<proto::GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        // TTFT and latency are measured from here, the moment the call arrived.
+        let arrived = std::time::Instant::now();
         let tenant = self.tenant(&req)?;
         let r = req.into_inner();
         tracing::Span::current().record("session", r.session_id);
@@ -432,7 +434,7 @@ impl Agentd for AgentdService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let rx = self
             .sched
-            .generate(tenant, SessionId(r.session_id), dec)
+            .generate_at(tenant, SessionId(r.session_id), dec, arrived)
             .await
             .map_err(to_status)?;
         let stream = UnboundedReceiverStream::new(rx).map(|ev| match ev {

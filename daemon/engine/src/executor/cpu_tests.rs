@@ -67,7 +67,7 @@ fn logits_after_a_cache_hit_equal_a_full_recompute() {
         .collect();
     for (len, split) in cases {
         let prompt = random_tokens(&mut rng, len);
-        let want = full_logits(&engine, &prompt);
+        let want = full_logits(engine, &prompt);
         // The prefix in pages 0.., as an earlier request left it in the cache.
         let mut kv = engine.cpu_executor();
         kv.allocate(2 * len.div_ceil(ps) + 2, ps).unwrap();
