@@ -178,6 +178,30 @@ enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         iterations: usize,
     },
+    /// Inter-token latency of running streams, idle, while a prefix loads from disk and while a
+    /// large tool grammar compiles; CreateSession + Append latency while sessions prefill.
+    Latency {
+        /// Streams decoding throughout.
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        /// Tokens of the prefix loaded from disk.
+        #[arg(long, default_value_t = 6000)]
+        disk_prefix_tokens: usize,
+        /// Tools in the constrained request.
+        #[arg(long, default_value_t = 2000)]
+        grammar_tools: usize,
+        /// Sessions prefilling while session calls are timed.
+        #[arg(long, default_value_t = 32)]
+        prefill_sessions: usize,
+        /// Prompt tokens each of them prefills.
+        #[arg(long, default_value_t = 1500)]
+        prefill_tokens: usize,
+        /// CreateSession + Append pairs timed.
+        #[arg(long, default_value_t = 50)]
+        session_calls: usize,
+        #[command(flatten)]
+        sched: SchedArgs,
+    },
     /// Many sessions sharing one system prompt, with the prefix cache off and on.
     Prefix {
         /// Concurrent sessions.
@@ -330,6 +354,27 @@ fn main() -> Result<()> {
                 SchedulerConfig::default(),
                 iterations,
             ))
+        }
+        Command::Bench(BenchCommand::Latency {
+            streams,
+            disk_prefix_tokens,
+            grammar_tools,
+            prefill_sessions,
+            prefill_tokens,
+            session_calls,
+            sched,
+        }) => {
+            let engine = Arc::new(load(cli.model, opts)?);
+            let cfg = bench::latency::LatencyBenchConfig {
+                streams,
+                disk_prefix_tokens,
+                grammar_tools,
+                prefill_sessions,
+                prefill_tokens,
+                session_calls,
+                scheduler: sched.config(),
+            };
+            print_report(async { Ok(bench::latency::run_latency_bench(engine, &cfg).await?) })
         }
         Command::Bench(BenchCommand::Prefix {
             sessions,

@@ -50,10 +50,8 @@ pub enum ConstraintSpec {
     },
 }
 
-/// The opening and closing tags of a tool call.
-pub const TOOL_CALL_OPEN: &str = "<tool_call>";
-/// See [`TOOL_CALL_OPEN`].
-pub const TOOL_CALL_CLOSE: &str = "</tool_call>";
+/// The opening and closing tags of a tool call (the wire contract's Hermes format).
+pub use agentd_wire::hermes::{TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
 
 impl ConstraintSpec {
     /// The llguidance grammar for this constraint.

@@ -35,6 +35,8 @@ enum Msg {
     Command(Command, Kind),
     /// The executor thread finished a step.
     StepDone(Box<(InFlight, StepOutput)>),
+    /// Something the scheduler waits for (a disk load) finished.
+    Wake,
     /// The last handle was dropped.
     Shutdown,
 }
@@ -67,6 +69,13 @@ impl SchedulerHandle {
         let (job_tx, job_rx) = mpsc::channel::<InFlight>();
         let exec = sched.exec.clone();
         let done = tx.clone();
+        let wake = std::sync::Mutex::new(tx.clone());
+        let _ = sched.waker.set(Box::new(move || {
+            let _ = wake
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(Msg::Wake);
+        }));
         std::thread::Builder::new()
             .name("agentd-executor".into())
             .spawn(move || {
@@ -145,7 +154,8 @@ impl SchedulerHandle {
 
     /// See [`Scheduler::append`].
     pub async fn append(&self, tenant: TenantId, id: SessionId, tokens: Vec<u32>) -> Result<usize> {
-        self.call_light(move |s| s.append(tenant, id, &tokens)).await?
+        self.call_light(move |s| s.append(tenant, id, &tokens))
+            .await?
     }
 
     /// One command: see [`Scheduler::append_input`].
@@ -178,7 +188,8 @@ impl SchedulerHandle {
 
     /// See [`Scheduler::session_tokens`].
     pub async fn session_tokens(&self, tenant: TenantId, id: SessionId) -> Result<(Vec<u32>, u64)> {
-        self.call_light(move |s| s.session_tokens(tenant, id)).await?
+        self.call_light(move |s| s.session_tokens(tenant, id))
+            .await?
     }
 
     /// See [`Scheduler::close`].
@@ -297,6 +308,7 @@ fn run(sched: &mut Scheduler, rx: mpsc::Receiver<Msg>, jobs: mpsc::Sender<InFlig
         if sched.is_idle() {
             match rx.recv() {
                 Ok(Msg::Command(cmd, _)) => cmd(sched),
+                Ok(Msg::Wake) => {}
                 Ok(Msg::Shutdown) | Err(_) => break,
                 Ok(Msg::StepDone(_)) => unreachable!("no step is in flight"),
             }
@@ -304,6 +316,7 @@ fn run(sched: &mut Scheduler, rx: mpsc::Receiver<Msg>, jobs: mpsc::Sender<InFlig
         loop {
             match rx.try_recv() {
                 Ok(Msg::Command(cmd, _)) => cmd(sched),
+                Ok(Msg::Wake) => {}
                 Ok(Msg::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => {
                     shutdown = true;
                     break;
@@ -316,6 +329,15 @@ fn run(sched: &mut Scheduler, rx: mpsc::Receiver<Msg>, jobs: mpsc::Sender<InFlig
             continue;
         }
         let Some(job) = sched.begin_step() else {
+            // Work is waiting but none can run: its pages are being read from disk. Sleep
+            // until the load (or a command) arrives; the timeout only guards against a lost
+            // wake-up.
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(Msg::Command(cmd, _)) => cmd(sched),
+                Ok(Msg::Wake) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(Msg::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => shutdown = true,
+                Ok(Msg::StepDone(_)) => unreachable!("no step is in flight"),
+            }
             continue;
         };
         if jobs.send(job).is_err() {
@@ -328,6 +350,7 @@ fn run(sched: &mut Scheduler, rx: mpsc::Receiver<Msg>, jobs: mpsc::Sender<InFlig
                 Ok(Msg::StepDone(done)) => break *done,
                 Ok(Msg::Command(cmd, Kind::Light)) => cmd(sched),
                 Ok(Msg::Command(cmd, Kind::Heavy)) => deferred.push_back(cmd),
+                Ok(Msg::Wake) => {}
                 Ok(Msg::Shutdown) => shutdown = true,
                 Err(_) => unreachable!("the executor thread holds a sender"),
             }

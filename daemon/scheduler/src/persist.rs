@@ -7,10 +7,77 @@ use super::types::*;
 use crate::cache::{EvictedRun, Namespace, PageId};
 use agentd_engine::{KvLayout, ModelDigests};
 use agentd_store::format::{Fingerprint, FORMAT_VERSION};
-use agentd_store::Store;
+use agentd_store::{PageRead, Store, StoreError};
+use std::sync::{mpsc, Arc};
 
 /// Evicted runs matched at least this often are written back to disk.
 const WRITE_BACK_HITS: u64 = 2;
+
+/// One run of pages to load for one namespace: the tokens it covers and the page reads.
+pub(super) struct RunLoad {
+    ns: Namespace,
+    tokens: Vec<u32>,
+    reads: Vec<PageRead>,
+}
+
+/// A request's disk loads, for the reader thread.
+pub(super) struct DiskLoad {
+    req: u64,
+    runs: Vec<RunLoad>,
+}
+
+/// A page's bytes and how long reading them took, or why it could not be used.
+type PageResult = std::result::Result<(Vec<u8>, std::time::Duration), StoreError>;
+
+/// What the reader did with a [`DiskLoad`]: per run, its pages (stopping at the first failure).
+pub(super) struct LoadedRun {
+    load: DiskLoad,
+    pages: Vec<Vec<PageResult>>,
+}
+
+/// The disk reader thread: page reads and checksums off the scheduler thread.
+pub(super) struct DiskReader {
+    jobs: mpsc::Sender<DiskLoad>,
+    done: mpsc::Receiver<LoadedRun>,
+}
+
+impl DiskReader {
+    /// Starts the thread; `wake` is called after each finished load (the scheduler thread may
+    /// be asleep waiting for it).
+    pub(super) fn spawn(wake: Arc<dyn Fn() + Send + Sync>) -> std::io::Result<Self> {
+        let (jobs, rx) = mpsc::channel::<DiskLoad>();
+        let (tx, done) = mpsc::channel::<LoadedRun>();
+        std::thread::Builder::new()
+            .name("agentd-disk-reader".into())
+            .spawn(move || {
+                for load in rx {
+                    let pages = load
+                        .runs
+                        .iter()
+                        .map(|run| {
+                            let mut out = Vec::with_capacity(run.reads.len());
+                            for read in &run.reads {
+                                let t0 = std::time::Instant::now();
+                                let mut buf = vec![0u8; read.len()];
+                                let r = read.read(&mut buf).map(|()| (buf, t0.elapsed()));
+                                let failed = r.is_err();
+                                out.push(r);
+                                if failed {
+                                    break;
+                                }
+                            }
+                            out
+                        })
+                        .collect();
+                    if tx.send(LoadedRun { load, pages }).is_err() {
+                        break;
+                    }
+                    wake();
+                }
+            })?;
+        Ok(Self { jobs, done })
+    }
+}
 
 /// What the KV in pages of `layout`, computed by the model with `digests`, depends on.
 pub fn fingerprint(digests: &ModelDigests, layout: &KvLayout) -> Fingerprint {
@@ -47,6 +114,14 @@ impl Scheduler {
             );
         }
         self.store = Some(store);
+        let waker = self.waker.clone();
+        let wake = move || {
+            if let Some(w) = waker.get() {
+                w()
+            }
+        };
+        self.reader =
+            Some(DiskReader::spawn(Arc::new(wake)).map_err(|e| SchedError::Spawn(Cause::new(e)))?);
         Ok(())
     }
 
@@ -131,68 +206,138 @@ impl Scheduler {
         }
     }
 
-    /// Before matching `tokens`: where the match in `ns` continues on disk beyond what is in
-    /// memory, reads those pages into fresh pool pages and inserts them into the tree. Any
-    /// failure (damaged blob, no free page) leaves the tree as it was; the tokens are computed.
-    pub(super) fn load_from_disk(&mut self, ns: Namespace, tokens: &[u32]) {
-        if !self.cfg.cache || self.store.is_none() || tokens.is_empty() {
-            return;
+    /// If the cached match of waiting request `i` continues on disk beyond what is in memory,
+    /// hands the reads to the disk reader and marks the request as loading (admission skips it
+    /// until [`Scheduler::apply_disk_loads`] has put the pages in the tree); returns whether it
+    /// did. Each request is looked up on disk once.
+    pub(super) fn begin_disk_load(&mut self, i: usize) -> bool {
+        let (Some(store), Some(reader)) = (&self.store, &self.reader) else {
+            return false;
+        };
+        let r = &self.waiting[i];
+        if !self.cfg.cache || r.disk_checked || r.tokens.is_empty() {
+            return false;
         }
-        self.poll_store();
+        let mut runs = Vec::new();
+        for ns in [Some(r.ns), r.published].into_iter().flatten() {
+            let resident = self.tree.longest_prefix_len(ns, &r.tokens);
+            let m = store.longest_match(ns, &r.tokens, resident);
+            if m.tokens <= resident || m.pages.is_empty() {
+                continue;
+            }
+            let reads: std::result::Result<Vec<_>, _> = m
+                .pages
+                .iter()
+                .map(|loc| store.plan_read(loc.record, loc.page))
+                .collect();
+            match reads {
+                Ok(reads) => runs.push(RunLoad {
+                    ns,
+                    tokens: r.tokens[..m.tokens].to_vec(),
+                    reads,
+                }),
+                Err(e) => tracing::warn!(error = %e, "a disk cache match cannot be read"),
+            }
+        }
+        let id = r.id;
+        let r = &mut self.waiting[i];
+        r.disk_checked = true;
+        if runs.is_empty() {
+            return false;
+        }
+        if reader.jobs.send(DiskLoad { req: id, runs }).is_err() {
+            tracing::error!("the disk reader thread is gone");
+            return false;
+        }
+        r.loading = true;
+        true
+    }
+
+    /// Puts the runs the disk reader finished into fresh pool pages and the tree, and lets
+    /// their requests be admitted. A failed read drops its record (logged); those tokens are
+    /// computed instead.
+    pub(super) fn apply_disk_loads(&mut self) {
+        let Some(reader) = &self.reader else { return };
+        let done: Vec<LoadedRun> = reader.done.try_iter().collect();
+        for d in done {
+            for (run, pages) in d.load.runs.iter().zip(d.pages) {
+                self.apply_run(run, pages);
+            }
+            if let Some(r) = self.waiting.iter_mut().find(|r| r.id == d.load.req) {
+                r.loading = false;
+            }
+        }
+    }
+
+    fn apply_run(&mut self, run: &RunLoad, pages: Vec<PageResult>) {
         let ps = self.cfg.page_size;
-        let resident = self.tree.longest_prefix_len(ns, tokens);
-        let store = self.store.as_ref().expect("checked");
-        let m = store.longest_match(ns, tokens, resident);
-        if m.tokens <= resident {
+        let ns = run.ns;
+        let mut bytes = Vec::with_capacity(pages.len());
+        let mut records = Vec::new();
+        for (read, result) in run.reads.iter().zip(pages) {
+            let store = self.store.as_mut().expect("a reader implies a store");
+            match result {
+                Ok((b, took)) => {
+                    store.finish_read(read.record, b.len(), took, None);
+                    if records.last() != Some(&read.record) {
+                        records.push(read.record);
+                    }
+                    bytes.push(b);
+                }
+                Err(why) => {
+                    tracing::warn!(reason = %why, "a disk cache page could not be used");
+                    store.finish_read(read.record, 0, Default::default(), Some(&why));
+                    return;
+                }
+            }
+        }
+        let Some(first) = run.reads.first().map(|r| r.page as usize) else {
+            return;
+        };
+        // The memory-resident part may have changed while the pages were read.
+        let resident = self.tree.longest_prefix_len(ns, &run.tokens);
+        if resident < first * ps || resident >= run.tokens.len() || bytes.len() != run.reads.len() {
             return;
         }
         // Keep the resident part from being evicted while pages are found.
-        let held = self.tree.match_prefix(ns, tokens);
+        let held = self.tree.match_prefix(ns, &run.tokens);
         if let Some(n) = held.last_node {
             self.tree.lock(n).expect("matched node is live");
         }
-        let need = m.pages.len();
+        let need = bytes.len();
         if self.tree.pool().free_count() < need {
             self.evict(need - self.tree.pool().free_count());
         }
-        let mut loaded: Vec<PageId> = Vec::with_capacity(need);
-        let mut buf = vec![0u8; self.exec().page_bytes()];
-        let mut ok = self.tree.pool().free_count() >= need;
-        let mut records = Vec::new();
-        for loc in m.pages.iter().take_while(|_| ok) {
-            let store = self.store.as_mut().expect("checked");
-            if let Err(why) = store.read_page(loc.record, loc.page, &mut buf) {
-                tracing::warn!(reason = %why, "a disk cache page could not be used");
-                ok = false;
-                break;
+        if self.tree.pool().free_count() >= need {
+            let loaded: Vec<PageId> = (0..need)
+                .map(|_| self.tree.pool_mut().alloc().expect("checked above"))
+                .collect();
+            let written = {
+                let mut exec = self.exec();
+                loaded
+                    .iter()
+                    .zip(&bytes)
+                    .try_for_each(|(p, b)| exec.write_page(p.0, b))
+            };
+            match written {
+                Ok(()) => {
+                    let mut pages = held.pages[..first].to_vec();
+                    pages.extend(&loaded);
+                    if let Err(e) = self.tree.insert(ns, &run.tokens, &pages) {
+                        tracing::error!(error = %e, "inserting pages loaded from disk failed");
+                    } else {
+                        self.stats.disk_loaded_tokens += (run.tokens.len() - resident) as u64;
+                        let store = self.store.as_mut().expect("a reader implies a store");
+                        for r in records {
+                            store.touch(r);
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "writing pages loaded from disk failed"),
             }
-            let page = self.tree.pool_mut().alloc().expect("reserved above");
-            loaded.push(page);
-            if let Err(e) = self.exec().write_page(page.0, &buf) {
-                tracing::error!(error = %e, "writing a page loaded from disk failed");
-                ok = false;
-                break;
+            for p in loaded {
+                self.tree.pool_mut().release(p).expect("allocated above");
             }
-            if records.last() != Some(&loc.record) {
-                records.push(loc.record);
-            }
-        }
-        if ok {
-            let first = resident / ps;
-            let mut pages = held.pages[..first].to_vec();
-            pages.extend(&loaded);
-            if let Err(e) = self.tree.insert(ns, &tokens[..m.tokens], &pages) {
-                tracing::error!(error = %e, "inserting pages loaded from disk failed");
-            } else {
-                self.stats.disk_loaded_tokens += (m.tokens - resident) as u64;
-            }
-            let store = self.store.as_mut().expect("checked");
-            for r in records {
-                store.touch(r);
-            }
-        }
-        for p in loaded {
-            self.tree.pool_mut().release(p).expect("allocated above");
         }
         if let Some(n) = held.last_node {
             self.tree.unlock(n).expect("locked above");

@@ -74,6 +74,10 @@ pub(super) struct Request {
     /// Prompt tokens served from the cache at first admission.
     pub cached_tokens: Option<usize>,
     pub preemptions: u32,
+    /// The disk tier was consulted for this request's match.
+    pub disk_checked: bool,
+    /// Its match is being read from disk: admission waits.
+    pub loading: bool,
 }
 
 impl Request {
@@ -116,7 +120,14 @@ pub struct Scheduler {
     last_tenant: Option<TenantId>,
     /// The disk tier.
     pub(super) store: Option<agentd_store::Store>,
+    /// Reads the disk tier's pages off this thread.
+    pub(super) reader: Option<super::persist::DiskReader>,
+    /// Wakes the scheduler thread when a disk load finishes (set by the actor).
+    pub(super) waker: Waker,
 }
+
+/// Wakes the scheduler thread from another thread; set once by the actor that runs it.
+pub(super) type Waker = Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>>;
 
 /// Candidates looked at per tenant per admission (bounds admission work per step).
 const ADMIT_LOOKAHEAD: usize = 16;
@@ -171,6 +182,8 @@ impl Scheduler {
             admit_clock: 0,
             last_tenant: None,
             store: None,
+            reader: None,
+            waker: Arc::new(std::sync::OnceLock::new()),
         };
         if let Some(store) = &store_cfg {
             s.open_store(store)?;
@@ -515,6 +528,8 @@ impl Scheduler {
             first_token: None,
             cached_tokens: None,
             preemptions: 0,
+            disk_checked: false,
+            loading: false,
         });
         Ok(())
     }
@@ -575,6 +590,8 @@ impl Scheduler {
             first_token: None,
             cached_tokens: None,
             preemptions: 0,
+            disk_checked: false,
+            loading: false,
         });
     }
 
@@ -647,7 +664,7 @@ impl Scheduler {
                 .waiting
                 .iter()
                 .enumerate()
-                .filter(|(_, r)| r.tenant == tenant)
+                .filter(|(_, r)| r.tenant == tenant && !r.loading)
                 .take(ADMIT_LOOKAHEAD)
             {
                 let (cached, _) = self.cached_len(r);
@@ -677,6 +694,9 @@ impl Scheduler {
     pub(super) fn admit(&mut self) {
         while self.running.len() < self.cfg.max_batch {
             let Some(i) = self.pick() else { break };
+            if self.begin_disk_load(i) {
+                continue;
+            }
             let (cached, _) = self.cached_len(&self.waiting[i]);
             let ps = self.cfg.page_size;
             let len = self.waiting[i].tokens.len();
@@ -734,9 +754,6 @@ impl Scheduler {
     fn start(&mut self, mut req: Request) {
         let ps = self.cfg.page_size;
         let (mut pages, mut kv_len, mut node) = (Vec::new(), 0, None);
-        for ns in [Some(req.ns), req.published].into_iter().flatten() {
-            self.load_from_disk(ns, &req.tokens);
-        }
         let (cached, ns) = self.cached_len(&req);
         if cached > 0 {
             let m = self.tree.match_prefix(ns, &req.tokens);

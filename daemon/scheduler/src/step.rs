@@ -76,6 +76,7 @@ impl Scheduler {
     /// shared pages). `None` when there is nothing to run.
     pub(super) fn begin_step(&mut self) -> Option<InFlight> {
         self.poll_store();
+        self.apply_disk_loads();
         self.reap_cancelled();
         self.admit();
         let plan = loop {

@@ -37,6 +37,61 @@ pub enum Namespace {
     Published(u64),
 }
 
+/// One page to read from a blob and how to check it ([`Store::plan_read`]).
+#[derive(Debug, Clone)]
+pub struct PageRead {
+    /// The record (blob) holding it.
+    pub record: u64,
+    /// The page's index in its sequence.
+    pub page: u32,
+    path: PathBuf,
+    payload: u64,
+    offset: u64,
+    len: usize,
+    crc: u32,
+}
+
+impl PageRead {
+    /// Bytes of the page.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true: a page has bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads the page into `out` (resized to the page), checking the blob's header and the
+    /// page's checksum. Blocking file I/O: for a reader thread.
+    pub fn read(&self, out: &mut [u8]) -> Result<(), StoreError> {
+        if out.len() != self.len {
+            return Err(StoreError::PageSize {
+                expected: self.len,
+                got: out.len(),
+            });
+        }
+        let mut f = std::fs::File::open(&self.path).map_err(|source| StoreError::Io {
+            what: "opening a blob",
+            source,
+        })?;
+        let read = |source| StoreError::Io {
+            what: "reading a blob",
+            source,
+        };
+        let mut h = [0u8; BLOB_HEADER_LEN];
+        f.read_exact(&mut h).map_err(read)?;
+        check_blob_header(&h, self.record, self.payload)?;
+        f.seek(SeekFrom::Start(self.offset))
+            .and_then(|_| f.read_exact(out))
+            .map_err(read)?;
+        if crc32fast::hash(out) != self.crc {
+            return Err(Damage::PageChecksum { page: self.page }.into());
+        }
+        Ok(())
+    }
+}
+
 /// How many leading tokens `a` and `b` share.
 pub fn common_len(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -349,19 +404,14 @@ impl Store {
     /// why; the caller recomputes instead.
     pub fn read_page(&mut self, record: u64, page: u32, out: &mut [u8]) -> Result<(), StoreError> {
         let t0 = std::time::Instant::now();
-        let r = self.try_read_page(record, page, out);
-        match &r {
-            Ok(()) => {
-                self.stats.loaded_pages += 1;
-                self.stats.loaded_bytes += out.len() as u64;
-                self.stats.load_seconds += t0.elapsed().as_secs_f64();
-            }
-            Err(why) => self.drop_record(record, why),
-        }
+        let r = self.plan_read(record, page).and_then(|p| p.read(out));
+        self.finish_read(record, out.len(), t0.elapsed(), r.as_ref().err());
         r
     }
 
-    fn try_read_page(&self, record: u64, page: u32, out: &mut [u8]) -> Result<(), StoreError> {
+    /// Where page `page` of record `record` is and how to check it: a plan any thread can carry
+    /// out ([`PageRead::read`]), so the scheduler's thread never waits on the disk.
+    pub fn plan_read(&self, record: u64, page: u32) -> Result<PageRead, StoreError> {
         let meta = self
             .metas
             .get(&record)
@@ -371,32 +421,38 @@ impl Store {
             .filter(|&k| (k as usize) < meta.page_crc.len())
             .ok_or(StoreError::PageNotInRecord { record, page })? as usize;
         let page_bytes = self.fp.page_bytes();
-        if out.len() != page_bytes {
-            return Err(StoreError::PageSize {
-                expected: page_bytes,
-                got: out.len(),
-            });
-        }
-        let mut f = std::fs::File::open(blob_path(&self.blobs, record)).map_err(|source| {
-            StoreError::Io {
-                what: "opening a blob",
-                source,
+        Ok(PageRead {
+            record,
+            page,
+            path: blob_path(&self.blobs, record),
+            payload: meta.blob_len() - BLOB_HEADER_LEN as u64,
+            offset: (BLOB_HEADER_LEN + k * page_bytes) as u64,
+            len: page_bytes,
+            crc: meta.page_crc[k],
+        })
+    }
+
+    /// Accounts for a page read done elsewhere ([`PageRead::read`]): `bytes` read in `took`,
+    /// or the failure, which drops the record.
+    pub fn finish_read(
+        &mut self,
+        record: u64,
+        bytes: usize,
+        took: std::time::Duration,
+        failure: Option<&StoreError>,
+    ) {
+        match failure {
+            None => {
+                self.stats.loaded_pages += 1;
+                self.stats.loaded_bytes += bytes as u64;
+                self.stats.load_seconds += took.as_secs_f64();
             }
-        })?;
-        let read = |source| StoreError::Io {
-            what: "reading a blob",
-            source,
-        };
-        let mut h = [0u8; BLOB_HEADER_LEN];
-        f.read_exact(&mut h).map_err(read)?;
-        check_blob_header(&h, record, meta.blob_len() - BLOB_HEADER_LEN as u64)?;
-        f.seek(SeekFrom::Start((BLOB_HEADER_LEN + k * page_bytes) as u64))
-            .and_then(|_| f.read_exact(out))
-            .map_err(read)?;
-        if crc32fast::hash(out) != meta.page_crc[k] {
-            return Err(Damage::PageChecksum { page }.into());
+            Some(why) => {
+                if self.metas.contains_key(&record) {
+                    self.drop_record(record, why);
+                }
+            }
         }
-        Ok(())
     }
 
     /// Notes a load from record `id` (for LRU on disk).

@@ -3,6 +3,9 @@
 //! as `<tool_response>` blocks in a `tool` message.
 
 use super::tool::Tool;
+use agentd_wire::hermes::{
+    TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN,
+};
 use std::sync::Arc;
 
 /// One call the model made.
@@ -47,14 +50,15 @@ pub fn system_prompt(instructions: &str, tools: &[Arc<dyn Tool>]) -> String {
 /// newlines are escaped) never does, so a string that contains the tag does not end the call.
 /// Text that opens a call but does not parse, or never closes it, is left in the text.
 pub fn parse_calls(reply: &str) -> (Vec<ToolCall>, String) {
-    const CLOSE: &str = "\n</tool_call>";
+    let close = format!("\n{TOOL_CALL_CLOSE}");
+    let close = close.as_str();
     let mut calls = Vec::new();
     let mut text = String::new();
     let mut rest = reply;
-    while let Some(i) = rest.find("<tool_call>") {
+    while let Some(i) = rest.find(TOOL_CALL_OPEN) {
         text.push_str(&rest[..i]);
-        let body = &rest[i + "<tool_call>".len()..];
-        let Some(j) = body.find(CLOSE) else {
+        let body = &rest[i + TOOL_CALL_OPEN.len()..];
+        let Some(j) = body.find(close) else {
             rest = &rest[i..];
             break;
         };
@@ -63,16 +67,16 @@ pub fn parse_calls(reply: &str) -> (Vec<ToolCall>, String) {
                 name: v["name"].as_str().unwrap_or_default().to_owned(),
                 arguments: v.get("arguments").cloned().unwrap_or(serde_json::json!({})),
             }),
-            _ => text.push_str(&rest[i..i + "<tool_call>".len() + j + CLOSE.len()]),
+            _ => text.push_str(&rest[i..i + TOOL_CALL_OPEN.len() + j + close.len()]),
         }
-        rest = &body[j + CLOSE.len()..];
+        rest = &body[j + close.len()..];
     }
-    if !rest.contains("<tool_call>") || calls.is_empty() {
+    if !rest.contains(TOOL_CALL_OPEN) || calls.is_empty() {
         text.push_str(rest);
     }
     // A reply cut off inside an opening tag leaves its start at the end: not text.
     if let Some(i) = text.rfind('<') {
-        if text.len() - i < "<tool_call>".len() && "<tool_call>".starts_with(&text[i..]) {
+        if text.len() - i < TOOL_CALL_OPEN.len() && TOOL_CALL_OPEN.starts_with(&text[i..]) {
             text.truncate(i);
         }
     }
@@ -82,7 +86,7 @@ pub fn parse_calls(reply: &str) -> (Vec<ToolCall>, String) {
 /// A tool result as the content of a `tool` message.
 pub fn tool_response(name: &str, content: &str) -> String {
     let body = serde_json::json!({ "name": name, "content": content });
-    format!("<tool_response>\n{body}\n</tool_response>")
+    format!("{TOOL_RESPONSE_OPEN}\n{body}\n{TOOL_RESPONSE_CLOSE}")
 }
 
 #[cfg(test)]

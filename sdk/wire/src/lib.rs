@@ -5,6 +5,20 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// The Hermes tool-call format both sides agree on: the daemon's tool-call constraint produces
+/// `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>` blocks, the SDK parses them and
+/// sends results back as `<tool_response>` blocks.
+pub mod hermes {
+    /// Opens a tool call.
+    pub const TOOL_CALL_OPEN: &str = "<tool_call>";
+    /// Closes a tool call (on a line of its own).
+    pub const TOOL_CALL_CLOSE: &str = "</tool_call>";
+    /// Opens a tool result.
+    pub const TOOL_RESPONSE_OPEN: &str = "<tool_response>";
+    /// Closes a tool result.
+    pub const TOOL_RESPONSE_CLOSE: &str = "</tool_response>";
+}
+
 /// agentd's sampling defaults, the one set used by the daemon when a request carries no
 /// sampling parameters, by `agentd generate`'s flags and by the SDK's `GenerateOptions`:
 /// temperature 0.7, top-k 40, top-p 0.95, min-p 0.05, repetition penalty 1.1 (over the last 64
