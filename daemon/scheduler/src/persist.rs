@@ -4,7 +4,7 @@
 
 use super::scheduler::{Prefix, Scheduler};
 use super::types::*;
-use crate::cache::{EvictedRun, Namespace, PageId};
+use crate::cache::{EvictedRun, Namespace, PageId, PageLease};
 use agentd_engine::{KvLayout, ModelDigests};
 use agentd_store::format::{Fingerprint, FORMAT_VERSION};
 use agentd_store::{PageRead, Store, StoreError};
@@ -309,20 +309,22 @@ impl Scheduler {
             self.evict(need - self.tree.pool().free_count());
         }
         if self.tree.pool().free_count() >= need {
-            let loaded: Vec<PageId> = (0..need)
-                .map(|_| self.tree.pool_mut().alloc().expect("checked above"))
+            // Leases: the pages go back to the pool when this block ends, unless the tree
+            // took its own references on them.
+            let loaded: Vec<PageLease> = (0..need)
+                .map(|_| self.tree.pool().lease_new().expect("checked above"))
                 .collect();
             let written = {
                 let mut exec = self.exec();
                 loaded
                     .iter()
                     .zip(&bytes)
-                    .try_for_each(|(p, b)| exec.write_page(p.0, b))
+                    .try_for_each(|(p, b)| exec.write_page(p.id().0, b))
             };
             match written {
                 Ok(()) => {
                     let mut pages = held.pages[..first].to_vec();
-                    pages.extend(&loaded);
+                    pages.extend(loaded.iter().map(|l| l.id()));
                     if let Err(e) = self.tree.insert(ns, &run.tokens, &pages) {
                         tracing::error!(error = %e, "inserting pages loaded from disk failed");
                     } else {
@@ -334,9 +336,6 @@ impl Scheduler {
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "writing pages loaded from disk failed"),
-            }
-            for p in loaded {
-                self.tree.pool_mut().release(p).expect("allocated above");
             }
         }
         if let Some(n) = held.last_node {

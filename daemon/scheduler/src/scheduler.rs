@@ -2,7 +2,7 @@
 //! the waiting queue and cache-aware, tenant-fair admission.
 
 use super::types::*;
-use crate::cache::{Namespace, NodeId, PageId, PagePool, RadixTree};
+use crate::cache::{Namespace, NodeId, PageLease, PagePool, RadixTree};
 use agentd_engine::{Decoding, Executor, ModelShape};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,8 +90,9 @@ impl Request {
 /// A running sequence: a request plus the pages holding its KV.
 pub(super) struct Seq {
     pub req: Request,
-    /// One reference per page, positions `k*page_size..` in page `k`.
-    pub pages: Vec<PageId>,
+    /// One lease per page, positions `k*page_size..` in page `k`; dropping the sequence
+    /// releases them.
+    pub pages: Vec<PageLease>,
     /// Tokens whose KV is in the pages.
     pub kv_len: usize,
     /// The tree node this sequence holds locked.
@@ -759,10 +760,10 @@ impl Scheduler {
             let m = self.tree.match_prefix(ns, &req.tokens);
             // The last token is always run, to get its logits.
             kv_len = m.matched_tokens.min(req.tokens.len() - 1);
-            pages = m.pages[..kv_len.div_ceil(ps)].to_vec();
-            for &p in &pages {
-                self.tree.pool_mut().retain(p).expect("tree pages are live");
-            }
+            pages = m.pages[..kv_len.div_ceil(ps)]
+                .iter()
+                .map(|&p| self.tree.pool().lease(p).expect("tree pages are live"))
+                .collect();
             if let Some(n) = m.last_node {
                 self.tree.lock(n).expect("matched node is live");
                 node = Some(n);

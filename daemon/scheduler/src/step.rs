@@ -4,6 +4,7 @@
 
 use super::scheduler::{Request, Scheduler, Seq, Work};
 use super::types::*;
+use crate::cache::PageId;
 use agentd_engine::executor::{RowKind, SeqStep};
 use agentd_engine::{ExecError, Executor, FinishReason};
 use std::time::Instant;
@@ -106,7 +107,7 @@ impl Scheduler {
                 OwnedStep {
                     tokens: s.req.tokens[s.kv_len..s.kv_len + p.tokens].to_vec(),
                     pos0: s.kv_len,
-                    table: s.pages.iter().map(|pg| pg.0).collect(),
+                    table: s.pages.iter().map(|pg| pg.id().0).collect(),
                     kind: p.kind,
                     logits: s.kv_len + p.tokens == s.req.tokens.len()
                         && matches!(s.req.work, Work::Generate { .. }),
@@ -138,8 +139,8 @@ impl Scheduler {
                 let mut seqs: Vec<usize> = plan.iter().map(|p| p.seq).collect();
                 seqs.sort_unstable_by_key(|&s| std::cmp::Reverse(s));
                 for i in seqs {
-                    let seq = self.running.swap_remove(i);
-                    self.release_seq_pages(&seq);
+                    let mut seq = self.running.swap_remove(i);
+                    self.release_seq_pages(&mut seq);
                     self.fail_waiting(seq.req, SchedError::Executor(e.clone()));
                 }
                 return computed;
@@ -233,7 +234,7 @@ impl Scheduler {
         let (first, last) = self.write_range(p);
         (first..=last)
             .filter(|&k| match s.pages.get(k) {
-                Some(&pg) => self.tree.pool().refcount(pg).unwrap_or(0) > 1,
+                Some(pg) => self.tree.pool().refcount(pg.id()).unwrap_or(0) > 1,
                 None => true,
             })
             .count()
@@ -247,19 +248,20 @@ impl Scheduler {
         let ps = self.cfg.page_size;
         for k in first..=last {
             let s = &self.running[p.seq];
-            match s.pages.get(k).copied() {
+            match s.pages.get(k).map(|l| l.id()) {
                 Some(old) if self.tree.pool().refcount(old).unwrap_or(0) > 1 => {
-                    let new = self.tree.pool_mut().alloc().expect("pages were reserved");
+                    let new = self.tree.pool().lease_new().expect("pages were reserved");
+                    let new_id = new.id();
                     let valid = s.kv_len.saturating_sub(k * ps).min(ps);
-                    // The new page is the sequence's before the copy, so a failed copy leaves
-                    // every page accounted for.
+                    // The new page replaces the shared one (whose lease is dropped: others
+                    // still hold it) before the copy, so a failed copy leaves every page
+                    // accounted for.
                     self.running[p.seq].pages[k] = new;
-                    self.tree.pool_mut().release(old).expect("held page");
-                    self.exec().copy_page(old.0, new.0, valid)?;
+                    self.exec().copy_page(old.0, new_id.0, valid)?;
                 }
                 Some(_) => {}
                 None => {
-                    let new = self.tree.pool_mut().alloc().expect("pages were reserved");
+                    let new = self.tree.pool().lease_new().expect("pages were reserved");
                     self.running[p.seq].pages.push(new);
                 }
             }
@@ -311,9 +313,8 @@ impl Scheduler {
         let ps = self.cfg.page_size;
         let s = &self.running[i];
         let n = s.kv_len;
-        let res = self
-            .tree
-            .insert(s.req.ns, &s.req.tokens[..n], &s.pages[..n.div_ceil(ps)]);
+        let pages: Vec<PageId> = s.pages[..n.div_ceil(ps)].iter().map(|l| l.id()).collect();
+        let res = self.tree.insert(s.req.ns, &s.req.tokens[..n], &pages);
         match res {
             Ok(ins) => {
                 if let Some(node) = ins.last_node {
@@ -330,14 +331,10 @@ impl Scheduler {
         self.pin_restored(ns);
     }
 
-    /// Drops a sequence's page references and its lock.
-    pub(super) fn release_seq_pages(&mut self, seq: &Seq) {
-        for &p in &seq.pages {
-            if let Err(e) = self.tree.pool_mut().release(p) {
-                tracing::error!(error = %e, "page accounting error");
-            }
-        }
-        if let Some(n) = seq.node {
+    /// Drops a sequence's page leases (releasing its references) and its lock.
+    pub(super) fn release_seq_pages(&mut self, seq: &mut Seq) {
+        seq.pages.clear();
+        if let Some(n) = seq.node.take() {
             let _ = self.tree.unlock(n);
         }
     }
@@ -348,8 +345,8 @@ impl Scheduler {
         if self.cfg.cache && !matches!(finish, Some(FinishReason::Cancelled)) {
             self.cache_progress(i);
         }
-        let seq = self.running.swap_remove(i);
-        self.release_seq_pages(&seq);
+        let mut seq = self.running.swap_remove(i);
+        self.release_seq_pages(&mut seq);
         let mut req = seq.req;
         match (&mut req.work, finish) {
             (Work::Prefix { id, reply }, _) => {
@@ -391,8 +388,8 @@ impl Scheduler {
         let Some(i) = (0..self.running.len()).max_by_key(|&i| self.running[i].admitted) else {
             return;
         };
-        let seq = self.running.swap_remove(i);
-        self.release_seq_pages(&seq);
+        let mut seq = self.running.swap_remove(i);
+        self.release_seq_pages(&mut seq);
         if self.running.is_empty() {
             let ps = self.cfg.page_size;
             let err = SchedError::PoolTooSmall {
@@ -512,8 +509,8 @@ impl Scheduler {
         self.tree.check_invariants()?;
         let mut refs = self.tree.held_pages();
         for s in &self.running {
-            for &p in &s.pages {
-                *refs.entry(p).or_insert(0) += 1;
+            for p in &s.pages {
+                *refs.entry(p.id()).or_insert(0) += 1;
             }
         }
         for (p, n) in &refs {

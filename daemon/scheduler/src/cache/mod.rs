@@ -6,7 +6,7 @@ pub mod pool;
 pub mod radix;
 mod types;
 
-pub use pool::{PageId, PagePool, PoolError};
+pub use pool::{PageId, PageLease, PagePool, PoolError};
 pub use radix::{
     EvictReport, EvictedRun, Inserted, Match, Namespace, NodeId, RadixError, RadixTree, TreeStats,
 };

@@ -1,13 +1,16 @@
 //! The paged KV pool's bookkeeping: a fixed number of pages, each with a reference count.
 //!
-//! This module holds no KV bytes yet; a page is an id (`PageId`) whose contents will live in a
-//! preallocated buffer indexed by that id. What it guarantees:
+//! A page is an id (`PageId`); its bytes live in the executor's KV pool at that index. Holders
+//! outside the radix tree (running sequences, pages being loaded from disk) hold a
+//! [`PageLease`], which releases its reference when dropped, so no code path releases those by
+//! hand. What it guarantees:
 //! - A page is either free (reference count 0, on the free list exactly once) or used (count ≥ 1,
 //!   not on the free list). `free_count() + used_count() == capacity()` always.
 //! - Retaining or releasing a free page, or naming a page outside the pool, is a typed
 //!   [`PoolError`], never a panic and never a silent change of state.
 
 use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The id of one page in a [`PagePool`]: an index in `0..capacity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,12 +55,86 @@ pub enum PoolError {
     Invariant(String),
 }
 
-/// A fixed set of reference-counted pages, each holding `page_size` tokens of KV.
-#[derive(Debug, Clone)]
-pub struct PagePool {
-    page_size: usize,
+/// The reference counts and the free list, shared by the pool and its leases.
+#[derive(Debug)]
+struct Counts {
     refcounts: Vec<u32>,
     free: Vec<u32>,
+}
+
+impl Counts {
+    fn slot(&self, page: PageId) -> Result<usize, PoolError> {
+        let i = page.0 as usize;
+        if i >= self.refcounts.len() {
+            return Err(PoolError::OutOfRange {
+                page,
+                capacity: self.refcounts.len(),
+            });
+        }
+        if self.refcounts[i] == 0 {
+            return Err(PoolError::NotAllocated { page });
+        }
+        Ok(i)
+    }
+
+    fn alloc(&mut self) -> Option<PageId> {
+        let id = self.free.pop()?;
+        self.refcounts[id as usize] = 1;
+        Some(PageId(id))
+    }
+
+    fn retain(&mut self, page: PageId) -> Result<(), PoolError> {
+        let i = self.slot(page)?;
+        self.refcounts[i] = self.refcounts[i]
+            .checked_add(1)
+            .ok_or(PoolError::RefcountOverflow { page })?;
+        Ok(())
+    }
+
+    fn release(&mut self, page: PageId) -> Result<bool, PoolError> {
+        let i = self.slot(page)?;
+        self.refcounts[i] -= 1;
+        if self.refcounts[i] == 0 {
+            self.free.push(page.0);
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+}
+
+/// A fixed set of reference-counted pages, each holding `page_size` tokens of KV.
+#[derive(Debug)]
+pub struct PagePool {
+    page_size: usize,
+    capacity: usize,
+    counts: Arc<Mutex<Counts>>,
+}
+
+/// One reference on a page, released when the lease is dropped (RAII). Taken with
+/// [`PagePool::lease_new`] (a fresh page) or [`PagePool::lease`] (one more reference on a used
+/// page).
+#[derive(Debug)]
+pub struct PageLease {
+    page: PageId,
+    counts: Arc<Mutex<Counts>>,
+}
+
+impl PageLease {
+    /// The page.
+    pub fn id(&self) -> PageId {
+        self.page
+    }
+}
+
+impl Drop for PageLease {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = counts.release(self.page) {
+            // Only a bug elsewhere (a release by id of a leased reference) can get here.
+            tracing::error!(error = %e, "releasing a page lease failed");
+        }
+    }
 }
 
 impl PagePool {
@@ -79,8 +156,11 @@ impl PagePool {
         let free = (0..num_pages as u32).rev().collect();
         Ok(Self {
             page_size,
-            refcounts: vec![0; num_pages],
-            free,
+            capacity: num_pages,
+            counts: Arc::new(Mutex::new(Counts {
+                refcounts: vec![0; num_pages],
+                free,
+            })),
         })
     }
 
@@ -102,6 +182,10 @@ impl PagePool {
         Self::new(budget_bytes / page_bytes, page_size)
     }
 
+    fn counts(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Tokens per page.
     pub fn page_size(&self) -> usize {
         self.page_size
@@ -109,79 +193,74 @@ impl PagePool {
 
     /// The total number of pages.
     pub fn capacity(&self) -> usize {
-        self.refcounts.len()
+        self.capacity
     }
 
     /// Pages currently free.
     pub fn free_count(&self) -> usize {
-        self.free.len()
+        self.counts().free.len()
     }
 
     /// Pages currently held by at least one reference.
     pub fn used_count(&self) -> usize {
-        self.capacity() - self.free.len()
+        self.capacity - self.free_count()
     }
 
     /// Takes a free page with a reference count of 1, or `None` when the pool is exhausted.
+    /// The caller releases it with [`PagePool::release`] (the radix tree's own references).
     pub fn alloc(&mut self) -> Option<PageId> {
-        let id = self.free.pop()?;
-        self.refcounts[id as usize] = 1;
-        Some(PageId(id))
+        self.counts().alloc()
     }
 
-    fn slot(&self, page: PageId) -> Result<usize, PoolError> {
-        let i = page.0 as usize;
-        if i >= self.refcounts.len() {
-            return Err(PoolError::OutOfRange {
-                page,
-                capacity: self.capacity(),
-            });
-        }
-        if self.refcounts[i] == 0 {
-            return Err(PoolError::NotAllocated { page });
-        }
-        Ok(i)
+    /// Takes a free page as a lease, or `None` when the pool is exhausted.
+    pub fn lease_new(&self) -> Option<PageLease> {
+        let page = self.counts().alloc()?;
+        Some(PageLease {
+            page,
+            counts: self.counts.clone(),
+        })
+    }
+
+    /// One more reference on a used page, as a lease.
+    pub fn lease(&self, page: PageId) -> Result<PageLease, PoolError> {
+        self.counts().retain(page)?;
+        Ok(PageLease {
+            page,
+            counts: self.counts.clone(),
+        })
     }
 
     /// Adds a reference to a used page.
     pub fn retain(&mut self, page: PageId) -> Result<(), PoolError> {
-        let i = self.slot(page)?;
-        self.refcounts[i] = self.refcounts[i]
-            .checked_add(1)
-            .ok_or(PoolError::RefcountOverflow { page })?;
-        Ok(())
+        self.counts().retain(page)
     }
 
     /// Drops a reference; returns `true` when that was the last one and the page is now free.
     pub fn release(&mut self, page: PageId) -> Result<bool, PoolError> {
-        let i = self.slot(page)?;
-        self.refcounts[i] -= 1;
-        if self.refcounts[i] == 0 {
-            self.free.push(page.0);
-            Ok(true)
-        } else {
-            Ok(false)
-        }
+        self.counts().release(page)
     }
 
     /// The page's reference count (0 when free), or an error when out of range.
     pub fn refcount(&self, page: PageId) -> Result<u32, PoolError> {
-        self.refcounts
+        self.counts()
+            .refcounts
             .get(page.0 as usize)
             .copied()
             .ok_or(PoolError::OutOfRange {
                 page,
-                capacity: self.capacity(),
+                capacity: self.capacity,
             })
     }
 
     /// Checks the accounting: every free-list id is in range, listed once and has count 0; every
     /// count-0 page is on the free list; free plus used equals capacity.
     pub fn check_invariants(&self) -> Result<(), PoolError> {
-        let mut on_free = vec![false; self.capacity()];
-        for &id in &self.free {
+        let counts = self.counts();
+        let (refcounts, free) = (&counts.refcounts, &counts.free);
+        let mut on_free = vec![false; self.capacity];
+        for &id in free {
             let i = id as usize;
-            if i >= self.capacity() {
+            if i >= self.capacity {
                 return Err(PoolError::Invariant(format!(
                     "free list holds out-of-range page {id}"
                 )));
@@ -191,27 +270,27 @@ impl PagePool {
                     "page {id} is on the free list twice"
                 )));
             }
-            if self.refcounts[i] != 0 {
+            if refcounts[i] != 0 {
                 return Err(PoolError::Invariant(format!(
                     "page {id} is free and referenced ({} refs)",
-                    self.refcounts[i]
+                    refcounts[i]
                 )));
             }
             on_free[i] = true;
         }
-        for (i, &rc) in self.refcounts.iter().enumerate() {
+        for (i, &rc) in refcounts.iter().enumerate() {
             if rc == 0 && !on_free[i] {
                 return Err(PoolError::Invariant(format!(
                     "page {i} has no references but is not free (leaked)"
                 )));
             }
         }
-        let used = self.refcounts.iter().filter(|&&rc| rc > 0).count();
-        if used + self.free.len() != self.capacity() {
+        let used = refcounts.iter().filter(|&&rc| rc > 0).count();
+        if used + free.len() != self.capacity {
             return Err(PoolError::Invariant(format!(
                 "used {used} + free {} != capacity {}",
-                self.free.len(),
-                self.capacity()
+                free.len(),
+                self.capacity
             )));
         }
         Ok(())
@@ -241,6 +320,21 @@ mod tests {
         p.check_invariants().unwrap();
         assert!(p.release(b).unwrap());
         assert_eq!(p.free_count(), 2);
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn leases_release_when_dropped() {
+        let p = PagePool::new(2, 4).unwrap();
+        let a = p.lease_new().unwrap();
+        let again = p.lease(a.id()).unwrap();
+        assert_eq!(p.refcount(a.id()).unwrap(), 2);
+        let id = a.id();
+        drop(a);
+        assert_eq!(p.refcount(id).unwrap(), 1);
+        drop(again);
+        assert_eq!((p.free_count(), p.refcount(id).unwrap()), (2, 0));
+        assert!(p.lease(id).is_err(), "a free page cannot be leased");
         p.check_invariants().unwrap();
     }
 
