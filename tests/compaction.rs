@@ -8,7 +8,7 @@ mod common;
 use agentd_engine::model::GgufFile;
 use agentd_engine::tokenizer::GgufTokenizer;
 use agentd_sdk::agent::{tool_fn, Agent, AgentEvent, CompactionKind, ContextPolicy, ToolChoice};
-use agentd_sdk::{Client, Error, GenerateOptions};
+use agentd_sdk::{Client, Error, FinishReason, GenerateOptions};
 use common::Daemon;
 use tokio_stream::StreamExt;
 
@@ -94,7 +94,7 @@ async fn a_run_longer_than_the_context_completes_and_the_prefix_still_hits() {
     };
     assert_eq!(out.usages.len(), turns, "every turn ran");
     for u in &out.usages {
-        assert_ne!(u.finish_reason, "context_full", "{u:?}");
+        assert_ne!(u.finish, FinishReason::ContextFull, "{u:?}");
         assert!(u.prompt_tokens + u.generated_tokens <= CONTEXT, "{u:?}");
     }
 

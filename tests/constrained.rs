@@ -4,7 +4,7 @@
 
 mod common;
 
-use agentd_sdk::{Client, Error, GenerateOptions, Message};
+use agentd_sdk::{Client, Error, FinishReason, GenerateOptions, Message};
 use common::{run, Daemon};
 use serde_json::{json, Value};
 
@@ -154,14 +154,14 @@ async fn tool_calls_always_parse_and_match_a_schema() {
             if max_calls == 1 {
                 // The reply ends with its one call: nothing cut off, nothing after it.
                 assert_eq!(found.len(), 1, "{q:?}: {text:?}");
-                assert_eq!(usage.finish_reason, "eos", "{q:?}: {text:?}");
+                assert_eq!(usage.finish, FinishReason::Eos, "{q:?}: {text:?}");
                 assert!(text.trim_end().ends_with("</tool_call>"), "{text:?}");
             }
-            assert!(usage.constraint_seconds > 0.0, "{usage:?}");
+            assert!(!usage.constraint.is_zero(), "{usage:?}");
             eprintln!(
                 "constraint {:.2} ms/token, decode {:.2} ms/token",
-                1e3 * usage.constraint_seconds / f64::from(usage.generated_tokens.max(1)),
-                1e3 * (usage.total_seconds - usage.ttft_seconds)
+                1e3 * usage.constraint.as_secs_f64() / f64::from(usage.generated_tokens.max(1)),
+                1e3 * (usage.total.as_secs_f64() - usage.ttft.as_secs_f64())
                     / f64::from(usage.generated_tokens.max(2) - 1)
             );
             complete += found.len();
@@ -202,7 +202,7 @@ async fn json_schema_output_and_bad_constraints() {
     .await;
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
     assert!(v["legs"].is_i64() && v["animal"].is_string(), "{v}");
-    assert_eq!(usage.finish_reason, "eos", "{usage:?}");
+    assert_eq!(usage.finish, FinishReason::Eos, "{usage:?}");
     // Bad constraints are refused before anything runs, and say why.
     let bad = [
         GenerateOptions::greedy().lark("start: /[abc/"),
@@ -231,7 +231,7 @@ async fn json_schema_output_and_bad_constraints() {
         .unwrap())
     .await;
     assert!(
-        ["eos", "max_tokens"].contains(&usage.finish_reason.as_str()),
+        matches!(usage.finish, FinishReason::Eos | FinishReason::MaxTokens),
         "{usage:?}"
     );
 }

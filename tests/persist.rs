@@ -22,7 +22,7 @@ fn system_prompt(seed: usize) -> Vec<Message> {
 }
 
 /// Creates a session from `prefix` plus a question, and generates 12 tokens greedily.
-async fn ask(c: &Client, prefix: u64, question: &str) -> (String, agentd_sdk::proto::Usage) {
+async fn ask(c: &Client, prefix: u64, question: &str) -> (String, agentd_sdk::Usage) {
     let q = c.tokenize(&chatml(question), true).await.unwrap();
     let s = c.create_session(Some(prefix), q).await.unwrap();
     let out = run(s
@@ -88,7 +88,7 @@ async fn a_pinned_prefix_is_warm_after_a_restart_and_gives_the_same_output() {
     let listed = c.list_prefixes(false).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(
-        (listed[0].prefix_id, listed[0].tokens),
+        (listed[0].id, listed[0].tokens),
         (w.prefix, w.prefix_tokens)
     );
     assert_eq!(listed[0].resident_tokens, 0);

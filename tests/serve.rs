@@ -5,7 +5,7 @@
 
 mod common;
 
-use agentd_sdk::{Client, Error, Event, GenerateOptions};
+use agentd_sdk::{Client, Error, Event, FinishReason, GenerateOptions};
 use common::{chatml, model, run, spawn, Daemon};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -283,7 +283,7 @@ async fn a_dropped_stream_frees_its_sequence_and_sigterm_lets_streams_finish() {
         }
     }
     let usage = done.expect("the stream finished after SIGTERM");
-    assert_eq!(usage.finish_reason, "max_tokens", "{usage:?}");
+    assert_eq!(usage.finish, FinishReason::MaxTokens, "{usage:?}");
     let out = d.wait();
     assert!(
         out.status.success(),
@@ -383,7 +383,7 @@ async fn sixty_four_clients_on_their_own_connections_stream_every_token() {
         let (tokens, usage, log_len) = t.await.unwrap().expect("no error");
         // Every sampled token was streamed (an end-of-turn token is streamed but not counted),
         // and the session's log holds the prompt plus all of them.
-        let eos = u32::from(usage.finish_reason == "eos");
+        let eos = u32::from(usage.finish == FinishReason::Eos);
         assert_eq!(tokens, usage.generated_tokens + eos, "{usage:?}");
         assert_eq!(log_len as u32, usage.prompt_tokens + tokens, "{usage:?}");
     }

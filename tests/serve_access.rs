@@ -48,7 +48,7 @@ async fn peer_tenant_client() {
         .unwrap();
     let listed = c.list_prefixes(false).await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
-    assert!(listed[0].prefix_id == published && listed[0].published && !listed[0].own);
+    assert!(listed[0].id == published && listed[0].published && !listed[0].own);
     let from_published = c.create_session(Some(published), vec![9]).await.unwrap();
     let (_, usage) = run(from_published
         .generate(&GenerateOptions::greedy().max_tokens(1))
@@ -140,7 +140,7 @@ async fn two_uids_are_two_tenants() {
     assert!(c.evict_cache(None).await.unwrap() > 0);
     let left = c.list_prefixes(true).await.unwrap();
     assert_eq!(left.len(), 1);
-    assert_eq!((left[0].prefix_id, left[0].resident_tokens), (prefix, 4));
+    assert_eq!((left[0].id, left[0].resident_tokens), (prefix, 4));
     drop(d);
 }
 

@@ -143,7 +143,7 @@ pub async fn stream_to_stdout(
             }
             AgentEvent::TurnFinished(u) => println!(
                 "\n[turn: {} prompt tokens, {} cached, {} generated, {}]",
-                u.prompt_tokens, u.cached_tokens, u.generated_tokens, u.finish_reason
+                u.prompt_tokens, u.cached_tokens, u.generated_tokens, u.finish
             ),
             AgentEvent::Compacted(c) => println!("\n[context: {c}]"),
             AgentEvent::Done(out) => answer = Some(out.answer),

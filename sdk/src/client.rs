@@ -3,6 +3,7 @@
 use crate::error::Error;
 use crate::proto::agentd_client::AgentdClient;
 use crate::proto::{self, generate_event};
+use crate::types::{Health, ModelInfo, PrefixEntry, Stats, Usage};
 use hyper_util::rt::TokioIo;
 use std::path::Path;
 use std::pin::Pin;
@@ -95,24 +96,20 @@ impl Client {
         Self::connect(default_socket_path()).await
     }
 
-    /// The daemon's version, once it answers.
-    pub async fn health(&self) -> Result<proto::HealthReply, Error> {
-        Ok(self
-            .rpc
-            .clone()
-            .health(proto::HealthRequest {})
-            .await?
-            .into_inner())
+    /// The daemon's version and readiness, once it answers.
+    pub async fn health(&self) -> Result<Health, Error> {
+        let reply = self.rpc.clone().health(proto::HealthRequest {}).await?;
+        Ok(Health::from_wire(reply.into_inner()))
     }
 
     /// The loaded model's hyperparameters and the pool's shape.
-    pub async fn model_info(&self) -> Result<proto::ModelInfoReply, Error> {
-        Ok(self
+    pub async fn model_info(&self) -> Result<ModelInfo, Error> {
+        let reply = self
             .rpc
             .clone()
             .model_info(proto::ModelInfoRequest {})
-            .await?
-            .into_inner())
+            .await?;
+        Ok(ModelInfo::from_wire(reply.into_inner()))
     }
 
     /// Tokenises `text`; with `parse_special`, control-token strings become control tokens.
@@ -187,23 +184,19 @@ impl Client {
     }
 
     /// The pool, the cache and the caller's own counters.
-    pub async fn stats(&self) -> Result<proto::StatsReply, Error> {
-        Ok(self
-            .rpc
-            .clone()
-            .stats(proto::StatsRequest { all_tenants: false })
-            .await?
-            .into_inner())
+    pub async fn stats(&self) -> Result<Stats, Error> {
+        self.stats_request(false).await
     }
 
     /// Operators: the stats with every tenant's counters in `tenants`.
-    pub async fn stats_all_tenants(&self) -> Result<proto::StatsReply, Error> {
-        Ok(self
-            .rpc
-            .clone()
-            .stats(proto::StatsRequest { all_tenants: true })
-            .await?
-            .into_inner())
+    pub async fn stats_all_tenants(&self) -> Result<Stats, Error> {
+        self.stats_request(true).await
+    }
+
+    async fn stats_request(&self, all_tenants: bool) -> Result<Stats, Error> {
+        let req = proto::StatsRequest { all_tenants };
+        let reply = self.rpc.clone().stats(req).await?;
+        Ok(Stats::from_wire(reply.into_inner()))
     }
 
     /// Unpins and forgets one of the caller's own prefixes (its KV becomes ordinary cache).
@@ -215,15 +208,14 @@ impl Client {
 
     /// The prefixes the caller may use (its own and the published ones); with `all_tenants`,
     /// every tenant's (operators only).
-    pub async fn list_prefixes(&self, all_tenants: bool) -> Result<Vec<proto::PrefixEntry>, Error> {
+    pub async fn list_prefixes(&self, all_tenants: bool) -> Result<Vec<PrefixEntry>, Error> {
         let req = proto::ListPrefixesRequest { all_tenants };
-        Ok(self
-            .rpc
-            .clone()
-            .list_prefixes(req)
-            .await?
-            .into_inner()
-            .prefixes)
+        let reply = self.rpc.clone().list_prefixes(req).await?.into_inner();
+        Ok(reply
+            .prefixes
+            .into_iter()
+            .map(PrefixEntry::from_wire)
+            .collect())
     }
 
     /// Operators: publishes a copy of any tenant's prefix for every tenant (sharing its KV);
@@ -400,7 +392,7 @@ pub enum Event {
         text: String,
     },
     /// The end: prompt, cached and generated token counts, timings and the finish reason.
-    Done(proto::Usage),
+    Done(Usage),
 }
 
 /// The events of one generation. Dropping it cancels the generation in the daemon.
@@ -419,7 +411,7 @@ impl Stream for GenerateStream {
                     id: t.id,
                     text: t.text,
                 }),
-                Some(generate_event::Event::Done(u)) => Ok(Event::Done(u)),
+                Some(generate_event::Event::Done(u)) => Ok(Event::Done(Usage::from_wire(u))),
                 None => Err(Error::Daemon {
                     code: tonic::Code::Internal,
                     message: "empty event".into(),

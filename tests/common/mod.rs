@@ -100,7 +100,7 @@ pub fn chatml(user: &str) -> String {
     format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
 }
 
-pub async fn run(stream: agentd_sdk::GenerateStream) -> (String, agentd_sdk::proto::Usage) {
+pub async fn run(stream: agentd_sdk::GenerateStream) -> (String, agentd_sdk::Usage) {
     let mut stream = stream;
     let mut text = String::new();
     while let Some(ev) = stream.next().await {

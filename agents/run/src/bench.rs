@@ -167,10 +167,10 @@ async fn run_mode(client: &Client, cfg: &AgentBenchConfig, constrained: bool) ->
                     r.prompt_tokens_computed += u64::from(u.prompt_tokens - u.cached_tokens);
                     r.prompt_tokens_reused += u64::from(u.cached_tokens);
                     r.generated_tokens += u64::from(u.generated_tokens);
-                    latencies.push(u.total_seconds);
-                    constraint_s += u.constraint_seconds;
+                    latencies.push(u.total.as_secs_f64());
+                    constraint_s += u.constraint.as_secs_f64();
                     if u.generated_tokens > 1 {
-                        decode_s += u.total_seconds - u.ttft_seconds;
+                        decode_s += u.total.as_secs_f64() - u.ttft.as_secs_f64();
                         decode_tokens += u64::from(u.generated_tokens - 1);
                     }
                 }

@@ -17,6 +17,25 @@ struct Planned {
     kind: RowKind,
 }
 
+/// The usage reported when a generation ends now, for `finish` (`None` for a prefix
+/// registration).
+fn usage(req: &Request, finish: FinishReason) -> Option<Usage> {
+    let Work::Generate { dec, .. } = &req.work else {
+        return None;
+    };
+    let now = Instant::now();
+    Some(Usage {
+        prompt_tokens: req.prompt_len,
+        cached_tokens: req.cached_tokens.unwrap_or(0),
+        generated_tokens: dec.tokens.len(),
+        finish,
+        ttft: req.first_token.unwrap_or(now) - req.submitted,
+        total: now - req.submitted,
+        preemptions: req.preemptions,
+        constraint_seconds: dec.constraint_seconds(),
+    })
+}
+
 /// One sequence's rows of a step, owned, so the step can run on another thread while the
 /// scheduler thread keeps answering commands.
 #[derive(Debug, Clone)]
@@ -348,6 +367,7 @@ impl Scheduler {
         let mut seq = self.running.swap_remove(i);
         self.release_seq_pages(&mut seq);
         let mut req = seq.req;
+        let done = usage(&req, finish.clone().unwrap_or(FinishReason::Cancelled));
         match (&mut req.work, finish) {
             (Work::Prefix { id, reply }, _) => {
                 let id = *id;
@@ -359,24 +379,14 @@ impl Scheduler {
                     reply(res);
                 }
             }
-            (Work::Generate { session, dec, sink }, finish) => {
-                let finish = finish.unwrap_or(FinishReason::Cancelled);
+            (Work::Generate { session, sink, .. }, _) => {
                 if let Some(s) = self.sessions.get_mut(session) {
                     s.busy = None;
                     s.tokens = std::mem::take(&mut req.tokens);
                 }
-                let now = Instant::now();
-                let usage = Usage {
-                    prompt_tokens: req.prompt_len,
-                    cached_tokens: req.cached_tokens.unwrap_or(0),
-                    generated_tokens: dec.tokens.len(),
-                    finish,
-                    ttft: req.first_token.unwrap_or(now) - req.submitted,
-                    total: now - req.submitted,
-                    preemptions: req.preemptions,
-                    constraint_seconds: dec.constraint_seconds(),
-                };
-                let _ = sink.send(Event::Done(usage));
+                if let Some(u) = done {
+                    let _ = sink.send(Event::Done(u));
+                }
             }
         }
     }
@@ -427,23 +437,16 @@ impl Scheduler {
 
     /// Ends a waiting request as cancelled.
     pub(super) fn finish_waiting(&mut self, mut req: Request) {
+        let done = usage(&req, FinishReason::Cancelled);
         match &mut req.work {
             Work::Prefix { .. } => self.fail_waiting(req, SchedError::Shutdown),
-            Work::Generate { session, dec, sink } => {
+            Work::Generate { session, sink, .. } => {
                 if let Some(s) = self.sessions.get_mut(session) {
                     s.busy = None;
                 }
-                let now = Instant::now();
-                let _ = sink.send(Event::Done(Usage {
-                    prompt_tokens: req.prompt_len,
-                    cached_tokens: req.cached_tokens.unwrap_or(0),
-                    generated_tokens: dec.tokens.len(),
-                    finish: FinishReason::Cancelled,
-                    ttft: req.first_token.unwrap_or(now) - req.submitted,
-                    total: now - req.submitted,
-                    preemptions: req.preemptions,
-                    constraint_seconds: dec.constraint_seconds(),
-                }));
+                if let Some(u) = done {
+                    let _ = sink.send(Event::Done(u));
+                }
             }
         }
     }

@@ -20,7 +20,7 @@ pub use hermes::ToolCall;
 pub use tool::{tool_fn, Tool, ToolFuture};
 
 use crate::client::{Client, GenerateOptions, Session};
-use crate::{proto, Error, Message};
+use crate::{Error, Message, Usage};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OnceCell};
@@ -59,7 +59,7 @@ pub enum AgentEvent {
         is_error: bool,
     },
     /// One generation ended.
-    TurnFinished(proto::Usage),
+    TurnFinished(Usage),
     /// The log was compacted to stay inside the context budget.
     Compacted(Compaction),
     /// The run ended.
@@ -126,7 +126,7 @@ pub struct RunOutput {
     /// Every message of the run: the input, the replies, the tool results.
     pub transcript: Vec<Message>,
     /// One usage per generation.
-    pub usages: Vec<proto::Usage>,
+    pub usages: Vec<Usage>,
     /// The compactions the context policy made, in order.
     pub compactions: Vec<Compaction>,
     /// False when the turn budget ran out before a reply without calls.

@@ -5,7 +5,7 @@
 use super::context::{ContextLog, Part, MIN_RESULT_TOKENS};
 use super::{hermes, AgentEvent, Compaction, CompactionKind, Inner, RunOutput, Setup, ToolChoice};
 use crate::client::{Event, GenerateOptions, Session};
-use crate::{proto, Error, Message};
+use crate::{Error, FinishReason, Message, Usage};
 use tokio_stream::StreamExt;
 
 /// What a masked result says instead of the output.
@@ -115,7 +115,7 @@ impl<'a> Run<'a> {
             };
             let (reply, usage, end) = self.generate(&opts).await?;
             (self.emit)(AgentEvent::TurnFinished(usage.clone()));
-            let cut_off = usage.finish_reason == "max_tokens";
+            let cut_off = usage.finish == FinishReason::MaxTokens;
             self.out.usages.push(usage);
             self.out.transcript.push(Message::assistant(reply.clone()));
             let (mut calls, text) = hermes::parse_calls(&reply);
@@ -177,10 +177,7 @@ impl<'a> Run<'a> {
 
     /// One generation, its turn closed with the template's end of turn; returns the reply,
     /// its usage and the log's length after it.
-    async fn generate(
-        &mut self,
-        opts: &GenerateOptions,
-    ) -> Result<(String, proto::Usage, u32), Error> {
+    async fn generate(&mut self, opts: &GenerateOptions) -> Result<(String, Usage, u32), Error> {
         let mut stream = self.session.generate(opts).await?;
         let (mut reply, mut usage, mut last, mut count) = (String::new(), None, None, 0u32);
         while let Some(ev) = stream.next().await {
