@@ -399,6 +399,17 @@ fn run_ops(ops: Vec<Op>) -> std::result::Result<(), TestCaseError> {
     }
     let st = s.stats();
     prop_assert_eq!(st.free_pages + st.tree.pages_held, st.pool_pages);
+    if std::env::var_os("AGENTD_PROP_STATS").is_some() {
+        eprintln!(
+            "steps {} preemptions {} evicted pages {} cached tokens {} generated {} sessions {}",
+            st.steps,
+            st.preemptions,
+            st.evicted_pages,
+            st.cached_tokens,
+            st.generated_tokens,
+            held.len()
+        );
+    }
     Ok(())
 }
 
