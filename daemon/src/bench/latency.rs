@@ -88,6 +88,8 @@ pub struct LatencyBenchReport {
     pub prefill_sessions: usize,
     /// See `prefill_sessions`.
     pub prefill_tokens: usize,
+    /// Of those, the ones still prefilling when the last session call returned.
+    pub still_prefilling: usize,
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -98,7 +100,8 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Every token's arrival time, per stream, while `running`.
+/// Every token's arrival time, one list per generation (a gap is only measured between two
+/// tokens of the same generation).
 type Arrivals = Arc<Mutex<Vec<Vec<Instant>>>>;
 
 /// Greedy sampling (temperature 0), no penalties.
@@ -161,15 +164,19 @@ async fn generate(
 async fn stream_loop(
     mut c: Client,
     prompt: Vec<u32>,
-    index: usize,
     arrivals: Arrivals,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     while !stop.load(Ordering::Relaxed) {
         let id = session(&mut c, 0, prompt.clone()).await?;
+        let k = {
+            let mut all = arrivals.lock().expect("not poisoned");
+            all.push(Vec::new());
+            all.len() - 1
+        };
         let arr = arrivals.clone();
         generate(&mut c, id, 200, None, |t| {
-            arr.lock().expect("not poisoned")[index].push(t)
+            arr.lock().expect("not poisoned")[k].push(t)
         })
         .await?;
         c.close_session(proto::SessionRef { session_id: id })
@@ -270,14 +277,13 @@ pub async fn run_latency_bench(
         "<|im_start|>user\nCount from one to five hundred in words.<|im_end|>\n<|im_start|>assistant\n",
     )
     .await?;
-    let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); cfg.streams]));
+    let arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for i in 0..cfg.streams {
+    for _ in 0..cfg.streams {
         tasks.push(tokio::spawn(stream_loop(
             c.clone(),
             prompt.clone(),
-            i,
             arrivals.clone(),
             stop.clone(),
         )));
@@ -360,10 +366,10 @@ pub async fn run_latency_bench(
         .await?;
         calls.push(start.elapsed().as_secs_f64() * 1e3);
     }
-    for p in prefills {
-        p.await??;
-    }
+    // The prefills are not waited for: the server stops under them.
+    let still_prefilling = prefills.iter().filter(|p| !p.is_finished()).count();
     local.task.abort();
+    drop(prefills);
     let n = calls.len();
     Ok(LatencyBenchReport {
         model: engine.path.display().to_string(),
@@ -379,5 +385,6 @@ pub async fn run_latency_bench(
         create_append_p99_ms: percentile(&mut calls, 0.99),
         prefill_sessions: cfg.prefill_sessions,
         prefill_tokens: cfg.prefill_tokens,
+        still_prefilling,
     })
 }
