@@ -644,20 +644,24 @@ fn generate(engine: LoadedModel, args: GenerateArgs) -> Result<()> {
         while let Some(ev) = rx.recv().await {
             match ev {
                 agentd_scheduler::Event::Token { text, .. } => {
+                    if write_err.is_some() {
+                        continue;
+                    }
                     // A closed stdout (`agentd generate … | head -c 10`) cancels the
-                    // generation: dropping the receiver does.
+                    // generation: closing the session does, and its usage still arrives.
                     if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
                         write_err = Some(e);
-                        return Ok(None);
+                        sched.close(0, session).await?;
                     }
                 }
-                agentd_scheduler::Event::Done(u) => return Ok(Some(u)),
+                agentd_scheduler::Event::Done(u) => return Ok(u),
                 agentd_scheduler::Event::Error(e) => return Err(e),
             }
         }
         Err(agentd_scheduler::SchedError::Shutdown)
     })?;
-    if let (true, Some(u)) = (args.stats, &usage) {
+    if args.stats {
+        let u = &usage;
         let decode_s = (u.total - u.ttft).as_secs_f64();
         eprintln!(
             "{}",

@@ -497,9 +497,14 @@ impl Scheduler {
                 "the session is empty: append a prompt first".into(),
             ));
         }
-        if max_tokens == 0 || max_tokens > limit {
+        if max_tokens == 0 {
+            return Err(SchedError::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        if max_tokens > limit {
             return Err(SchedError::InvalidRequest(format!(
-                "max_tokens must be in 1..={limit}, got {max_tokens}"
+                "max_tokens {max_tokens} exceeds the model's context length {limit}"
             )));
         }
         if s.tokens.len() >= limit {
