@@ -30,6 +30,34 @@ pub fn message_tokens(
     continuing: bool,
     add_generation_prompt: bool,
 ) -> Result<Vec<u32>> {
+    check(messages)?;
+    let mut contents = vec![None; messages.len()];
+    let text = render_text(engine, messages, continuing, add_generation_prompt)?;
+    assemble(engine, &text, messages, &mut contents)
+}
+
+/// [`message_tokens`] as a first turn and as a continuation, each message's content tokenized
+/// once for both (an append renders both and the scheduler picks one).
+pub fn message_tokens_both(
+    engine: &LoadedModel,
+    messages: &[Message],
+    add_generation_prompt: bool,
+) -> (Result<Vec<u32>>, Result<Vec<u32>>) {
+    if let Err(e) = check(messages) {
+        let again = invalid(e.to_string());
+        return (Err(e), Err(again));
+    }
+    let mut contents = vec![None; messages.len()];
+    let mut one = |continuing| {
+        let text = render_text(engine, messages, continuing, add_generation_prompt)?;
+        assemble(engine, &text, messages, &mut contents)
+    };
+    let first = one(false);
+    let continuing = one(true);
+    (first, continuing)
+}
+
+fn check(messages: &[Message]) -> Result<()> {
     if messages.is_empty() {
         return Err(invalid("no messages"));
     }
@@ -42,13 +70,23 @@ pub fn message_tokens(
             m.role
         )));
     }
+    Ok(())
+}
+
+/// The template's text with a placeholder for each message's content.
+fn render_text(
+    engine: &LoadedModel,
+    messages: &[Message],
+    continuing: bool,
+    add_generation_prompt: bool,
+) -> Result<String> {
     let placeheld: Vec<Message> = messages
         .iter()
         .enumerate()
         .map(|(i, m)| Message::new(m.role, format!("{OPEN}{i}{CLOSE}")))
         .collect();
     let template = &engine.template;
-    let text = if continuing {
+    Ok(if continuing {
         let anchor = Message::system("a");
         let before = template.render(std::slice::from_ref(&anchor), None, false)?;
         let all: Vec<Message> = std::iter::once(anchor).chain(placeheld).collect();
@@ -64,23 +102,31 @@ pub fn message_tokens(
             .to_owned()
     } else {
         template.render(&placeheld, None, add_generation_prompt)?
-    };
+    })
+}
+
+/// Tokenizes the template's markup with control tokens recognised and each message's content
+/// (cached in `contents`) as plain text.
+fn assemble(
+    engine: &LoadedModel,
+    text: &str,
+    messages: &[Message],
+    contents: &mut [Option<Vec<u32>>],
+) -> Result<Vec<u32>> {
+    let mangled = || invalid("the chat template mangled a message placeholder");
     let mut tokens = Vec::new();
-    let mut rest = text.as_str();
+    let mut rest = text;
     while let Some(start) = rest.find(OPEN) {
         let (markup, tail) = rest.split_at(start);
         tokens.extend(engine.tokenizer.encode(markup, true)?);
-        let end = tail
-            .find(CLOSE)
-            .ok_or_else(|| invalid("the chat template mangled a message placeholder"))?;
-        let index: usize = tail[OPEN.len_utf8()..end]
-            .parse()
-            .map_err(|_| invalid("the chat template mangled a message placeholder"))?;
-        let content = &messages
-            .get(index)
-            .ok_or_else(|| invalid("the chat template mangled a message placeholder"))?
-            .content;
-        tokens.extend(engine.tokenizer.encode(content, false)?);
+        let end = tail.find(CLOSE).ok_or_else(mangled)?;
+        let index: usize = tail[OPEN.len_utf8()..end].parse().map_err(|_| mangled())?;
+        let content = &messages.get(index).ok_or_else(mangled)?.content;
+        let slot = contents.get_mut(index).ok_or_else(mangled)?;
+        if slot.is_none() {
+            *slot = Some(engine.tokenizer.encode(content, false)?);
+        }
+        tokens.extend(slot.as_deref().unwrap_or_default());
         rest = &tail[end + CLOSE.len_utf8()..];
     }
     tokens.extend(engine.tokenizer.encode(rest, true)?);
@@ -119,5 +165,11 @@ mod tests {
         assert!(message_tokens(&e, &[], true, false).is_err());
         let bad = [Message::user("\u{F0000}0\u{F0001}")];
         assert!(message_tokens(&e, &bad, true, false).is_err());
+        // Both forms at once equal the two calls; bad input fails both.
+        let (a, b) = message_tokens_both(&e, &msgs, true);
+        assert_eq!(a.unwrap(), message_tokens(&e, &msgs, false, true).unwrap());
+        assert_eq!(b.unwrap(), message_tokens(&e, &msgs, true, true).unwrap());
+        let (a, b) = message_tokens_both(&e, &bad, false);
+        assert!(a.is_err() && b.is_err());
     }
 }

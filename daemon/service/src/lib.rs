@@ -379,18 +379,14 @@ impl Agentd for AgentdService {
             // the same command that appends it.
             (true, false) => {
                 let msgs = chat_messages(r.messages)?;
-                let render = |continuing| {
-                    agentd_engine::render::message_tokens(
-                        &self.model,
-                        &msgs,
-                        continuing,
-                        r.add_generation_prompt,
-                    )
-                    .map_err(|e| e.to_string())
-                };
+                let (first, continuing) = agentd_engine::render::message_tokens_both(
+                    &self.model,
+                    &msgs,
+                    r.add_generation_prompt,
+                );
                 AppendInput::Rendered {
-                    first: render(false),
-                    continuing: render(true),
+                    first: first.map_err(|e| e.to_string()),
+                    continuing: continuing.map_err(|e| e.to_string()),
                 }
             }
         };
