@@ -46,8 +46,48 @@ struct Cli {
     /// llama.cpp's --ctx-size: smaller means smaller requests, not less memory per token.
     #[arg(long, global = true, env = "AGENTD_CONTEXT", value_parser = clap::value_parser!(u64).range(1..))]
     context: Option<u64>,
+    /// How log lines are written to stderr: `text` for people, `json` (one object per line)
+    /// for log collectors. The level comes from $AGENTD_LOG (default: warn).
+    #[arg(long, global = true, env = "AGENTD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs to stderr in `format`, and routes panics into the log (with the thread and the
+/// location), so that a caught panic is never silent.
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG").unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info.payload_as_str().unwrap_or("(no message)");
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            %location,
+            "panic: {message}"
+        );
+    }));
 }
 
 #[derive(Subcommand)]
@@ -285,15 +325,9 @@ enum ModelCommand {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
+    init_logging(cli.log_format);
     if let Some(n) = cli.threads {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new()

@@ -257,8 +257,10 @@ impl PrefixEntry {
 /// The loaded model's hyperparameters and the KV pool's shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ModelInfo {
-    /// The model file's path, on the daemon's machine.
-    pub path: String,
+    /// The model file's name (without its directory: the daemon does not disclose paths).
+    pub name: String,
+    /// The model file's SHA-256, in lowercase hex.
+    pub sha256: String,
     /// The context length in tokens (the longest a session's log may be).
     pub context_length: u32,
     /// Tokens in the vocabulary.
@@ -281,7 +283,8 @@ impl ModelInfo {
     /// From the wire's `ModelInfoReply`.
     pub(crate) fn from_wire(m: proto::ModelInfoReply) -> Self {
         Self {
-            path: m.path,
+            name: m.name,
+            sha256: m.sha256,
             context_length: m.context_length,
             vocab_size: m.vocab_size,
             layers: m.layers,

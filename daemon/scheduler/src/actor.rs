@@ -22,6 +22,43 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 type Command = Box<dyn FnOnce(&mut Scheduler) + Send>;
 
+/// How long the scheduler thread may be held (by one command, or one step) before it is
+/// logged as a stall: every running stream waits that long for its next token.
+pub const STALL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Logs steps longer than [`STALL`], at most once per ten seconds (a long prefill under load
+/// would otherwise log every step), with how many were not logged in between.
+#[derive(Default)]
+struct StallLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl StallLog {
+    fn step(&mut self, took: std::time::Duration, tokens: usize) {
+        if took <= STALL {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(10))
+        {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(
+            ms = took.as_millis() as u64,
+            tokens,
+            unlogged = self.unlogged,
+            "a step held every running stream for {} ms",
+            took.as_millis()
+        );
+        self.last = Some(now);
+        self.unlogged = 0;
+    }
+}
+
 /// Whether a command may run while a step is in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -132,8 +169,22 @@ impl SchedulerHandle {
         f: impl FnOnce(&mut Scheduler) -> T + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
+        // The caller's span (its RPC, tenant and request id) follows the command onto the
+        // scheduler thread, so that a command that stalls the engine is logged against it.
+        let span = tracing::Span::current();
         let cmd: Command = Box::new(move |s| {
-            let _ = tx.send(f(s));
+            let _in_span = span.enter();
+            let t0 = Instant::now();
+            let out = f(s);
+            let took = t0.elapsed();
+            if took > STALL {
+                tracing::warn!(
+                    ms = took.as_millis() as u64,
+                    "a command held the scheduler thread for {} ms",
+                    took.as_millis()
+                );
+            }
+            let _ = tx.send(out);
         });
         self.tx
             .send(Msg::Command(cmd, kind))
@@ -300,6 +351,7 @@ impl SchedulerHandle {
 fn run(sched: &mut Scheduler, rx: mpsc::Receiver<Msg>, jobs: mpsc::Sender<InFlight>) {
     let mut deferred: VecDeque<Command> = VecDeque::new();
     let mut shutdown = false;
+    let mut stalls = StallLog::default();
     while !shutdown {
         // Between steps every command runs, the ones deferred during the last step first.
         while let Some(cmd) = deferred.pop_front() {
@@ -328,6 +380,7 @@ fn run(sched: &mut Scheduler, rx: mpsc::Receiver<Msg>, jobs: mpsc::Sender<InFlig
         if shutdown || sched.is_idle() {
             continue;
         }
+        let started = Instant::now();
         let Some(job) = sched.begin_step() else {
             // Work is waiting but none can run: its pages are being read from disk. Sleep
             // until the load (or a command) arrives; the timeout only guards against a lost
@@ -355,7 +408,8 @@ fn run(sched: &mut Scheduler, rx: mpsc::Receiver<Msg>, jobs: mpsc::Sender<InFlig
                 Err(_) => unreachable!("the executor thread holds a sender"),
             }
         };
-        sched.finish_step(job, out);
+        let tokens = sched.finish_step(job, out);
+        stalls.step(started.elapsed(), tokens);
     }
     sched.cancel_all();
 }

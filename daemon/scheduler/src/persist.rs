@@ -102,7 +102,6 @@ impl Scheduler {
         let (store, prefixes) =
             Store::open(&cfg.store, fp).map_err(|e| SchedError::DiskTier(Cause::new(e)))?;
         for p in prefixes {
-            self.bump_id_past(p.id);
             self.prefixes.insert(
                 PrefixId(p.id),
                 Prefix {

@@ -116,7 +116,6 @@ pub struct Scheduler {
     pub(super) waiting: VecDeque<Request>,
     pub(super) running: Vec<Seq>,
     pub(super) stats: SchedStats,
-    next_id: u64,
     pub(super) admit_clock: u64,
     last_tenant: Option<TenantId>,
     /// The disk tier.
@@ -179,7 +178,6 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats,
-            next_id: 1,
             admit_clock: 0,
             last_tenant: None,
             store: None,
@@ -190,11 +188,6 @@ impl Scheduler {
             s.open_store(store)?;
         }
         Ok(s)
-    }
-
-    /// Makes later ids larger than `id` (restored from disk).
-    pub(super) fn bump_id_past(&mut self, id: u64) {
-        self.next_id = self.next_id.max(id + 1);
     }
 
     /// The vocabulary and context length of the model behind the executor.
@@ -208,9 +201,20 @@ impl Scheduler {
         self.exec.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A fresh id for a session, prefix or request: random, 63 bits (so that it fits a signed
+    /// 64-bit integer in clients that have no unsigned one) and never 0, so that ids say nothing about
+    /// other tenants' activity (sequential ids would: their gaps count others' sessions).
     pub(super) fn fresh_id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id - 1
+        loop {
+            let id = rand::random::<u64>() >> 1;
+            let taken = id == 0
+                || self.sessions.contains_key(&SessionId(id))
+                || self.prefixes.contains_key(&PrefixId(id))
+                || self.waiting.iter().any(|r| r.id == id);
+            if !taken {
+                return id;
+            }
+        }
     }
 
     /// True when nothing is waiting or running.

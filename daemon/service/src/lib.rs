@@ -7,6 +7,8 @@
 //!   graceful shutdown on SIGTERM/SIGINT.
 //! - `status`: scheduler errors → gRPC statuses.
 
+#[cfg(test)]
+mod fuzz_tests;
 pub mod serve;
 mod status;
 
@@ -45,7 +47,24 @@ pub struct AgentdService {
     operators: std::collections::HashSet<u32>,
     page_size: usize,
     pool_pages: usize,
+    /// The model file's SHA-256, hashed once on first use (on a blocking worker).
+    model_sha256: tokio::sync::OnceCell<String>,
+    /// Bounds how many constraints compile at once: each holds a blocking worker, and one
+    /// that runs past its budget keeps it until it ends.
+    compiles: Arc<tokio::sync::Semaphore>,
+    /// Bounds how many renderings and tokenizations run at once, leaving cores for the
+    /// scheduler and the runtime's workers.
+    heavy: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many constraints may compile at once.
+const CONCURRENT_COMPILES: usize = 2;
+
+/// The most messages one request may carry.
+const MAX_MESSAGES: usize = 10_000;
+
+/// The longest text Tokenize accepts, in bytes.
+const MAX_TOKENIZE_BYTES: usize = 1 << 20;
 
 impl AgentdService {
     /// A service over the scheduler `sched` running `model`; `tokens` maps TCP bearer tokens
@@ -67,12 +86,127 @@ impl AgentdService {
             operators,
             page_size,
             pool_pages,
+            model_sha256: tokio::sync::OnceCell::new(),
+            compiles: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_COMPILES)),
+            heavy: Arc::new(tokio::sync::Semaphore::new(heavy_workers())),
+        }
+    }
+
+    /// Runs `f` (rendering, tokenizing: work that grows with the request) on tokio's blocking
+    /// pool, at most [`heavy_workers`] at once: it must hold neither the scheduler thread nor
+    /// the runtime's workers, which answer every other call, health checks included.
+    async fn heavy<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let permit = self
+            .heavy
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the daemon is shutting down"))?;
+        blocking(move || {
+            let _permit = permit;
+            f()
+        })
+        .await
+    }
+
+    /// Tokens for messages (see [`agentd_engine::render::message_tokens`]), rendered off the
+    /// runtime; a status on failure.
+    async fn render(
+        &self,
+        msgs: Vec<proto::Message>,
+        continuing: bool,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, Status> {
+        let engine = self.model.clone();
+        self.heavy(move || {
+            let msgs = chat_messages(msgs)?;
+            agentd_engine::render::message_tokens(&engine, &msgs, continuing, add_generation_prompt)
+                .map_err(status::invalid)
+        })
+        .await
+    }
+
+    /// The model file's SHA-256 (hashed on first use).
+    async fn model_sha256(&self) -> Result<String, Status> {
+        self.model_sha256
+            .get_or_try_init(|| {
+                let path = self.model.path.clone();
+                blocking(move || {
+                    agentd_engine::model_files::sha256_file(&path)
+                        .map_err(|e| status::internal(format!("hashing the model file: {e}")))
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    /// Whether the caller is an operator (see [`Self::operator`]).
+    fn is_operator<T>(&self, req: &Request<T>) -> bool {
+        req.extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|u| u.peer_cred)
+            .is_some_and(|c| self.operators.contains(&c.uid()))
+    }
+
+    /// Compiles the generation's options (its constraint) on a blocking worker, within the
+    /// constraint limits' time budget.
+    async fn decoding(&self, opts: GenerateOptions) -> Result<agentd_engine::Decoding, Status> {
+        let budget = agentd_engine::constraint::ConstraintLimits::default().max_compile;
+        let deadline = tokio::time::Instant::now() + budget;
+        let permit = if opts.constraint.is_some() {
+            let permit = tokio::time::timeout_at(deadline, self.compiles.clone().acquire_owned())
+                .await
+                .map_err(|_| {
+                    Status::resource_exhausted(format!(
+                        "other constraints are compiling and none finished within {budget:?}; try again"
+                    ))
+                })?
+                .map_err(|_| Status::unavailable("the daemon is shutting down"))?;
+            Some(permit)
+        } else {
+            None
+        };
+        let model = self.model.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            // Held until the compilation really ends, even when the caller gave up on it.
+            let _permit = permit;
+            model.decoding(&opts)
+        });
+        let joined = tokio::time::timeout_at(deadline, work).await.map_err(|_| {
+            tracing::warn!(?budget, "a constraint's compilation ran past its budget");
+            Status::invalid_argument(format!(
+                "the constraint took longer than the limit of {budget:?} to compile; simplify it"
+            ))
+        })?;
+        match joined {
+            Ok(Ok(dec)) => Ok(dec),
+            Ok(Err(agentd_engine::EngineError::Constraint(
+                e @ agentd_engine::constraint::ConstraintError::Crashed { .. },
+            ))) => {
+                if let agentd_engine::constraint::ConstraintError::Crashed { detail } = &e {
+                    tracing::error!(panic = %status::cap(detail), "the grammar library panicked");
+                }
+                Err(Status::invalid_argument(e.to_string()))
+            }
+            Ok(Err(e)) => Err(status::invalid(e)),
+            Err(e) => Err(status::internal(format!("preparing the generation: {e}"))),
         }
     }
 
     /// The caller's tenant: over the Unix socket from the connection's peer credentials, over
     /// TCP from its bearer token; never from a request field.
     fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
+        let span = tracing::Span::current();
+        span.record("request", status::request_id());
+        let tenant = self.tenant_of(req)?;
+        span.record("tenant", tenant);
+        Ok(tenant)
+    }
+
+    fn tenant_of<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
         let Some(uds) = req.extensions().get::<UdsConnectInfo>() else {
             return self.tcp_tenant(req);
         };
@@ -132,9 +266,29 @@ impl AgentdService {
     }
 }
 
-/// Wire messages → chat messages; an unknown role is INVALID_ARGUMENT.
+/// How many renderings and tokenizations may run at once: half the cores, at least one.
+fn heavy_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// Runs `f` on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| status::internal(format!("a blocking task failed: {e}")))?
+}
+
+/// Wire messages → chat messages; an unknown role or too many messages is INVALID_ARGUMENT.
 fn chat_messages(msgs: Vec<proto::Message>) -> Result<Vec<agentd_wire::Message>, Status> {
     use agentd_wire::Role;
+    if msgs.len() > MAX_MESSAGES {
+        return Err(Status::invalid_argument(format!(
+            "{} messages are more than the limit of {MAX_MESSAGES} per request",
+            msgs.len()
+        )));
+    }
     msgs.into_iter()
         .map(|m| {
             let role = match m.role.as_str() {
@@ -144,25 +298,14 @@ fn chat_messages(msgs: Vec<proto::Message>) -> Result<Vec<agentd_wire::Message>,
                 "tool" => Role::Tool,
                 other => {
                     return Err(Status::invalid_argument(format!(
-                        "unknown message role {other:?} (system, user, assistant or tool)"
+                        "unknown message role {:?} (system, user, assistant or tool)",
+                        status::cap(other)
                     )))
                 }
             };
             Ok(agentd_wire::Message::new(role, m.content))
         })
         .collect()
-}
-
-/// Tokens for messages (see [`agentd_engine::render::message_tokens`]), as a status on failure.
-fn render(
-    engine: &LoadedModel,
-    msgs: Vec<proto::Message>,
-    continuing: bool,
-    add_generation_prompt: bool,
-) -> Result<Vec<u32>, Status> {
-    let msgs = chat_messages(msgs)?;
-    agentd_engine::render::message_tokens(engine, &msgs, continuing, add_generation_prompt)
-        .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// The request's sampling parameters; absent, agentd's defaults
@@ -189,8 +332,9 @@ fn sampling_params(s: Option<proto::Sampling>) -> SamplingParams {
 fn constraint_spec(c: proto::Constraint) -> Result<ConstraintSpec, Status> {
     use proto::constraint::Kind;
     let json = |what: &str, text: &str| {
-        serde_json::from_str::<serde_json::Value>(text)
-            .map_err(|e| Status::invalid_argument(format!("{what} is not valid JSON: {e}")))
+        serde_json::from_str::<serde_json::Value>(text).map_err(|e| {
+            Status::invalid_argument(status::cap(&format!("{what} is not valid JSON: {e}")))
+        })
     };
     match c.kind {
         None => Err(Status::invalid_argument(
@@ -199,11 +343,18 @@ fn constraint_spec(c: proto::Constraint) -> Result<ConstraintSpec, Status> {
         Some(Kind::JsonSchema(s)) => Ok(ConstraintSpec::JsonSchema(json("json_schema", &s)?)),
         Some(Kind::Lark(g)) => Ok(ConstraintSpec::Lark(g)),
         Some(Kind::ToolCalls(t)) => {
+            let limit = agentd_engine::constraint::ConstraintLimits::default().max_tools;
+            if t.tools.len() > limit {
+                return Err(Status::invalid_argument(format!(
+                    "the constraint has {} tools in the list; the limit is {limit}",
+                    t.tools.len()
+                )));
+            }
             let tools = t
                 .tools
                 .into_iter()
                 .map(|tool| {
-                    let what = format!("the parameters of tool {:?}", tool.name);
+                    let what = format!("the parameters of tool {:?}", status::cap(&tool.name));
                     Ok(ToolSpec {
                         parameters: json(&what, &tool.parameters_json)?,
                         name: tool.name,
@@ -233,7 +384,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateEvent, Status
 
 #[tonic::async_trait]
 impl Agentd for AgentdService {
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "health", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "health", session = tracing::field::Empty))]
     async fn health(
         &self,
         _req: Request<proto::HealthRequest>,
@@ -244,15 +395,22 @@ impl Agentd for AgentdService {
         }))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "model_info", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "model_info", session = tracing::field::Empty))]
     async fn model_info(
         &self,
-        _req: Request<proto::ModelInfoRequest>,
+        req: Request<proto::ModelInfoRequest>,
     ) -> Result<Response<proto::ModelInfoReply>, Status> {
+        self.tenant(&req)?;
+        let sha256 = self.model_sha256().await?;
         let e = &self.model;
         let c = e.model.config();
         Ok(Response::new(proto::ModelInfoReply {
-            path: e.path.display().to_string(),
+            name: e
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256,
             context_length: c.context_length as u32,
             vocab_size: c.vocab as u32,
             layers: c.layers as u32,
@@ -264,28 +422,32 @@ impl Agentd for AgentdService {
         }))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "tokenize", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "tokenize", session = tracing::field::Empty))]
     async fn tokenize(
         &self,
         req: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeReply>, Status> {
+        self.tenant(&req)?;
         let r = req.into_inner();
-        let limit = 1 << 20;
-        if r.text.len() > limit {
+        if r.text.len() > MAX_TOKENIZE_BYTES {
             return Err(Status::invalid_argument(format!(
-                "text of {} bytes is longer than the limit of {limit}",
+                "text of {} bytes is longer than the limit of {MAX_TOKENIZE_BYTES}",
                 r.text.len()
             )));
         }
+        let model = self.model.clone();
         let tokens = self
-            .model
-            .tokenizer
-            .encode(&r.text, r.parse_special)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .heavy(move || {
+                model
+                    .tokenizer
+                    .encode(&r.text, r.parse_special)
+                    .map_err(status::invalid)
+            })
+            .await?;
         Ok(Response::new(proto::TokenizeReply { tokens }))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "register_prefix", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "register_prefix", session = tracing::field::Empty))]
     async fn register_prefix(
         &self,
         req: Request<proto::RegisterPrefixRequest>,
@@ -298,7 +460,9 @@ impl Agentd for AgentdService {
                     "give either tokens or messages, not both",
                 ));
             }
-            r.tokens = render(&self.model, r.messages, false, false)?;
+            r.tokens = self
+                .render(std::mem::take(&mut r.messages), false, false)
+                .await?;
         }
         let tenant = if r.publish {
             self.operator(&req)?
@@ -316,7 +480,7 @@ impl Agentd for AgentdService {
         }))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "create_session", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "create_session", session = tracing::field::Empty))]
     async fn create_session(
         &self,
         req: Request<proto::CreateSessionRequest>,
@@ -332,7 +496,7 @@ impl Agentd for AgentdService {
         self.session_reply(tenant, id).await
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "fork_session", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "fork_session", session = tracing::field::Empty))]
     async fn fork_session(
         &self,
         req: Request<proto::SessionRef>,
@@ -343,7 +507,7 @@ impl Agentd for AgentdService {
         self.session_reply(tenant, new).await
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "close_session", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "close_session", session = tracing::field::Empty))]
     async fn close_session(
         &self,
         req: Request<proto::SessionRef>,
@@ -354,7 +518,7 @@ impl Agentd for AgentdService {
         Ok(Response::new(proto::CloseReply {}))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "append", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "append", session = tracing::field::Empty))]
     async fn append(
         &self,
         req: Request<proto::AppendRequest>,
@@ -378,16 +542,22 @@ impl Agentd for AgentdService {
             // Rendered here, in both forms; the scheduler picks the one that fits the log in
             // the same command that appends it.
             (true, false) => {
-                let msgs = chat_messages(r.messages)?;
-                let (first, continuing) = agentd_engine::render::message_tokens_both(
-                    &self.model,
-                    &msgs,
-                    r.add_generation_prompt,
-                );
-                AppendInput::Rendered {
-                    first: first.map_err(|e| e.to_string()),
-                    continuing: continuing.map_err(|e| e.to_string()),
-                }
+                let model = self.model.clone();
+                let add_generation_prompt = r.add_generation_prompt;
+                let messages = r.messages;
+                self.heavy(move || {
+                    let msgs = chat_messages(messages)?;
+                    let (first, continuing) = agentd_engine::render::message_tokens_both(
+                        &model,
+                        &msgs,
+                        add_generation_prompt,
+                    );
+                    Ok(AppendInput::Rendered {
+                        first: first.map_err(|e| status::cap(&e.to_string())),
+                        continuing: continuing.map_err(|e| status::cap(&e.to_string())),
+                    })
+                })
+                .await?
             }
         };
         let done = self
@@ -404,7 +574,7 @@ impl Agentd for AgentdService {
 
     type GenerateStream = EventStream;
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "generate", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "generate", session = tracing::field::Empty))]
     async fn generate(
         &self,
         req: Request<proto::GenerateRequest>,
@@ -422,18 +592,17 @@ impl Agentd for AgentdService {
             ..GenerateOptions::default()
         };
         // Checking the options and compiling the constraint (a large grammar takes a while)
-        // happen on a blocking worker, never on the scheduler thread.
-        let model = self.model.clone();
-        let dec = tokio::task::spawn_blocking(move || model.decoding(&opts))
-            .await
-            .map_err(|e| Status::internal(format!("preparing the generation: {e}")))?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // happen on a blocking worker, never on the scheduler thread, and fail here, before
+        // the stream starts.
+        let dec = self.decoding(opts).await?;
         let rx = self
             .sched
             .generate_at(tenant, SessionId(r.session_id), dec, arrived)
             .await
             .map_err(to_status)?;
-        let stream = UnboundedReceiverStream::new(rx).map(|ev| match ev {
+        // Errors in the stream are logged in the call's span.
+        let span = tracing::Span::current();
+        let stream = UnboundedReceiverStream::new(rx).map(move |ev| match ev {
             Event::Token { id, text } => Ok(proto::GenerateEvent {
                 event: Some(generate_event::Event::Token(proto::TokenEvent { id, text })),
             }),
@@ -453,12 +622,15 @@ impl Agentd for AgentdService {
                     })),
                 })
             }
-            Event::Error(e) => Err(to_status(e)),
+            Event::Error(e) => {
+                let _in_span = span.enter();
+                Err(to_status(e))
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "rewrite", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "rewrite", session = tracing::field::Empty))]
     async fn rewrite(
         &self,
         req: Request<proto::RewriteRequest>,
@@ -482,12 +654,8 @@ impl Agentd for AgentdService {
             (true, false) => {
                 // Rendered as an append after the tokens before `start`, which a rewrite at 0
                 // does not have.
-                render(
-                    &self.model,
-                    r.messages,
-                    r.start > 0,
-                    r.add_generation_prompt,
-                )?
+                self.render(r.messages, r.start > 0, r.add_generation_prompt)
+                    .await?
             }
         };
         self.sched
@@ -497,7 +665,7 @@ impl Agentd for AgentdService {
         self.session_reply(tenant, id).await
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "session_tokens", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "session_tokens", session = tracing::field::Empty))]
     async fn session_tokens(
         &self,
         req: Request<proto::SessionRef>,
@@ -512,7 +680,7 @@ impl Agentd for AgentdService {
         Ok(Response::new(proto::TokensReply { tokens, epoch }))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "stats", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "stats", session = tracing::field::Empty))]
     async fn stats(
         &self,
         req: Request<proto::StatsRequest>,
@@ -539,6 +707,30 @@ impl Agentd for AgentdService {
             })
             .collect();
         let own = s.tenants.get(&tenant).cloned().unwrap_or_default();
+        // The pool-wide figures count every tenant's work: only operators see them. Others
+        // see the pool's fixed shape and their own figures (their hit rate included).
+        if !self.is_operator(&req) {
+            let seen = own.prefill_tokens + own.cached_tokens;
+            let hit_rate = if seen == 0 {
+                0.0
+            } else {
+                own.cached_tokens as f64 / seen as f64
+            };
+            return Ok(Response::new(proto::StatsReply {
+                pool_pages: s.pool_pages as u32,
+                page_size: s.page_size as u32,
+                page_bytes: s.page_bytes as u64,
+                hit_rate,
+                sessions: own.sessions as u32,
+                running: own.running as u32,
+                waiting: own.waiting as u32,
+                prefill_tokens: own.prefill_tokens,
+                cached_tokens: own.cached_tokens,
+                generated_tokens: own.generated_tokens,
+                disk_budget: s.disk.as_ref().map_or(0, |d| d.budget),
+                ..Default::default()
+            }));
+        }
         Ok(Response::new(proto::StatsReply {
             pool_pages: s.pool_pages as u32,
             free_pages: s.free_pages as u32,
@@ -563,7 +755,7 @@ impl Agentd for AgentdService {
         }))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "drop_prefix", session = tracing::field::Empty))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "drop_prefix", session = tracing::field::Empty))]
     async fn drop_prefix(
         &self,
         req: Request<proto::PrefixRef>,
@@ -577,7 +769,7 @@ impl Agentd for AgentdService {
         Ok(Response::new(proto::DropPrefixReply {}))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "list_prefixes"))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "list_prefixes"))]
     async fn list_prefixes(
         &self,
         req: Request<proto::ListPrefixesRequest>,
@@ -608,7 +800,7 @@ impl Agentd for AgentdService {
         Ok(Response::new(proto::ListPrefixesReply { prefixes }))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "publish_prefix"))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "publish_prefix"))]
     async fn publish_prefix(
         &self,
         req: Request<proto::PrefixRef>,
@@ -622,7 +814,7 @@ impl Agentd for AgentdService {
         }))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "unpin_prefix"))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "unpin_prefix"))]
     async fn unpin_prefix(
         &self,
         req: Request<proto::PrefixRef>,
@@ -633,7 +825,7 @@ impl Agentd for AgentdService {
         Ok(Response::new(proto::DropPrefixReply {}))
     }
 
-    #[tracing::instrument(name = "rpc", skip_all, fields(method = "evict_cache"))]
+    #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "evict_cache"))]
     async fn evict_cache(
         &self,
         req: Request<proto::EvictCacheRequest>,

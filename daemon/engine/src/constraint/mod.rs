@@ -3,6 +3,9 @@
 //! of the tools' schemas). Before each sampled token the grammar's mask removes every token it
 //! does not allow; after it, the token advances the grammar.
 
+pub mod limits;
+
+pub use limits::ConstraintLimits;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use std::sync::Arc;
@@ -19,6 +22,32 @@ pub enum ConstraintError {
     /// The grammar reached an error state while generating.
     #[error("the constraint failed while generating: {0}")]
     Failed(String),
+    /// The grammar library panicked on this constraint. `detail` (the panic's message, which
+    /// holds the library's internal state) is for the log, not for the client.
+    #[error("the grammar engine could not compile this constraint")]
+    Crashed {
+        /// The panic's message.
+        detail: String,
+    },
+}
+
+/// The longest message taken from the grammar library into an error: its messages can hold
+/// the whole grammar and the parser's state.
+const MAX_LIBRARY_MESSAGE: usize = 512;
+
+/// A message from the grammar library, cut to its first line and [`MAX_LIBRARY_MESSAGE`] bytes.
+fn library_message(e: impl std::fmt::Display) -> String {
+    let full = e.to_string();
+    let line = full.lines().next().unwrap_or_default();
+    let mut end = line.len().min(MAX_LIBRARY_MESSAGE);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < full.len() {
+        format!("{}…", &line[..end])
+    } else {
+        full
+    }
 }
 
 /// One tool the model may call: its name and the JSON schema of its arguments.
@@ -141,8 +170,10 @@ pub fn tool_call_grammar(
         (true, 0) => "start: call+".to_owned(),
         (false, 0) => "start: TEXT? call*".to_owned(),
         // At most n: call (call (call)?)? — nested options, one per further call.
-        (true, n) => format!("start: {}", at_most(n)),
-        (false, n) => format!("start: TEXT? ({})?", at_most(n)),
+        // Bounded repetition: llguidance factors it into O(log n) rules, where nesting one
+        // optional group per call hit its nesting limit at 30 calls.
+        (true, n) => format!("start: call{{1,{n}}}"),
+        (false, n) => format!("start: TEXT? call{{0,{n}}}"),
     };
     Ok(format!(
         "{start}\ncall: \"{open}\\n\" args \"\\n{close}\\n\"\nargs: %json {json}\nTEXT: /[^<]+/\n"
@@ -151,15 +182,6 @@ pub fn tool_call_grammar(
 
 /// The largest cap on calls per reply a request may set.
 pub const MAX_TOOL_CALLS: usize = 64;
-
-/// One to `n` calls, as nested optional groups.
-fn at_most(n: usize) -> String {
-    let mut g = "call".to_owned();
-    for _ in 1..n {
-        g = format!("call ({g})?");
-    }
-    g
-}
 
 /// The longest string a tool argument may hold when its schema sets no bound of its own.
 pub const TOOL_STRING_LIMIT: u64 = 160;
@@ -195,6 +217,7 @@ fn cap_strings(schema: &mut serde_json::Value) {
 pub struct ConstraintFactory {
     factory: Arc<ParserFactory>,
     vocab: usize,
+    limits: ConstraintLimits,
 }
 
 impl ConstraintFactory {
@@ -208,35 +231,74 @@ impl ConstraintFactory {
         let env = bt.into_tok_env(Some(vocab)).map_err(unavailable)?;
         let mut factory = ParserFactory::new_simple(&env).map_err(unavailable)?;
         factory.quiet();
+        // Errors without the grammar and the parser's state in them (they reach clients).
+        factory.limits_mut().verbose_errors = false;
         Ok(Self {
             factory: Arc::new(factory),
             vocab,
+            limits: ConstraintLimits::default(),
         })
     }
 
-    /// A fresh constraint for one generation.
+    /// The bounds every constraint is checked against before it is compiled.
+    pub fn limits(&self) -> &ConstraintLimits {
+        &self.limits
+    }
+
+    /// A fresh constraint for one generation: the spec checked against [`Self::limits`],
+    /// compiled, and its first token mask computed, so that a constraint that cannot work
+    /// fails here, before the generation starts, and not at its first token.
     pub fn constraint(&self, spec: &ConstraintSpec) -> Result<Constraint, ConstraintError> {
+        self.limits.check(spec)?;
         let grammar = spec.grammar()?;
-        let parser = self
-            .factory
-            .create_parser(grammar)
-            .map_err(|e| ConstraintError::Invalid(e.to_string()))?;
-        let matcher = Matcher::new(Ok(parser));
-        if let Some(e) = matcher.get_error() {
-            return Err(ConstraintError::Invalid(e));
-        }
+        // llguidance asserts on some inputs (more than u16::MAX symbols in a lexeme class,
+        // say): a panic there is this request's failure, not the daemon's.
+        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let parser = self
+                .factory
+                .create_parser(grammar)
+                .map_err(|e| ConstraintError::Invalid(library_message(e)))?;
+            let mut matcher = Matcher::new(Ok(parser));
+            if let Some(e) = matcher.get_error() {
+                return Err(ConstraintError::Invalid(library_message(e)));
+            }
+            let first = matcher
+                .compute_mask_or_eos()
+                .map_err(|e| ConstraintError::Invalid(library_message(e)))?;
+            if first.is_zero() {
+                return Err(ConstraintError::Invalid(
+                    "the constraint allows no output at all".into(),
+                ));
+            }
+            Ok((matcher, first))
+        }));
+        let (matcher, first) = compiled.map_err(|panic| ConstraintError::Crashed {
+            detail: panic_message(&panic),
+        })??;
         Ok(Constraint {
             matcher,
             vocab: self.vocab,
+            first_mask: Some(first),
             mask_seconds: 0.0,
         })
     }
+}
+
+/// The message a caught panic carried.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// One generation's grammar state.
 pub struct Constraint {
     matcher: Matcher,
     vocab: usize,
+    /// The mask computed when the constraint was compiled, used for the first token.
+    first_mask: Option<llguidance::toktrie::SimpleVob>,
     /// Time spent computing masks and advancing the grammar.
     pub mask_seconds: f64,
 }
@@ -245,10 +307,13 @@ impl Constraint {
     /// Sets every logit the grammar does not allow next to −∞.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
         let t0 = std::time::Instant::now();
-        let mask = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| ConstraintError::Failed(e.to_string()))?;
+        let mask = match self.first_mask.take() {
+            Some(m) => m,
+            None => self
+                .matcher
+                .compute_mask_or_eos()
+                .map_err(|e| ConstraintError::Failed(library_message(e)))?,
+        };
         for (i, l) in logits.iter_mut().enumerate().take(self.vocab) {
             if !mask.is_allowed(i as u32) {
                 *l = f32::NEG_INFINITY;
@@ -264,7 +329,7 @@ impl Constraint {
         let r = self
             .matcher
             .consume_token(token)
-            .map_err(|e| ConstraintError::Failed(e.to_string()));
+            .map_err(|e| ConstraintError::Failed(library_message(e)));
         self.mask_seconds += t0.elapsed().as_secs_f64();
         r
     }
@@ -274,6 +339,9 @@ impl Constraint {
         self.matcher.is_stopped()
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;
 
 #[cfg(test)]
 mod tests {
@@ -307,12 +375,12 @@ mod tests {
             parameters: serde_json::json!({"type": "object"}),
         }];
         let g = tool_call_grammar(&add, true, 3).unwrap();
-        assert!(g.starts_with("start: call (call (call)?)?\n"), "{g}");
+        assert!(g.starts_with("start: call{1,3}\n"), "{g}");
         assert!(tool_call_grammar(&add, true, MAX_TOOL_CALLS).is_ok());
         let e = tool_call_grammar(&add, true, u32::MAX as usize).unwrap_err();
         assert!(e.to_string().contains("max_calls"), "{e}");
         let g = tool_call_grammar(&add, false, 1).unwrap();
-        assert!(g.starts_with("start: TEXT? (call)?\n"), "{g}");
+        assert!(g.starts_with("start: TEXT? call{0,1}\n"), "{g}");
         let mut s = serde_json::json!({"type": "object", "properties": {
             "a": {"type": "string"}, "b": {"type": "string", "maxLength": 5},
             "c": {"type": ["string", "null"]}, "d": {"enum": ["x"]}}});
