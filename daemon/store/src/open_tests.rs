@@ -347,3 +347,16 @@ fn damaged_entries_are_named_with_a_compact_utc_time() {
     assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
     assert_eq!(utc_stamp(1_764_680_701), "20251202T130501Z");
 }
+
+#[test]
+fn a_file_where_the_blob_directory_should_be_is_moved_aside() {
+    let seeded = seed();
+    let blobs = seeded.cfg.dir.join("blobs");
+    std::fs::remove_dir_all(&blobs).unwrap();
+    std::fs::write(&blobs, b"not a directory").unwrap();
+    let (store, _) = open(&seeded.cfg);
+    assert!(blobs.is_dir());
+    assert_eq!(entries(&seeded.cfg.dir, "blobs.damaged-").len(), 1);
+    // Their blobs gone, the records are dropped and their tokens will be recomputed.
+    assert_eq!((store.stats().records, store.stats().dropped), (0, 3));
+}
