@@ -184,6 +184,70 @@ async fn a_damaged_blob_is_detected_and_recomputed() {
     stop(d);
 }
 
+// Regression: corrupt bytes in sled's files under `meta/`, or a directory in `blobs/`, made
+// `agentd serve` exit 1 ("Read corrupted data", "Is a directory") until the directory was deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_metadata_database_is_moved_aside_and_the_cached_prefix_still_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let w = warm_up(dir.path(), &cache).await;
+    let conf = cache.join("meta").join("conf");
+    let mut bytes = std::fs::read(&conf).unwrap();
+    for b in &mut bytes[..16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&conf, bytes).unwrap();
+    std::fs::create_dir(cache.join("blobs").join("lost+found")).unwrap();
+    let socket = dir.path().join("b.sock");
+    let d = Daemon::start(&socket, &["--cache-dir", cache.to_str().unwrap()]).await;
+    let c = Client::connect(&socket).await.unwrap();
+    // The registration lived in the lost database; the KV lives in the blobs, rebuilt from
+    // their descriptors, so registering the same prompt again loads it from disk.
+    assert!(c.list_prefixes(false).await.unwrap().is_empty());
+    let prefix = c.register_prefix_messages(&system_prompt(0)).await.unwrap();
+    let (text, usage) = ask(&c, prefix, "Which file did you read?").await;
+    assert_eq!(usage.cached_tokens, w.prefix_tokens, "{usage:?}");
+    assert_eq!(text, w.text);
+    let stats = c.stats().await.unwrap();
+    assert_eq!(stats.disk_loaded_tokens, u64::from(w.prefix_tokens));
+    let log = stop(d);
+    assert!(log.contains("moved it aside"), "{log}");
+    assert!(log.contains("lost+found"), "{log}");
+    let aside: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("meta.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(cache.join("blobs").join("lost+found").is_dir());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_cache_directory_is_refused_and_told_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let first = Daemon::start(
+        &dir.path().join("a.sock"),
+        &["--cache-dir", cache.to_str().unwrap()],
+    )
+    .await;
+    let second = common::spawn(
+        &dir.path().join("b.sock"),
+        &["--cache-dir", cache.to_str().unwrap()],
+    )
+    .wait_with_output()
+    .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use by another agentd"), "{err}");
+    assert!(std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().contains("damaged")));
+    stop(first);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_writes_never_breaks_start_up_or_outputs() {
     const PREFIXES: usize = 6;

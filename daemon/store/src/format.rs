@@ -1,12 +1,18 @@
 //! What the disk tier writes: the fingerprint every record carries, the record metadata kept in
-//! sled, the blob file header, and the chained page hashes the index is keyed by.
+//! sled, the blob file layout (header, pages, descriptor), and the chained page hashes the index
+//! is keyed by.
+//!
+//! A blob file is self-describing: `header | pages | descriptor`, where the descriptor is the
+//! record's metadata as first written (the same JSON sled holds), so a record can be rebuilt
+//! from its blob alone when sled lost it (an orphan after a crash, or a damaged database).
 
 use crate::Namespace;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Bumped whenever the layout of a record or a blob changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the layout of a record or a blob changes. Version 2: blobs end with their
+/// record's descriptor.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Everything the KV bytes depend on. A record whose fingerprint differs from the running
 /// daemon's in any field is dropped, never served.
@@ -99,10 +105,15 @@ impl RecordMeta {
         self.tokens.len().div_ceil(page_size) - self.first_page as usize
     }
 
-    /// The blob file's size: header plus pages.
-    pub fn blob_len(&self) -> u64 {
+    /// Bytes of the pages in the blob (its payload).
+    pub fn payload_len(&self) -> u64 {
         let ps = self.fingerprint.page_size as usize;
-        (BLOB_HEADER_LEN + self.pages(ps) * self.fingerprint.page_bytes()) as u64
+        (self.pages(ps) * self.fingerprint.page_bytes()) as u64
+    }
+
+    /// The record's descriptor: its JSON form, stored in sled and at the end of the blob.
+    pub fn descriptor(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("plain data serialises")
     }
 
     /// CRC-32 over what identifies the bytes: namespace, tokens, first page, page CRCs (the
@@ -136,20 +147,83 @@ pub struct PrefixRecord {
     pub tokens: Vec<u32>,
 }
 
-/// `AGKV`, then the format version, the record id and the payload length, then a CRC of those.
-pub const BLOB_HEADER_LEN: usize = 32;
+/// Bytes of a blob's header: `AGKV`, the format version, the record id, the payload (pages)
+/// length, the descriptor's length and CRC-32, then a CRC-32 of all those, then 4 zero bytes.
+pub const BLOB_HEADER_LEN: usize = 40;
 const BLOB_MAGIC: &[u8; 4] = b"AGKV";
 
-/// A blob file's header for record `id` with `payload` bytes of pages.
-pub fn blob_header(id: u64, payload: u64) -> [u8; BLOB_HEADER_LEN] {
-    let mut h = [0u8; BLOB_HEADER_LEN];
-    h[..4].copy_from_slice(BLOB_MAGIC);
-    h[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    h[8..16].copy_from_slice(&id.to_le_bytes());
-    h[16..24].copy_from_slice(&payload.to_le_bytes());
-    let crc = crc32fast::hash(&h[..24]);
-    h[24..28].copy_from_slice(&crc.to_le_bytes());
-    h
+/// What a blob's header says (see [`BLOB_HEADER_LEN`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobHeader {
+    /// The record the blob belongs to.
+    pub id: u64,
+    /// Bytes of pages after the header.
+    pub payload: u64,
+    /// Bytes of the descriptor after the pages.
+    pub desc_len: u32,
+    /// CRC-32 of the descriptor.
+    pub desc_crc: u32,
+}
+
+impl BlobHeader {
+    /// The header of record `id`'s blob holding `payload` bytes of pages, then `descriptor`.
+    pub fn new(id: u64, payload: u64, descriptor: &[u8]) -> Self {
+        Self {
+            id,
+            payload,
+            desc_len: descriptor.len() as u32,
+            desc_crc: crc32fast::hash(descriptor),
+        }
+    }
+
+    /// The whole file's length.
+    pub fn file_len(&self) -> u64 {
+        BLOB_HEADER_LEN as u64 + self.payload + u64::from(self.desc_len)
+    }
+
+    /// Where the descriptor starts.
+    pub fn desc_offset(&self) -> u64 {
+        BLOB_HEADER_LEN as u64 + self.payload
+    }
+
+    /// The header's bytes.
+    pub fn encode(&self) -> [u8; BLOB_HEADER_LEN] {
+        let mut h = [0u8; BLOB_HEADER_LEN];
+        h[..4].copy_from_slice(BLOB_MAGIC);
+        h[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[8..16].copy_from_slice(&self.id.to_le_bytes());
+        h[16..24].copy_from_slice(&self.payload.to_le_bytes());
+        h[24..28].copy_from_slice(&self.desc_len.to_le_bytes());
+        h[28..32].copy_from_slice(&self.desc_crc.to_le_bytes());
+        let crc = crc32fast::hash(&h[..32]);
+        h[32..36].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Reads a header, checking its magic, its checksum and its version.
+    pub fn decode(h: &[u8]) -> Result<Self, Damage> {
+        if h.len() < BLOB_HEADER_LEN {
+            return Err(Damage::ShortHeader);
+        }
+        if &h[..4] != BLOB_MAGIC {
+            return Err(Damage::Magic);
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        if u32_at(4) != FORMAT_VERSION {
+            // Earlier versions put the checksum elsewhere: the version says more.
+            return Err(Damage::Fingerprint("format_version"));
+        }
+        if u32_at(32) != crc32fast::hash(&h[..32]) {
+            return Err(Damage::HeaderChecksum);
+        }
+        Ok(Self {
+            id: u64_at(8),
+            payload: u64_at(16),
+            desc_len: u32_at(24),
+            desc_crc: u32_at(28),
+        })
+    }
 }
 
 /// Why a record on disk cannot be used.
@@ -190,24 +264,19 @@ pub enum Damage {
     /// The record was written for another model, tokenizer, template or layout.
     #[error("written for a different {0}")]
     Fingerprint(&'static str),
+    /// The blob's descriptor fails its checksum.
+    #[error("the blob's descriptor fails its checksum")]
+    DescriptorChecksum,
 }
 
-/// Checks a blob header against the record it should belong to; says what is wrong.
-pub fn check_blob_header(h: &[u8], id: u64, payload: u64) -> Result<(), Damage> {
-    if h.len() < BLOB_HEADER_LEN {
-        return Err(Damage::ShortHeader);
-    }
-    if &h[..4] != BLOB_MAGIC {
-        return Err(Damage::Magic);
-    }
-    let crc = u32::from_le_bytes(h[24..28].try_into().expect("4 bytes"));
-    if crc != crc32fast::hash(&h[..24]) {
-        return Err(Damage::HeaderChecksum);
-    }
-    if h[..BLOB_HEADER_LEN] != blob_header(id, payload) {
+/// Checks a blob header against the record it should belong to (`id`, with `payload` bytes of
+/// pages); says what is wrong.
+pub fn check_blob_header(h: &[u8], id: u64, payload: u64) -> Result<BlobHeader, Damage> {
+    let header = BlobHeader::decode(h)?;
+    if header.id != id || header.payload != payload {
         return Err(Damage::HeaderMismatch);
     }
-    Ok(())
+    Ok(header)
 }
 
 fn ns_bytes(ns: Namespace) -> [u8; 9] {
@@ -249,13 +318,17 @@ mod tests {
 
     #[test]
     fn headers_and_chains_detect_what_differs() {
-        let h = blob_header(7, 100);
-        assert!(check_blob_header(&h, 7, 100).is_ok());
+        let header = BlobHeader::new(7, 100, b"{}");
+        let h = header.encode();
+        assert_eq!(check_blob_header(&h, 7, 100), Ok(header));
+        assert_eq!(header.file_len(), BLOB_HEADER_LEN as u64 + 102);
         assert!(check_blob_header(&h, 8, 100).is_err());
         assert!(check_blob_header(&h, 7, 101).is_err());
-        let mut bad = h;
-        bad[10] ^= 1;
-        assert_eq!(check_blob_header(&bad, 7, 100), Err(Damage::HeaderChecksum));
+        for i in [10, 26, 30] {
+            let mut bad = h;
+            bad[i] ^= 1;
+            assert_eq!(check_blob_header(&bad, 7, 100), Err(Damage::HeaderChecksum));
+        }
         let a = chain_next(&chain_root(Namespace::Tenant(1)), &[1, 2]);
         assert_ne!(a, chain_next(&chain_root(Namespace::Tenant(2)), &[1, 2]));
         assert_ne!(a, chain_next(&chain_root(Namespace::Published(1)), &[1, 2]));

@@ -6,20 +6,30 @@
 //! tmp → fsync → rename are atomic without loading sled's log with large values, can be read a
 //! page range at a time, and make the integrity checks easy to exercise (a test flips a byte).
 //! sled holds only small metadata, and a record goes into sled only after its blob is durable,
-//! so a crash leaves at worst an orphan blob, which the next start deletes.
+//! so a crash leaves at worst an orphan blob. Each blob ends with its record's descriptor, so the
+//! next start adopts an orphan back into sled instead of losing it.
 //!
-//! - [`format`]: the fingerprint, record metadata, blob header, chained page hashes.
+//! Nothing found in the directory stops the daemon except another daemon using it (a lock file):
+//! a damaged sled database is moved aside and rebuilt from the blobs' descriptors, and entries
+//! the store did not write are left alone with a warning (see `open`).
+//!
+//! - [`format`]: the fingerprint, record metadata, blob layout, chained page hashes.
 //! - [`index`]: chain hash → pages on disk; token-granular matching.
-//! - [`writer`]: the thread that writes blobs and sled.
+//! - `open`: opening the directory: the lock, damage recovery, checking and adopting records.
+//! - `writer`: the thread that writes blobs and sled.
 //!
 //! The store is owned by the scheduler's thread; page reads are synchronous there.
 
 pub mod format;
 pub mod index;
+mod open;
+#[cfg(test)]
+mod open_tests;
 mod writer;
 
 use format::{check_blob_header, Damage, Fingerprint, PrefixRecord, RecordMeta, BLOB_HEADER_LEN};
 use index::{DiskIndex, DiskMatch};
+pub use open::MetaError;
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -144,13 +154,26 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
-    /// sled cannot open its database (another agentd holds it, or it is damaged).
-    #[error("cannot open the cache database in {dir} (is another agentd using it?): {source}")]
+    /// Another process (another agentd) holds the cache directory's lock. Two daemons on one
+    /// directory would corrupt it, so this is the one state of the directory that stops start-up.
+    #[error(
+        "the cache directory {dir} is in use by another agentd ({detail}); stop it, or give \
+         each daemon its own cache directory"
+    )]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// What reported the lock as held.
+        detail: String,
+    },
+    /// sled cannot open a database, even a new one after the old one was moved aside as
+    /// damaged (the file system refuses: permissions, no space).
+    #[error("cannot open the cache database in {dir}: {source}")]
     Open {
         /// The directory.
         dir: PathBuf,
         /// The cause.
-        source: sled::Error,
+        source: MetaError,
     },
 }
 
@@ -182,8 +205,17 @@ pub struct StoreStats {
     pub load_seconds: f64,
     /// Records dropped: fingerprint or checksum mismatch, missing or short blob.
     pub dropped: u64,
+    /// Records restored at start from their blobs' descriptors, sled having lost them (an
+    /// orphan blob after a crash, or a damaged database rebuilt).
+    pub adopted: u64,
     /// Records evicted to stay under the budget.
     pub evicted: u64,
+}
+
+/// A record on disk (or being written): its metadata and its blob file's length.
+struct Held {
+    meta: RecordMeta,
+    file_len: u64,
 }
 
 /// The disk tier (see the module docs).
@@ -193,13 +225,18 @@ pub struct Store {
     blobs: PathBuf,
     db: sled::Db,
     index: DiskIndex,
-    metas: HashMap<u64, RecordMeta>,
-    /// Records being written: id → blob bytes.
-    pending: HashMap<u64, (RecordMeta, u64)>,
+    metas: HashMap<u64, Held>,
+    /// Records being written.
+    pending: HashMap<u64, Held>,
+    /// No record id below this is given out (ids of blobs found at start included: a rebuilt
+    /// database's id generator starts again at 0).
+    next_id: u64,
     stats: StoreStats,
     jobs: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Done>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// The directory's lock, held as long as the store (declared last: released after sled).
+    _lock: std::fs::File,
 }
 
 fn now_secs() -> u64 {
@@ -210,141 +247,11 @@ fn now_secs() -> u64 {
 }
 
 impl Store {
-    /// Opens (creating) the store in `cfg.dir` for a daemon whose KV depends on `fp`: drops
-    /// records and prefixes written for anything else, or whose blob is missing or damaged,
-    /// deletes orphan blobs, and trims to the budget. Returns the persisted prefixes.
-    pub fn open(
-        cfg: &StoreConfig,
-        fp: Fingerprint,
-    ) -> Result<(Self, Vec<PrefixRecord>), StoreError> {
-        let dir_err = |source| StoreError::Dir {
-            dir: cfg.dir.clone(),
-            source,
-        };
-        let blobs = cfg.dir.join("blobs");
-        std::fs::create_dir_all(&blobs).map_err(dir_err)?;
-        let db = sled::Config::new()
-            .path(cfg.dir.join("meta"))
-            .open()
-            .map_err(|source| StoreError::Open {
-                dir: cfg.dir.clone(),
-                source,
-            })?;
-        let open_err = |source| StoreError::Open {
-            dir: cfg.dir.clone(),
-            source,
-        };
-        let records = db.open_tree("records").map_err(open_err)?;
-        let prefixes = db.open_tree("prefixes").map_err(open_err)?;
-        let (jobs_tx, jobs_rx) = mpsc::channel();
-        let (done_tx, done_rx) = mpsc::channel();
-        let writer = {
-            let (dir, db) = (blobs.clone(), db.clone());
-            std::thread::Builder::new()
-                .name("agentd-store".into())
-                .spawn(move || writer::run(dir, db, jobs_rx, done_tx))
-                .map_err(dir_err)?
-        };
-        let page_size = fp.page_size as usize;
-        let mut store = Store {
-            index: DiskIndex::new(page_size),
-            page_size,
-            blobs,
-            db,
-            metas: HashMap::new(),
-            pending: HashMap::new(),
-            stats: StoreStats {
-                budget: cfg.budget,
-                ..Default::default()
-            },
-            jobs: Some(jobs_tx),
-            done: done_rx,
-            writer: Some(writer),
-            fp,
-        };
-        for (key, value) in records.iter().flatten() {
-            let id = u64::from_be_bytes(key.as_ref().try_into().unwrap_or([0; 8]));
-            match serde_json::from_slice::<RecordMeta>(&value) {
-                Ok(meta) => match store.check_on_open(id, &meta) {
-                    Ok(()) => store.admit(id, meta),
-                    Err(why) => store.drop_record(id, &why),
-                },
-                Err(e) => store.drop_record(id, &StoreError::BadMeta(e)),
-            }
-        }
-        store.remove_orphans().map_err(dir_err)?;
-        store.trim(0);
-        let mut kept = Vec::new();
-        for (key, value) in prefixes.iter().flatten() {
-            match serde_json::from_slice::<PrefixRecord>(&value) {
-                Ok(p) if p.fingerprint == store.fp => kept.push(p),
-                _ => {
-                    tracing::warn!(
-                        "dropping a persisted prefix written for another model or tokenizer"
-                    );
-                    let _ = prefixes.remove(key);
-                }
-            }
-        }
-        tracing::info!(
-            records = store.metas.len(),
-            bytes = store.stats.bytes,
-            prefixes = kept.len(),
-            "disk cache opened"
-        );
-        Ok((store, kept))
-    }
-
-    fn check_on_open(&self, id: u64, meta: &RecordMeta) -> Result<(), StoreError> {
-        if let Some(field) = meta.fingerprint.mismatch(&self.fp) {
-            return Err(Damage::Fingerprint(field).into());
-        }
-        if meta.meta_crc != meta.compute_crc() {
-            return Err(Damage::MetaChecksum.into());
-        }
-        if meta.page_crc.len() != meta.pages(self.page_size) {
-            return Err(Damage::PageCount.into());
-        }
-        let path = blob_path(&self.blobs, id);
-        let io = |source| StoreError::Io {
-            what: "opening a blob",
-            source,
-        };
-        let mut f = std::fs::File::open(&path).map_err(io)?;
-        let len = f.metadata().map_err(io)?.len();
-        if len != meta.blob_len() {
-            return Err(Damage::BlobLength {
-                len,
-                expected: meta.blob_len(),
-            }
-            .into());
-        }
-        let mut h = [0u8; BLOB_HEADER_LEN];
-        f.read_exact(&mut h).map_err(io)?;
-        Ok(check_blob_header(&h, id, len - BLOB_HEADER_LEN as u64)?)
-    }
-
-    fn admit(&mut self, id: u64, meta: RecordMeta) {
+    fn admit(&mut self, id: u64, meta: RecordMeta, file_len: u64) {
         self.index
             .add(id, meta.ns, &meta.tokens, meta.first_page as usize);
-        self.stats.bytes += meta.blob_len();
-        self.metas.insert(id, meta);
-    }
-
-    fn remove_orphans(&self) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(&self.blobs)? {
-            let path = entry?.path();
-            let id = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| u64::from_str_radix(s, 16).ok());
-            let is_blob = path.extension().is_some_and(|e| e == "kv");
-            if !(is_blob && id.is_some_and(|id| self.metas.contains_key(&id))) {
-                tracing::info!(path = %path.display(), "removing an orphan cache file");
-                std::fs::remove_file(&path)?;
-            }
-        }
-        Ok(())
+        self.stats.bytes += file_len;
+        self.metas.insert(id, Held { meta, file_len });
     }
 
     fn send(&self, job: Job) {
@@ -366,8 +273,8 @@ impl Store {
 
     fn forget(&mut self, id: u64) {
         self.index.remove(id);
-        if let Some(meta) = self.metas.remove(&id) {
-            self.stats.bytes -= meta.blob_len();
+        if let Some(held) = self.metas.remove(&id) {
+            self.stats.bytes -= held.file_len;
         }
         self.send(Job::Remove { id });
     }
@@ -377,16 +284,16 @@ impl Store {
         while let Ok(done) = self.done.try_recv() {
             match done {
                 Done::Committed { id } => {
-                    if let Some((meta, _)) = self.pending.remove(&id) {
+                    if let Some(held) = self.pending.remove(&id) {
                         self.stats.written += 1;
-                        self.stats.bytes -= meta.blob_len();
-                        self.admit(id, meta);
+                        self.stats.bytes -= held.file_len;
+                        self.admit(id, held.meta, held.file_len);
                     }
                 }
                 Done::Failed { id, error } => {
                     tracing::warn!(record = id, %error, "writing a disk cache record failed");
-                    if let Some((meta, _)) = self.pending.remove(&id) {
-                        self.stats.bytes -= meta.blob_len();
+                    if let Some(held) = self.pending.remove(&id) {
+                        self.stats.bytes -= held.file_len;
                     }
                 }
             }
@@ -412,10 +319,11 @@ impl Store {
     /// Where page `page` of record `record` is and how to check it: a plan any thread can carry
     /// out ([`PageRead::read`]), so the scheduler's thread never waits on the disk.
     pub fn plan_read(&self, record: u64, page: u32) -> Result<PageRead, StoreError> {
-        let meta = self
+        let meta = &self
             .metas
             .get(&record)
-            .ok_or(StoreError::RecordGone(record))?;
+            .ok_or(StoreError::RecordGone(record))?
+            .meta;
         let k = page
             .checked_sub(meta.first_page)
             .filter(|&k| (k as usize) < meta.page_crc.len())
@@ -425,7 +333,7 @@ impl Store {
             record,
             page,
             path: blob_path(&self.blobs, record),
-            payload: meta.blob_len() - BLOB_HEADER_LEN as u64,
+            payload: meta.payload_len(),
             offset: (BLOB_HEADER_LEN + k * page_bytes) as u64,
             len: page_bytes,
             crc: meta.page_crc[k],
@@ -457,7 +365,7 @@ impl Store {
 
     /// Notes a load from record `id` (for LRU on disk).
     pub fn touch(&mut self, id: u64) {
-        if let Some(meta) = self.metas.get_mut(&id) {
+        if let Some(Held { meta, .. }) = self.metas.get_mut(&id) {
             meta.hits += 1;
             meta.last_use = now_secs();
             let meta = Box::new(meta.clone());
@@ -491,7 +399,8 @@ impl Store {
         };
         debug_assert_eq!(meta.page_crc.len(), meta.pages(self.page_size));
         meta.meta_crc = meta.compute_crc();
-        let len = meta.blob_len();
+        let desc = meta.descriptor();
+        let len = BLOB_HEADER_LEN as u64 + meta.payload_len() + desc.len() as u64;
         if !self.trim(len) {
             tracing::warn!(
                 bytes = len,
@@ -500,16 +409,23 @@ impl Store {
             );
             return;
         }
-        let Ok(id) = self.db.generate_id() else {
-            return;
+        let id = match self.db.generate_id() {
+            Ok(id) => id.max(self.next_id),
+            Err(e) => {
+                tracing::warn!(error = %e, "no id for a disk cache record; not written");
+                return;
+            }
         };
+        self.next_id = id + 1;
         self.stats.bytes += len;
-        self.pending.insert(id, (meta.clone(), len));
-        self.send(Job::Write {
+        self.pending.insert(
             id,
-            meta: Box::new(meta),
-            bytes,
-        });
+            Held {
+                meta,
+                file_len: len,
+            },
+        );
+        self.send(Job::Write { id, desc, bytes });
     }
 
     /// Evicts records, least recently used first (unpinned before pinned), until `incoming`
@@ -522,7 +438,7 @@ impl Store {
             let victim = self
                 .metas
                 .iter()
-                .min_by_key(|(id, m)| (m.pinned, m.last_use, **id))
+                .min_by_key(|(id, h)| (h.meta.pinned, h.meta.last_use, **id))
                 .map(|(id, _)| *id);
             let Some(id) = victim else {
                 return false;
@@ -539,7 +455,7 @@ impl Store {
             || self
                 .pending
                 .values()
-                .any(|(m, _)| m.ns == ns && m.tokens.starts_with(tokens))
+                .any(|h| h.meta.ns == ns && h.meta.tokens.starts_with(tokens))
     }
 
     /// Marks the records holding a prefix of `tokens` in `ns` as unpinned (ordinary LRU).
@@ -547,11 +463,11 @@ impl Store {
         let ids: Vec<u64> = self
             .metas
             .iter()
-            .filter(|(_, m)| m.pinned && m.ns == ns && tokens.starts_with(&m.tokens))
+            .filter(|(_, h)| h.meta.pinned && h.meta.ns == ns && tokens.starts_with(&h.meta.tokens))
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            let meta = self.metas.get_mut(&id).expect("listed");
+            let meta = &mut self.metas.get_mut(&id).expect("listed").meta;
             meta.pinned = false;
             let meta = Box::new(meta.clone());
             self.send(Job::Meta { id, meta });

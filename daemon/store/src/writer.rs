@@ -2,7 +2,7 @@
 //! their metadata in sled, so a record in sled always has a complete blob behind it. sled is
 //! flushed whenever the queue runs dry and on request.
 
-use super::format::{blob_header, PrefixRecord, RecordMeta};
+use super::format::{BlobHeader, PrefixRecord, RecordMeta};
 use super::StoreError;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,10 +10,11 @@ use std::sync::mpsc;
 
 /// Work for the writer thread.
 pub(super) enum Job {
-    /// Write a record's blob, then its metadata.
+    /// Write a record's blob (header, pages `bytes`, descriptor `desc`), then its metadata
+    /// (the descriptor) in sled.
     Write {
         id: u64,
-        meta: Box<RecordMeta>,
+        desc: Vec<u8>,
         bytes: Vec<u8>,
     },
     /// Rewrite a record's metadata (hits, last use, pin).
@@ -45,11 +46,17 @@ pub(super) fn record_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
 
-fn write_blob(dir: &Path, id: u64, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{id:016x}.tmp"));
+/// The temporary file record `id`'s blob is written to before its rename.
+pub(super) fn tmp_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.tmp"))
+}
+
+fn write_blob(dir: &Path, id: u64, bytes: &[u8], desc: &[u8]) -> std::io::Result<()> {
+    let tmp = tmp_path(dir, id);
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&blob_header(id, bytes.len() as u64))?;
+    f.write_all(&BlobHeader::new(id, bytes.len() as u64, desc).encode())?;
     f.write_all(bytes)?;
+    f.write_all(desc)?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, blob_path(dir, id))?;
@@ -75,15 +82,15 @@ pub(super) fn run(dir: PathBuf, db: sled::Db, jobs: mpsc::Receiver<Job>, done: m
             Err(mpsc::TryRecvError::Disconnected) => break,
         };
         let result: Result<(), StoreError> = match job {
-            Job::Write { id, meta, bytes } => {
-                let r = write_blob(&dir, id, &bytes)
+            Job::Write { id, desc, bytes } => {
+                let r = write_blob(&dir, id, &bytes, &desc)
                     .map_err(|source| StoreError::Io {
                         what: "writing a blob",
                         source,
                     })
                     .and_then(|()| {
                         records
-                            .insert(record_key(id), json(&*meta))
+                            .insert(record_key(id), desc)
                             .map(drop)
                             .map_err(StoreError::from)
                     });
