@@ -6,6 +6,7 @@
 //! accepting, lets running streams finish for a grace period, then drops them (which cancels
 //! their generations), flushes the disk cache, removes the socket and returns.
 
+use super::authority::RewriteStream;
 use super::{AgentdService, Tenancy};
 use agentd_engine::LoadedModel;
 use agentd_scheduler::SchedulerHandle;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
 /// What can stop the daemon from serving.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +166,9 @@ pub async fn serve(
     let uds = tonic::transport::Server::builder()
         .add_service(AgentdServer::from_arc(service.clone()))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
+            // Every connection's header blocks re-encoded, so any client's :authority is one h2
+            // accepts (see `authority`).
+            UnixListenerStream::new(listener).map(|conn| conn.map(RewriteStream::new)),
             stopped(signalled_rx.clone()),
         );
     let tcp = match cfg.tcp {
