@@ -261,3 +261,35 @@ async fn tcp_calls_need_a_bearer_token_which_names_the_tenant() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_group_gives_the_socket_to_a_group_and_an_unknown_one_stops_the_start() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agentd.sock");
+    let o = Command::new("id").arg("-gn").output().unwrap();
+    let group = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    let d = Daemon::start(&socket, &["--socket-group", &group]).await;
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    // SAFETY: getgid has no preconditions.
+    let gid = unsafe { libc::getgid() };
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (gid, 0o660));
+    drop(d);
+    // An unknown group, here from the config file: a clear error naming it, before the model
+    // loads, and no socket left behind.
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(&config, "socket_group = \"no-such-group-for-agentd\"\n").unwrap();
+    let out = spawn(
+        &dir.path().join("other.sock"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .wait_with_output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("unknown group \"no-such-group-for-agentd\""),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("other.sock").exists());
+}

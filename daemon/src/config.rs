@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! socket = "/run/agentd/agentd.sock"
+//! socket_group = "agentd"  # the socket's group (a name or a numeric gid, as a string)
 //! grace_seconds = 10
 //! kv_memory = "2GiB"
 //! page_size = 16
@@ -97,6 +98,8 @@ pub struct TcpFile {
 pub struct ConfigFile {
     /// The Unix socket.
     pub socket: Option<PathBuf>,
+    /// The socket's group, set at start: a group name, or a numeric gid as a string.
+    pub socket_group: Option<String>,
     /// Seconds running streams may go on after SIGTERM/SIGINT.
     pub grace_seconds: Option<u64>,
     /// One tenant per Unix user (ignored when `tenants` is given).
@@ -231,5 +234,23 @@ mod tests {
         assert_eq!(c.uid_map().unwrap().unwrap()[&0], tenant_id("b"));
         let e = ConfigFile::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(e.to_string().contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn socket_group_is_a_name_or_a_gid_given_as_a_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        for (text, want) in [
+            ("socket_group = \"agentd\"\n", Some("agentd")),
+            ("socket_group = \"1001\"\n", Some("1001")),
+            ("", None),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let c = ConfigFile::load(&p).unwrap();
+            assert_eq!(c.socket_group.as_deref(), want, "{text}");
+        }
+        std::fs::write(&p, "socket_group = 1001\n").unwrap();
+        let e = ConfigFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("socket_group") && e.contains("string"), "{e}");
     }
 }

@@ -120,6 +120,10 @@ struct ServeArgs {
     /// data directory).
     #[arg(long, env = "AGENTD_SOCKET")]
     socket: Option<PathBuf>,
+    /// Give the socket (mode 0660) to this group at start, so its members may connect: a group
+    /// name or a numeric gid.
+    #[arg(long, env = "AGENTD_SOCKET_GROUP", value_name = "NAME")]
+    socket_group: Option<String>,
     /// Give each Unix user (the socket peer's uid) its own tenant; default: one tenant.
     #[arg(long)]
     tenant_per_uid: bool,
@@ -460,7 +464,7 @@ fn serve(
     args: ServeArgs,
     sm: &ArgMatches,
 ) -> Result<()> {
-    use agentd_service::serve::{bind_socket, serve, ServeConfig};
+    use agentd_service::serve::{bind_socket, serve, ServeConfig, SocketGroup};
     use agentd_service::Tenancy;
     use config::ConfigFile;
     let file = match &args.config {
@@ -535,8 +539,16 @@ fn serve(
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let socket_group = choose(
+        sm,
+        "socket_group",
+        args.socket_group,
+        file.socket_group.clone().map(Some),
+    )
+    .map(|g| SocketGroup::resolve(&g))
+    .transpose()?;
     // Bind first, so a second daemon fails at once, before loading the model.
-    let listener = rt.block_on(async { bind_socket(&socket) })?;
+    let listener = rt.block_on(async { bind_socket(&socket, socket_group.as_ref()) })?;
     let tokens = file.token_map();
     let tcp = match choose(sm, "tcp", args.tcp, file.tcp.listen.clone().map(Some)) {
         Some(addr) => {

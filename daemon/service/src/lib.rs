@@ -6,7 +6,10 @@
 //! - [`serve`]: the Unix socket (permissions, stale sockets, a live daemon already there) and
 //!   graceful shutdown on SIGTERM/SIGINT.
 //! - `status`: scheduler errors → gRPC statuses.
+//! - `authority`: the Unix socket's connections rewritten so that any gRPC client's
+//!   `:authority` (grpc-core sends the socket path) is one h2 accepts.
 
+mod authority;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod serve;

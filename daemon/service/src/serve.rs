@@ -1,11 +1,13 @@
 //! `agentd serve`: the Unix socket and the server's life cycle.
 //!
-//! The socket is created with mode 0660; a directory the daemon creates for it gets 0700. A
-//! socket file nobody answers on (a daemon that crashed) is removed; one a live daemon answers
-//! on makes start-up fail with a message naming it. On SIGTERM or SIGINT the server stops
+//! The socket is created with mode 0660, in the group [`SocketGroup`] when one is configured; a
+//! directory the daemon creates for it gets 0700. A socket file nobody answers on (a daemon that
+//! crashed) is removed; one a live daemon answers on makes start-up fail with a message naming
+//! it. Every connection on it goes through the `authority` rewrite. On SIGTERM or SIGINT the server stops
 //! accepting, lets running streams finish for a grace period, then drops them (which cancels
 //! their generations), flushes the disk cache, removes the socket and returns.
 
+use super::authority::RewriteStream;
 use super::{AgentdService, Tenancy};
 use agentd_engine::LoadedModel;
 use agentd_scheduler::SchedulerHandle;
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
 /// What can stop the daemon from serving.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,27 @@ pub enum ServeError {
     Socket {
         /// The socket path.
         path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The socket's group (`--socket-group`, `socket_group`) names no group.
+    #[error("unknown group {0:?} for the socket (--socket-group / socket_group): no group has this name, and it is not a numeric gid")]
+    UnknownGroup(String),
+    /// The group database could not be read.
+    #[error("cannot look up the group {name:?} for the socket: {source}")]
+    GroupLookup {
+        /// The group's name.
+        name: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The socket could not be given to its group.
+    #[error("cannot give the socket {path} to group {group:?}: {source} (the daemon's user must be root or a member of the group)")]
+    Chown {
+        /// The socket path.
+        path: PathBuf,
+        /// The group, as configured.
+        group: String,
         /// The cause.
         source: std::io::Error,
     },
@@ -75,7 +99,7 @@ pub fn spawn_local(
         source,
     })?;
     let socket = dir.path().join("agentd.sock");
-    let listener = bind_socket(&socket)?;
+    let listener = bind_socket(&socket, None)?;
     let cfg = ServeConfig {
         socket: socket.clone(),
         tenancy: Tenancy::Single,
@@ -88,9 +112,68 @@ pub fn spawn_local(
     Ok(LocalServer { socket, dir, task })
 }
 
+/// The group the socket is given at start (`--socket-group`, the config's `socket_group`), so
+/// its members may connect (the socket's mode is 0660) without a `chgrp` after every start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketGroup {
+    /// The group as configured: a name, or a numeric gid.
+    pub name: String,
+    /// Its gid.
+    pub gid: u32,
+}
+
+impl SocketGroup {
+    /// Resolves a group name (with `getgrnam_r`) or, if no group has that name, a numeric gid
+    /// (as chown(1) does). An unknown name is [`ServeError::UnknownGroup`], naming it.
+    pub fn resolve(name: &str) -> Result<Self, ServeError> {
+        let by_name = group_by_name(name).map_err(|source| ServeError::GroupLookup {
+            name: name.to_owned(),
+            source,
+        })?;
+        let gid = by_name
+            .or_else(|| name.parse().ok())
+            .ok_or_else(|| ServeError::UnknownGroup(name.to_owned()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            gid,
+        })
+    }
+}
+
+/// The gid of the group called `name`, if there is one.
+fn group_by_name(name: &str) -> std::io::Result<Option<u32>> {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return Ok(None); // A NUL byte: no group has this name.
+    };
+    let mut buf: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        // SAFETY: `group` is plain old data, filled in by getgrnam_r.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call, and `buf.len()` is the buffer's length;
+        // the strings getgrnam_r stores in `buf` are not used after it.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut group,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 => return Ok((!found.is_null()).then_some(group.gr_gid)),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            // Some C libraries report "no such group" as an error.
+            libc::ENOENT | libc::ESRCH => return Ok(None),
+            e => return Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
 /// Creates the socket's directory (0700 when the daemon creates it), clears a stale socket and
-/// binds a listener with mode 0660.
-pub fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+/// binds a listener with mode 0660, owned by `group` when one is given.
+pub fn bind_socket(path: &Path, group: Option<&SocketGroup>) -> Result<UnixListener, ServeError> {
     let err = |source| ServeError::Socket {
         path: path.to_owned(),
         source,
@@ -110,6 +193,16 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
     }
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Some(group) = group {
+        std::os::unix::fs::chown(path, None, Some(group.gid)).map_err(|source| {
+            let _ = std::fs::remove_file(path);
+            ServeError::Chown {
+                path: path.to_owned(),
+                group: group.name.clone(),
+                source,
+            }
+        })?;
+    }
     Ok(listener)
 }
 
@@ -164,7 +257,9 @@ pub async fn serve(
     let uds = tonic::transport::Server::builder()
         .add_service(AgentdServer::from_arc(service.clone()))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
+            // Every connection's header blocks re-encoded, so any client's :authority is one h2
+            // accepts (see `authority`).
+            UnixListenerStream::new(listener).map(|conn| conn.map(RewriteStream::new)),
             stopped(signalled_rx.clone()),
         );
     let tcp = match cfg.tcp {
@@ -221,4 +316,48 @@ pub async fn serve(
     }
     let _ = std::fs::remove_file(&cfg.socket);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The current user's primary group's name, from `id -gn`.
+    fn primary_group() -> String {
+        let o = std::process::Command::new("id")
+            .arg("-gn")
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    }
+
+    #[test]
+    fn a_socket_group_is_a_name_or_a_numeric_gid_and_an_unknown_one_is_named() {
+        // SAFETY: getgid has no preconditions.
+        let gid = unsafe { libc::getgid() };
+        let name = primary_group();
+        assert_eq!(SocketGroup::resolve(&name).unwrap().gid, gid);
+        assert_eq!(SocketGroup::resolve("4242").unwrap().gid, 4242);
+        for bad in ["no-such-group-agentd", "nul\0byte", ""] {
+            let e = SocketGroup::resolve(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_socket_is_bound_in_its_group_with_mode_0660() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let group = SocketGroup::resolve(&primary_group()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _listener = rt
+            .block_on(async { bind_socket(&path, Some(&group)) })
+            .unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.gid(), meta.mode() & 0o777), (group.gid, 0o660));
+    }
 }
