@@ -143,3 +143,20 @@ proptest! {
         );
     }
 }
+
+// A chain of rules that doubles at every link compiled, then failed at its first token with
+// INTERNAL, after the stream had started.
+#[test]
+fn a_doubling_chain_of_rules_fails_at_compile_time() {
+    let factory = engine().constraint_factory().expect("factory");
+    let mut g = String::from("start: r0\n");
+    for i in 0..40 {
+        g.push_str(&format!("r{i}: r{} r{}\n", i + 1, i + 1));
+    }
+    g.push_str("r40: \"x\"\n");
+    match factory.constraint(&ConstraintSpec::Lark(g)) {
+        Err(ConstraintError::Invalid(m)) => assert!(m.len() < 1024, "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("compiled"),
+    }
+}

@@ -270,6 +270,7 @@ impl ConstraintFactory {
                     "the constraint allows no output at all".into(),
                 ));
             }
+            probe(&matcher, &first)?;
             Ok((matcher, first))
         }));
         let (matcher, first) = compiled.map_err(|panic| ConstraintError::Crashed {
@@ -282,6 +283,31 @@ impl ConstraintFactory {
             mask_seconds: 0.0,
         })
     }
+}
+
+/// How many tokens [`probe`] walks a copy of a fresh constraint through.
+const PROBE_STEPS: usize = 4;
+
+/// Walks a copy of `matcher` a few tokens ahead (the first token each mask allows) so that a
+/// grammar whose parser blows its limits on its first tokens (a chain of rules that doubles at
+/// every link, say) fails at compile time, not in the stream.
+fn probe(matcher: &Matcher, first: &llguidance::toktrie::SimpleVob) -> Result<(), ConstraintError> {
+    let mut copy = matcher.deep_clone();
+    let mut mask = first.clone();
+    for _ in 0..PROBE_STEPS {
+        let Some(token) = mask.first_bit_set() else {
+            break;
+        };
+        copy.consume_token(token as u32)
+            .map_err(|e| ConstraintError::Invalid(library_message(e)))?;
+        if copy.is_stopped() {
+            break;
+        }
+        mask = copy
+            .compute_mask_or_eos()
+            .map_err(|e| ConstraintError::Invalid(library_message(e)))?;
+    }
+    Ok(())
 }
 
 /// The message a caught panic carried.
