@@ -325,7 +325,7 @@ async fn results_longer_than_the_policy_allows_are_truncated_with_a_note() {
         .filter(|m| m.role == agentd_sdk::Role::Tool)
         .collect();
     assert!(!results.is_empty(), "{:?}", out.transcript);
-    assert!(results[0].content.contains(&whole));
+    assert!(results[0].content.contains(&whole), "{:?}", out.transcript);
     let (log, _) = s.tokens().await.unwrap();
     let text = tokenizer().decode(&log, false).unwrap();
     let tool = messages(&text)

@@ -51,6 +51,20 @@ pub fn to_status(e: SchedError) -> Status {
         SchedError::PoolTooSmall { .. } | SchedError::LimitExceeded { .. } => {
             Status::resource_exhausted(cap(&msg))
         }
+        // A constraint that exhausts the grammar engine's per-token limits mid-stream (the
+        // compile-time probe walks only its first tokens) is the request's fault; it is
+        // logged like an INTERNAL, since the stream had already started.
+        SchedError::Generation(ref cause)
+            if matches!(
+                *cause.0,
+                agentd_engine::EngineError::Constraint(
+                    agentd_engine::constraint::ConstraintError::Failed(_)
+                )
+            ) =>
+        {
+            tracing::warn!(error = %msg, "a constraint failed while generating");
+            Status::invalid_argument(cap(&msg))
+        }
         SchedError::Executor(_)
         | SchedError::Generation(_)
         | SchedError::Engine(_)
