@@ -370,6 +370,27 @@ enum ModelCommand {
     Info,
 }
 
+/// jemalloc rather than glibc's malloc: after large requests (megabytes of text tokenized and
+/// refused) glibc kept the freed memory resident — 556 MiB after `agentd bench memory` — while
+/// jemalloc gives it back and allocates faster (ARCHITECTURE.md, "Memory", has the figures).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read when it starts: a background thread returns dirty pages to the OS
+/// about a second after they were freed (`dirty_decay_ms`), straight away rather than through
+/// the lazier `MADV_FREE` stage (`muzzy_decay_ms: 0`), so an idle daemon shrinks back.
+/// `_RJEM_MALLOC_CONF` in the environment overrides them.
+#[export_name = "_rjem_malloc_conf"]
+static JEMALLOC_CONF: JemallocConf =
+    JemallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// A C string pointer that jemalloc reads as `const char *malloc_conf`.
+#[repr(transparent)]
+struct JemallocConf(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a static, immutable C string literal.
+unsafe impl Sync for JemallocConf {}
+
 fn main() -> Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
