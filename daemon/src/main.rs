@@ -279,7 +279,12 @@ enum BenchCommand {
         #[arg(long, default_value = "3MiB", value_parser = parse_size)]
         bytes: u64,
         /// The RPCs to send, in order.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "register,append,tokenize,create")]
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "register,append,tokenize,create"
+        )]
         rpcs: Vec<bench::memory::LargeRpc>,
         /// Seconds to wait after the last request before the final reading.
         #[arg(long, default_value_t = 5.0)]

@@ -83,7 +83,11 @@ impl ChildDaemon {
 
     /// The daemon's resident memory now, bytes.
     pub fn rss(&self) -> Result<u64> {
-        rss_bytes(&Path::new("/proc").join(self.pid().to_string()).join("status"))
+        rss_bytes(
+            &Path::new("/proc")
+                .join(self.pid().to_string())
+                .join("status"),
+        )
     }
 }
 
@@ -96,8 +100,8 @@ impl Drop for ChildDaemon {
 
 /// `VmRSS` from a `/proc/<pid>/status` file, bytes.
 pub fn rss_bytes(status: &Path) -> Result<u64> {
-    let text = std::fs::read_to_string(status)
-        .with_context(|| format!("reading {}", status.display()))?;
+    let text =
+        std::fs::read_to_string(status).with_context(|| format!("reading {}", status.display()))?;
     parse_vm_rss(&text).with_context(|| format!("no VmRSS line in {}", status.display()))
 }
 

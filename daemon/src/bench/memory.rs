@@ -281,20 +281,20 @@ async fn send(
 /// About `bytes` of English-like text: words drawn (with a fixed seed) from a small list, so
 /// it tokenizes like prose, one or two tokens a word.
 fn filler_text(bytes: usize) -> String {
-    const WORDS: &[&str] = &[
-        "the", "daemon", "keeps", "a", "radix", "tree", "of", "cached", "prefixes", "so",
-        "agent", "sessions", "share", "them", "and", "every", "request", "is", "scheduled",
-        "in", "batches", "while", "memory", "pages", "are", "copied", "on", "write", "when",
-        "two", "tenants", "fork", "one", "conversation", "into", "many", "branches", "with",
-        "tools", "grammar", "tokens", "model", "weights", "disk", "tier", "restart", "fast",
-    ];
+    const WORDS: &str = "the daemon keeps a radix tree of cached prefixes so agent sessions \
+        share them and every request is scheduled in batches while memory pages are copied on \
+        write when two tenants fork one conversation into many branches with tools grammar \
+        tokens model weights disk tier restart fast";
+    let words: Vec<&str> = WORDS.split_whitespace().collect();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut s = String::with_capacity(bytes + 16);
-    let mut n = 0usize;
-    while s.len() < bytes {
-        s.push_str(WORDS.choose(&mut rng).expect("WORDS is not empty"));
-        n += 1;
-        s.push_str(if n % 17 == 0 { ". " } else { " " });
+    // A full stop after every 17th word.
+    for sep in std::iter::repeat_n(" ", 16).chain([". "]).cycle() {
+        if s.len() >= bytes {
+            break;
+        }
+        s.push_str(words.choose(&mut rng).expect("WORDS is not empty"));
+        s.push_str(sep);
     }
     s.truncate(bytes);
     s
