@@ -246,6 +246,53 @@ enum BenchCommand {
         #[command(flatten)]
         sched: SchedArgs,
     },
+    /// Many sessions in multi-turn loops (shared system prompt, forks, closes) against a child
+    /// daemon for minutes: errors, turn latency and the daemon's RSS per minute.
+    Soak {
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 64)]
+        sessions: usize,
+        /// How long to run, minutes (fractions allowed, e.g. 0.5).
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// The RSS baseline is taken this many minutes after the start.
+        #[arg(long, default_value_t = 2.0)]
+        warmup_minutes: f64,
+        /// Most tokens per reply.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: u32,
+        /// Seeds the sessions' choices and sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The child daemon's KV memory.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        kv_memory: u64,
+    },
+    /// Large requests (RegisterPrefix, Append, Tokenize, CreateSession of megabytes) against a
+    /// child daemon: its RSS before, at the peak, and after an idle wait.
+    Memory {
+        /// Requests of each RPC.
+        #[arg(long, default_value_t = 10)]
+        requests: usize,
+        /// Bytes of text (or of tokens on the wire) per request; Tokenize is capped at the
+        /// daemon's 1 MiB limit.
+        #[arg(long, default_value = "3MiB", value_parser = parse_size)]
+        bytes: u64,
+        /// The RPCs to send, in order.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "register,append,tokenize,create"
+        )]
+        rpcs: Vec<bench::memory::LargeRpc>,
+        /// Seconds to wait after the last request before the final reading.
+        #[arg(long, default_value_t = 5.0)]
+        idle_seconds: f64,
+        /// The child daemon's KV memory.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        kv_memory: u64,
+    },
     /// Many sessions sharing one system prompt, with the prefix cache off and on.
     Prefix {
         /// Concurrent sessions.
@@ -328,6 +375,27 @@ enum ModelCommand {
     Info,
 }
 
+/// jemalloc rather than glibc's malloc: after large requests (megabytes of text tokenized and
+/// refused) glibc kept the freed memory resident — 556 MiB after `agentd bench memory` — while
+/// jemalloc gives it back and allocates faster (ARCHITECTURE.md, "Memory", has the figures).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read when it starts: a background thread returns dirty pages to the OS
+/// about a second after they were freed (`dirty_decay_ms`), straight away rather than through
+/// the lazier `MADV_FREE` stage (`muzzy_decay_ms: 0`), so an idle daemon shrinks back.
+/// `_RJEM_MALLOC_CONF` in the environment overrides them.
+#[export_name = "_rjem_malloc_conf"]
+static JEMALLOC_CONF: JemallocConf =
+    JemallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// A C string pointer that jemalloc reads as `const char *malloc_conf`.
+#[repr(transparent)]
+struct JemallocConf(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a static, immutable C string literal.
+unsafe impl Sync for JemallocConf {}
+
 fn main() -> Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
@@ -339,6 +407,13 @@ fn main() -> Result<()> {
             .build_global()
             .context("starting the thread pool")?;
     }
+    let cli_globals = GlobalArgs {
+        model: cli.model.clone(),
+        threads: cli.threads,
+        no_dense_prefill: cli.no_dense_prefill,
+        exact: cli.exact,
+        context: cli.context,
+    };
     let opts = LoadOptions {
         dense_prefill: !cli.no_dense_prefill,
         exact_decode: cli.exact,
@@ -413,6 +488,40 @@ fn main() -> Result<()> {
                 scheduler: sched.config(),
             };
             print_report(async { Ok(bench::latency::run_latency_bench(engine, &cfg).await?) })
+        }
+        Command::Bench(BenchCommand::Soak {
+            sessions,
+            minutes,
+            warmup_minutes,
+            max_tokens,
+            seed,
+            kv_memory,
+        }) => {
+            let cfg = bench::soak::SoakConfig {
+                sessions,
+                minutes,
+                warmup_minutes,
+                max_tokens,
+                seed,
+                daemon: child_config(&cli_globals, kv_memory)?,
+            };
+            print_report(async { Ok(bench::soak::run_soak_bench(&cfg).await?) })
+        }
+        Command::Bench(BenchCommand::Memory {
+            requests,
+            bytes,
+            rpcs,
+            idle_seconds,
+            kv_memory,
+        }) => {
+            let cfg = bench::memory::MemoryBenchConfig {
+                requests,
+                bytes: bytes as usize,
+                rpcs,
+                idle_seconds,
+                daemon: child_config(&cli_globals, kv_memory)?,
+            };
+            print_report(async { Ok(bench::memory::run_memory_bench(&cfg).await?) })
         }
         Command::Bench(BenchCommand::Prefix {
             sessions,
@@ -595,6 +704,38 @@ fn serve(
     rt.block_on(serve(handle, engine, cfg, listener))?;
     eprintln!("agentd: stopped");
     Ok(())
+}
+
+/// The global flags, kept to start a child daemon that runs the same model the same way.
+struct GlobalArgs {
+    model: Option<PathBuf>,
+    threads: Option<usize>,
+    no_dense_prefill: bool,
+    exact: bool,
+    context: Option<u64>,
+}
+
+/// A child `agentd serve` with the same global flags (the model resolved, fetched if needed,
+/// here) and `kv_memory` bytes of KV.
+fn child_config(g: &GlobalArgs, kv_memory: u64) -> Result<bench::child::ChildConfig> {
+    let mut global_args: Vec<std::ffi::OsString> =
+        vec!["--model".into(), model_path(g.model.clone())?.into()];
+    if let Some(n) = g.threads {
+        global_args.extend(["--threads".into(), n.to_string().into()]);
+    }
+    if let Some(n) = g.context {
+        global_args.extend(["--context".into(), n.to_string().into()]);
+    }
+    if g.no_dense_prefill {
+        global_args.push("--no-dense-prefill".into());
+    }
+    if g.exact {
+        global_args.push("--exact".into());
+    }
+    Ok(bench::child::ChildConfig {
+        global_args,
+        serve_args: vec!["--kv-memory".into(), kv_memory.to_string().into()],
+    })
 }
 
 /// Runs a benchmark on a two-worker runtime and prints its report as JSON.

@@ -3,12 +3,20 @@
 //! - `engine`: prefill and decode throughput of the CPU executor.
 //! - `latency`: inter-token latency of running streams while a prefix loads from disk and while
 //!   a large grammar compiles; session-call latency while sessions prefill.
+//! - `memory`: the daemon's RSS before, at the peak of and after a battery of large requests.
 //! - `prefix`: many sessions sharing one system prompt, cache off and on.
 //! - `restart`: first-request TTFT on a persisted prefix after a restart.
 //! - `serve`: the daemon's own per-request overhead over the socket.
+//! - `soak`: many sessions in multi-turn loops for minutes: errors, turn latency, RSS per minute.
+//!
+//! `soak` and `memory` run the daemon as a child process (`child`), so the RSS they read is the
+//! daemon's alone; the others run the service in this process.
 
+pub mod child;
 pub mod engine;
 pub mod latency;
+pub mod memory;
 pub mod prefix;
 pub mod restart;
 pub mod serve;
+pub mod soak;
