@@ -26,7 +26,7 @@ type Command = Box<dyn FnOnce(&mut Scheduler) + Send>;
 /// logged as a stall: every running stream waits that long for its next token.
 pub const STALL: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Logs steps longer than [`STALL`], at most once per ten seconds (a long prefill under load
+/// Logs steps longer than [`STALL`], at most once a minute (a long prefill or a large batch under load
 /// would otherwise log every step), with how many were not logged in between.
 #[derive(Default)]
 struct StallLog {
@@ -42,7 +42,7 @@ impl StallLog {
         let now = Instant::now();
         if self
             .last
-            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(10))
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(60))
         {
             self.unlogged += 1;
             return;
