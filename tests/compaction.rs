@@ -317,15 +317,18 @@ async fn results_longer_than_the_policy_allows_are_truncated_with_a_note() {
     let agent = reader(ContextPolicy::new().max_result_tokens(60), 1);
     let s = agent.session(&c).await.unwrap();
     let out = agent.run(&s, "Read page 3.").await.unwrap();
-    // The transcript keeps the whole result; the log holds the cut one.
-    let whole = page_text(3);
+    // The transcript keeps the whole result; the log holds the cut one. (The page is the one
+    // the model asked for: greedy SmolLM2-135M asks for page 1 here, which tests the cut as well.)
     let results: Vec<_> = out
         .transcript
         .iter()
         .filter(|m| m.role == agentd_sdk::Role::Tool)
         .collect();
     assert!(!results.is_empty(), "{:?}", out.transcript);
-    assert!(results[0].content.contains(&whole), "{:?}", out.transcript);
+    let whole = (0..100)
+        .map(page_text)
+        .find(|p| results[0].content.contains(p))
+        .unwrap_or_else(|| panic!("no whole page in the result: {:?}", out.transcript));
     let (log, _) = s.tokens().await.unwrap();
     let text = tokenizer().decode(&log, false).unwrap();
     let tool = messages(&text)
