@@ -3,7 +3,7 @@
 //! grammars, through the same checks the RPCs run before anything reaches the scheduler. None
 //! may panic, and every refusal is INVALID_ARGUMENT with a short message.
 
-use super::{chat_messages, constraint_spec, sampling_params};
+use crate::request::{chat_messages, constraint_spec, sampling_params};
 use agentd_engine::constraint::ConstraintLimits;
 use agentd_wire::proto;
 use proptest::prelude::*;

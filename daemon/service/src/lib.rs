@@ -5,6 +5,8 @@
 //!
 //! - [`serve`]: the Unix socket (permissions, stale sockets, a live daemon already there) and
 //!   graceful shutdown on SIGTERM/SIGINT.
+//! - `request`: wire requests → the engine's types (messages, sampling, constraints), with
+//!   their checks.
 //! - `status`: scheduler errors → gRPC statuses.
 //! - `authority`: the Unix socket's connections rewritten so that any gRPC client's
 //!   `:authority` (grpc-core sends the socket path) is one h2 accepts.
@@ -12,14 +14,14 @@
 mod authority;
 #[cfg(test)]
 mod fuzz_tests;
+mod request;
 pub mod serve;
 mod status;
 
-use agentd_engine::constraint::{ConstraintSpec, ToolSpec};
-use agentd_engine::sampling::SamplingParams;
-use agentd_engine::{FinishReason, GenerateOptions, LoadedModel};
+use agentd_engine::{GenerateOptions, LoadedModel};
 use agentd_scheduler::{AppendInput, Event, PrefixId, SchedulerHandle, SessionId, TenantId};
 use agentd_wire::proto::{self, agentd_server::Agentd, generate_event};
+use request::{chat_messages, constraint_spec, finish_fields, sampling_params};
 use status::to_status;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -62,9 +64,6 @@ pub struct AgentdService {
 
 /// How many constraints may compile at once.
 const CONCURRENT_COMPILES: usize = 2;
-
-/// The most messages one request may carry.
-const MAX_MESSAGES: usize = 10_000;
 
 /// The longest text Tokenize accepts, in bytes.
 const MAX_TOKENIZE_BYTES: usize = 1 << 20;
@@ -281,106 +280,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| status::internal(format!("a blocking task failed: {e}")))?
-}
-
-/// Wire messages → chat messages; an unknown role or too many messages is INVALID_ARGUMENT.
-fn chat_messages(msgs: Vec<proto::Message>) -> Result<Vec<agentd_wire::Message>, Status> {
-    use agentd_wire::Role;
-    if msgs.len() > MAX_MESSAGES {
-        return Err(Status::invalid_argument(format!(
-            "{} messages are more than the limit of {MAX_MESSAGES} per request",
-            msgs.len()
-        )));
-    }
-    msgs.into_iter()
-        .map(|m| {
-            let role = match m.role.as_str() {
-                "system" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                "tool" => Role::Tool,
-                other => {
-                    return Err(Status::invalid_argument(format!(
-                        "unknown message role {:?} (system, user, assistant or tool)",
-                        status::cap(other)
-                    )))
-                }
-            };
-            Ok(agentd_wire::Message::new(role, m.content))
-        })
-        .collect()
-}
-
-/// The request's sampling parameters; absent, agentd's defaults
-/// ([`agentd_wire::sampling_defaults`]).
-fn sampling_params(s: Option<proto::Sampling>) -> SamplingParams {
-    let Some(s) = s else {
-        return SamplingParams::default();
-    };
-    let or_one = |x: f32| if x == 0.0 { 1.0 } else { x };
-    SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: or_one(s.top_p),
-        min_p: s.min_p,
-        repetition_penalty: or_one(s.repetition_penalty),
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        seed: s.seed,
-        ..SamplingParams::default()
-    }
-}
-
-/// A wire constraint → the engine's; bad JSON is INVALID_ARGUMENT naming where.
-fn constraint_spec(c: proto::Constraint) -> Result<ConstraintSpec, Status> {
-    use proto::constraint::Kind;
-    let json = |what: &str, text: &str| {
-        serde_json::from_str::<serde_json::Value>(text).map_err(|e| {
-            Status::invalid_argument(status::cap(&format!("{what} is not valid JSON: {e}")))
-        })
-    };
-    match c.kind {
-        None => Err(Status::invalid_argument(
-            "the constraint is empty: give json_schema, lark or tool_calls",
-        )),
-        Some(Kind::JsonSchema(s)) => Ok(ConstraintSpec::JsonSchema(json("json_schema", &s)?)),
-        Some(Kind::Lark(g)) => Ok(ConstraintSpec::Lark(g)),
-        Some(Kind::ToolCalls(t)) => {
-            let limit = agentd_engine::constraint::ConstraintLimits::default().max_tools;
-            if t.tools.len() > limit {
-                return Err(Status::invalid_argument(format!(
-                    "the constraint has {} tools in the list; the limit is {limit}",
-                    t.tools.len()
-                )));
-            }
-            let tools = t
-                .tools
-                .into_iter()
-                .map(|tool| {
-                    let what = format!("the parameters of tool {:?}", status::cap(&tool.name));
-                    Ok(ToolSpec {
-                        parameters: json(&what, &tool.parameters_json)?,
-                        name: tool.name,
-                    })
-                })
-                .collect::<Result<Vec<_>, Status>>()?;
-            Ok(ConstraintSpec::ToolCalls {
-                tools,
-                required: t.required,
-                max_calls: t.max_calls as usize,
-            })
-        }
-    }
-}
-
-fn finish_fields(f: &FinishReason) -> (String, String) {
-    match f {
-        FinishReason::Eos => ("eos".into(), String::new()),
-        FinishReason::Stop(s) => ("stop".into(), s.clone()),
-        FinishReason::MaxTokens => ("max_tokens".into(), String::new()),
-        FinishReason::ContextFull => ("context_full".into(), String::new()),
-        FinishReason::Cancelled => ("cancelled".into(), String::new()),
-    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateEvent, Status>> + Send>>;
