@@ -240,12 +240,7 @@ async fn large_requests_leave_health_checks_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_see_only_their_own_figures_and_ids_say_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = common::free_loopback_addr();
     let config = dir.path().join("agentd.toml");
     std::fs::write(
         &config,

@@ -205,12 +205,7 @@ async fn a_config_file_sets_defaults_that_flags_override() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_calls_need_a_bearer_token_which_names_the_tenant() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = common::free_loopback_addr();
     let config = dir.path().join("agentd.toml");
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };

@@ -96,6 +96,16 @@ impl Drop for Daemon {
     }
 }
 
+/// A loopback address with a port free at the time of the call, for a daemon's TCP listener.
+pub fn free_loopback_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 pub fn chatml(user: &str) -> String {
     format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
 }

@@ -25,6 +25,8 @@ pub mod model_files;
 pub mod render;
 pub mod sampling;
 pub mod stop;
+#[cfg(test)]
+mod test_model;
 pub mod tokenizer;
 
 pub use decoding::{Decoding, Detokenizer, Pushed};

@@ -209,12 +209,23 @@ pub struct SchedStats {
 impl SchedStats {
     /// Cached prompt tokens over all prompt tokens (0 when none).
     pub fn hit_rate(&self) -> f64 {
-        let all = self.cached_tokens + self.prefill_tokens;
-        if all == 0 {
-            0.0
-        } else {
-            self.cached_tokens as f64 / all as f64
-        }
+        hit_rate(self.cached_tokens, self.prefill_tokens)
+    }
+}
+
+impl TenantStats {
+    /// This tenant's cached prompt tokens over all its prompt tokens (0 when none).
+    pub fn hit_rate(&self) -> f64 {
+        hit_rate(self.cached_tokens, self.prefill_tokens)
+    }
+}
+
+fn hit_rate(cached: u64, computed: u64) -> f64 {
+    let all = cached + computed;
+    if all == 0 {
+        0.0
+    } else {
+        cached as f64 / all as f64
     }
 }
 

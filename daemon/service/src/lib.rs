@@ -609,31 +609,7 @@ impl Agentd for AgentdService {
             })
             .collect();
         let own = s.tenants.get(&tenant).cloned().unwrap_or_default();
-        // The pool-wide figures count every tenant's work: only operators see them. Others
-        // see the pool's fixed shape and their own figures (their hit rate included).
-        if !self.is_operator(&req) {
-            let seen = own.prefill_tokens + own.cached_tokens;
-            let hit_rate = if seen == 0 {
-                0.0
-            } else {
-                own.cached_tokens as f64 / seen as f64
-            };
-            return Ok(Response::new(proto::StatsReply {
-                pool_pages: s.pool_pages as u32,
-                page_size: s.page_size as u32,
-                page_bytes: s.page_bytes as u64,
-                hit_rate,
-                sessions: own.sessions as u32,
-                running: own.running as u32,
-                waiting: own.waiting as u32,
-                prefill_tokens: own.prefill_tokens,
-                cached_tokens: own.cached_tokens,
-                generated_tokens: own.generated_tokens,
-                disk_budget: s.disk.as_ref().map_or(0, |d| d.budget),
-                ..Default::default()
-            }));
-        }
-        Ok(Response::new(proto::StatsReply {
+        let mut reply = proto::StatsReply {
             pool_pages: s.pool_pages as u32,
             free_pages: s.free_pages as u32,
             peak_pages: s.peak_pages as u32,
@@ -654,7 +630,24 @@ impl Agentd for AgentdService {
             disk_bytes: s.disk.as_ref().map_or(0, |d| d.bytes),
             disk_budget: s.disk.as_ref().map_or(0, |d| d.budget),
             disk_loaded_tokens: s.disk_loaded_tokens,
-        }))
+        };
+        // The pool-wide figures count every tenant's work: only operators see them. Others
+        // see the pool's fixed shape and their own figures (their own hit rate included).
+        if !self.is_operator(&req) {
+            reply = proto::StatsReply {
+                hit_rate: own.hit_rate(),
+                free_pages: 0,
+                peak_pages: 0,
+                tree_tokens: 0,
+                steps: 0,
+                preemptions: 0,
+                disk_records: 0,
+                disk_bytes: 0,
+                disk_loaded_tokens: 0,
+                ..reply
+            };
+        }
+        Ok(Response::new(reply))
     }
 
     #[tracing::instrument(name = "rpc", skip_all, fields(tenant = tracing::field::Empty, request = tracing::field::Empty, method = "drop_prefix", session = tracing::field::Empty))]

@@ -5,19 +5,12 @@
 //! error whose message is short and holds no panic text; it never panics.
 
 use super::{ConstraintError, ConstraintSpec, ToolSpec};
-use crate::model::LoadOptions;
 use crate::LoadedModel;
 use proptest::prelude::*;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 fn engine() -> &'static LoadedModel {
-    static ENGINE: OnceLock<LoadedModel> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        let path = crate::model_files::ensure_default_model(&mut |m| eprintln!("{m}"))
-            .expect("default model");
-        LoadedModel::load(&path, LoadOptions::default()).expect("load model")
-    })
+    crate::test_model::default_engine()
 }
 
 /// A Lark expression of depth at most `depth`.

@@ -3,19 +3,12 @@
 //! batch (batched decode equals one at a time). The scheduler relies on both.
 
 use crate::executor::{Executor, RowKind, SeqStep};
-use crate::model::LoadOptions;
 use crate::LoadedModel;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::OnceLock;
 
 fn engine() -> &'static LoadedModel {
-    static ENGINE: OnceLock<LoadedModel> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        let path = crate::model_files::ensure_default_model(&mut |m| eprintln!("{m}"))
-            .expect("default model");
-        LoadedModel::load(&path, LoadOptions::default()).expect("load model")
-    })
+    crate::test_model::default_engine()
 }
 
 fn random_tokens(rng: &mut ChaCha8Rng, n: usize) -> Vec<u32> {
