@@ -37,11 +37,8 @@ struct Cli {
     /// Worker threads for the kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Do not keep dense f32 copies of the weights (less memory, slower prefill).
-    #[arg(long, global = true)]
-    no_dense_prefill: bool,
-    /// Decode with f32 matrix products instead of 8-bit quantized ones (slower, for checking
-    /// results against an f32 reference).
+    /// Run every matrix product in f32 on dequantised copies of the weights instead of the
+    /// quantized kernels (slower, about 4 bytes per parameter; the reference for checking).
     #[arg(long, global = true)]
     exact: bool,
     /// Serve at most this many positions (default: the model's trained context), like
@@ -376,13 +373,11 @@ fn main() -> Result<()> {
     let cli_globals = GlobalArgs {
         model: cli.model.clone(),
         threads: cli.threads,
-        no_dense_prefill: cli.no_dense_prefill,
         exact: cli.exact,
         context: cli.context,
     };
     let opts = LoadOptions {
-        dense_prefill: !cli.no_dense_prefill,
-        exact_decode: cli.exact,
+        exact: cli.exact,
         context: cli.context.map(|n| n as usize),
     };
     match cli.command {
@@ -676,7 +671,6 @@ fn serve(
 struct GlobalArgs {
     model: Option<PathBuf>,
     threads: Option<usize>,
-    no_dense_prefill: bool,
     exact: bool,
     context: Option<u64>,
 }
@@ -691,9 +685,6 @@ fn child_config(g: &GlobalArgs, kv_memory: u64) -> Result<bench::child::ChildCon
     }
     if let Some(n) = g.context {
         global_args.extend(["--context".into(), n.to_string().into()]);
-    }
-    if g.no_dense_prefill {
-        global_args.push("--no-dense-prefill".into());
     }
     if g.exact {
         global_args.push("--exact".into());

@@ -9,6 +9,9 @@ pub struct Features {
     pub avx2: bool,
     /// AVX-VNNI on top of `avx2`: one instruction for a 4-way byte dot product.
     pub avx_vnni: bool,
+    /// AVX-512 F, BW, VL and VNNI on top of `avx2`: the same byte dot product with 32 vector
+    /// registers and mask registers.
+    pub avx512_vnni: bool,
 }
 
 /// The features of the CPU we run on (detected on first call; `AGENTD_FORCE_SCALAR=1` turns
@@ -21,6 +24,7 @@ pub fn features() -> Features {
         Features {
             avx2,
             avx_vnni: avx2 && detect_avx_vnni(),
+            avx512_vnni: avx2 && detect_avx512_vnni(),
         }
     })
 }
@@ -44,5 +48,18 @@ fn detect_avx_vnni() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_avx_vnni() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx512_vnni() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512_vnni() -> bool {
     false
 }

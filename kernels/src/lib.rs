@@ -5,8 +5,11 @@
 //! run time ([`cpu::features`]) and a portable scalar twin that tests compare it against; nothing
 //! here depends on building with `target-cpu=native`.
 //!
-//! - [`quant`]: GGUF block formats (Q4_0, Q4_1, Q8_0), dequantisation, and 8-bit activations.
-//! - [`matvec`]: a quantized weight matrix times a vector (decode's workhorse), parallel over rows.
+//! - [`quant`]: GGUF's quantized formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16)
+//!   repacked into 8-row panels, 8-bit activations, and the one order of operations every
+//!   product follows (scalar twin, AVX2, AVX-VNNI, AVX-512 VNNI).
+//! - [`matmul`]: a quantized weight matrix times a batch of activation rows, decode and prompt
+//!   rows alike, tiled and parallel over weight rows; a row's result never depends on its batch.
 //! - [`vecops`]: f32 dot products, `axpy`, a fast vectorised `exp`, SiLU.
 //! - [`norm`], [`rope`]: RMSNorm and rotary position embeddings.
 //! - [`attention`]: causal grouped-query attention with an online softmax (FlashAttention-style
@@ -19,7 +22,7 @@
 
 pub mod attention;
 pub mod cpu;
-pub mod matvec;
+pub mod matmul;
 pub mod norm;
 pub mod paged_attention;
 pub mod quant;
@@ -39,6 +42,12 @@ pub enum KernelError {
         expected: usize,
         /// The length given.
         got: usize,
+    },
+    /// Activations were not quantised in the form a weight format reads.
+    #[error("activations were not prepared for {format} weights")]
+    Unprepared {
+        /// The weight format.
+        format: &'static str,
     },
     /// A row length that is not a whole number of quantisation blocks.
     #[error("row length {cols} is not a multiple of the block size {block}")]

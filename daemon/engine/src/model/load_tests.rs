@@ -186,8 +186,7 @@ fn exact_and_quantized_decode_agree_on_a_tiny_model() {
     let exact = Model::load(
         &mut file,
         LoadOptions {
-            dense_prefill: true,
-            exact_decode: true,
+            exact: true,
             context: None,
         },
     )

@@ -101,15 +101,9 @@ impl Model {
             });
         }
         let output_norm = load_vector(file, "output_norm.weight", hidden)?;
-        // The head runs on one row per step (prefill needs only the last position's logits),
-        // so it needs no dense copy for prefill.
-        let head_opts = LoadOptions {
-            dense_prefill: false,
-            ..opts
-        };
         let head = match file.tensor_info("output.weight") {
-            Some(_) => Linear::load(file, "output.weight", vocab, hidden, head_opts)?,
-            None => Linear::tied(&embedding, head_opts)?,
+            Some(_) => Linear::load(file, "output.weight", vocab, hidden, opts)?,
+            None => Linear::tied(&embedding, opts)?,
         };
         let freq_factors = match file.tensor_info("rope_freqs.weight") {
             Some(_) => Some(load_vector(file, "rope_freqs.weight", config.rope_dim / 2)?),

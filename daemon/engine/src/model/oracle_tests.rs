@@ -2,7 +2,7 @@
 //!
 //! Two oracles, both from candle-transformers (a dev-dependency only), on the same GGUF file:
 //! - **f32**: candle-transformers' `llama` on the GGUF's weights dequantised to f32 (Q and K rows
-//!   un-permuted back to the Hugging Face layout). With [`LoadOptions::exact_decode`] our engine
+//!   un-permuted back to the Hugging Face layout). With [`LoadOptions::exact`] our engine
 //!   computes the same thing — dense f32 products over exactly dequantised weights — so logits
 //!   must agree within 0.2% of the logit range and 32-token greedy continuations must be
 //!   identical.
@@ -212,32 +212,22 @@ fn load(opts: LoadOptions) -> (PathBuf, Model) {
 }
 
 const EXACT: LoadOptions = LoadOptions {
-    dense_prefill: true,
-    exact_decode: true,
+    exact: true,
     context: None,
 };
 const DEFAULT: LoadOptions = LoadOptions {
-    dense_prefill: true,
-    exact_decode: false,
+    exact: false,
     context: None,
 };
 
 #[test]
 fn prefill_logits_match_f32_oracle() {
-    let modes = [
-        EXACT,
-        DEFAULT,
-        LoadOptions {
-            dense_prefill: false,
-            exact_decode: false,
-            context: None,
-        },
-    ];
+    let modes = [EXACT, DEFAULT];
     for opts in modes {
         let (path, model) = load(opts);
         let mut oracle = F32Oracle::load(&path, &model);
         // Prefill bodies are f32 in every mode; the default head rounds its input to 8 bits.
-        let tol = if opts.exact_decode { 0.002 } else { 0.015 };
+        let tol = if opts.exact { 0.002 } else { 0.015 };
         for (i, prompt) in PROMPTS.iter().enumerate() {
             oracle.reset();
             let ours = model.forward(prompt, &mut model.new_cache()).unwrap();

@@ -1,55 +1,51 @@
-//! The model's weights: quantized matrices for decode, optional dense copies for prefill.
+//! The model's weights, held in their GGUF format, and the one product every row goes through.
 //!
-//! Decode multiplies each weight by one vector, so it reads the 4- or 8-bit blocks directly
-//! ([`QMatrix`]). Prefill multiplies by many rows at once, where a dense f32 matrix product
-//! (candle's gemm) is several times faster than quantized dot products: when
-//! [`LoadOptions::dense_prefill`] is set each layer weight is also kept dequantised. Formats
-//! without a quantized kernel (F32, F16, K-quants, ...) are held dense only.
+//! Every matrix whose format has a quantized kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+//! Q6_K, F16) is held once, packed into 8-row panels ([`QMatrix`]), and multiplies decode rows
+//! and prompt rows alike: activations are quantised per block to 8 bits and each output is
+//! computed by one fixed sequence of block dot products, so a row's result never depends on the
+//! batch it is in (a cache hit equals a recompute bit for bit). Formats without a kernel (F32,
+//! BF16, the I-quants, ...) are dequantised to f32 and the loader logs which.
+//!
+//! [`LoadOptions::exact`] keeps a dense f32 copy of every weight instead and runs every
+//! product in f32: the reference mode for checking the quantized products.
 
 use super::error::{ModelError, Result};
 use super::gguf::GgufFile;
-use agentd_kernels::matvec::{matvec_many_batch, QMatrix};
-use agentd_kernels::quant::{Q8Vector, QuantType};
+use agentd_kernels::matmul::{act_kinds, matmul_many, QMatrix};
+use agentd_kernels::quant::{QuantType, QuantizedRows};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
 
 /// How to hold weights in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LoadOptions {
-    /// Keep a dequantised f32 copy of every layer weight for fast prefill (≈ 4 bytes per
-    /// parameter on top of the quantized bytes). Without it, prefill dequantises each weight on
-    /// the fly.
-    pub dense_prefill: bool,
-    /// Decode with dense f32 products too (keeps a dense copy of every weight, the output head
-    /// included). Slower; it removes the 8-bit activation rounding of the quantized kernels,
-    /// for checking results against an f32 reference.
-    pub exact_decode: bool,
+    /// Run every product in f32 on dense dequantised copies of the weights (≈ 4 bytes per
+    /// parameter): the reference for checking the quantized products, which round activations
+    /// to 8 bits. Slower and larger.
+    pub exact: bool,
     /// Serve at most this many positions instead of the model's trained context (as
     /// llama.cpp's `--ctx-size`); `None`: the trained context. Larger than trained is an error.
     pub context: Option<usize>,
 }
 
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            dense_prefill: true,
-            exact_decode: false,
-            context: None,
-        }
-    }
-}
-
 fn quant_type(dtype: GgmlDType) -> Option<QuantType> {
-    match dtype {
-        GgmlDType::Q4_0 => Some(QuantType::Q4_0),
-        GgmlDType::Q4_1 => Some(QuantType::Q4_1),
-        GgmlDType::Q8_0 => Some(QuantType::Q8_0),
-        _ => None,
-    }
+    Some(match dtype {
+        GgmlDType::Q4_0 => QuantType::Q4_0,
+        GgmlDType::Q4_1 => QuantType::Q4_1,
+        GgmlDType::Q5_0 => QuantType::Q5_0,
+        GgmlDType::Q5_1 => QuantType::Q5_1,
+        GgmlDType::Q8_0 => QuantType::Q8_0,
+        GgmlDType::Q4K => QuantType::Q4_K,
+        GgmlDType::Q5K => QuantType::Q5_K,
+        GgmlDType::Q6K => QuantType::Q6_K,
+        GgmlDType::F16 => QuantType::F16,
+        _ => return None,
+    })
 }
 
-/// A weight as loaded: quantized blocks when a kernel exists for the format, else dense f32.
+/// A weight as loaded: packed when a kernel exists for the format, else dense f32.
 enum Loaded {
     Quant(QMatrix),
     Dense(Tensor),
@@ -62,16 +58,23 @@ fn load_matrix(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Res
         reason,
     };
     match quant_type(qt.dtype()) {
-        Some(ty) => {
-            let bytes = qt.data().map_err(|e| bad(e.to_string()))?.into_owned();
+        Some(ty) if cols % ty.block_elems() == 0 => {
+            let bytes = qt.data().map_err(|e| bad(e.to_string()))?;
             Ok(Loaded::Quant(
-                QMatrix::new(ty, rows, cols, bytes).map_err(|e| bad(e.to_string()))?,
+                QMatrix::new(ty, rows, cols, &bytes).map_err(|e| bad(e.to_string()))?,
             ))
         }
-        None => Ok(Loaded::Dense(
-            qt.dequantize(&Device::Cpu)
-                .map_err(|e| bad(e.to_string()))?,
-        )),
+        _ => {
+            tracing::warn!(
+                tensor = name,
+                format = ?qt.dtype(),
+                "no quantized kernel for this format: held as dense f32"
+            );
+            Ok(Loaded::Dense(
+                qt.dequantize(&Device::Cpu)
+                    .map_err(|e| bad(e.to_string()))?,
+            ))
+        }
     }
 }
 
@@ -92,16 +95,15 @@ pub struct Linear {
     rows: usize,
     cols: usize,
     weight: Weight,
-    /// Whether decode rows use the quantized kernel (false with [`LoadOptions::exact_decode`]).
-    quant_decode: bool,
+    /// Whether the weight's memory belongs to another owner (a head tied to the embedding).
+    shared: bool,
 }
 
-/// How a weight is held: quantized (with an optional dense copy for prefill) or dense only.
+/// How a weight is held.
 enum Weight {
-    Quant {
-        q: Arc<QMatrix>,
-        dense: Option<Tensor>,
-    },
+    /// Packed panels; every row goes through the quantized product.
+    Quant(Arc<QMatrix>),
+    /// Dense f32 (a format without a kernel, or [`LoadOptions::exact`]).
     Dense(Tensor),
 }
 
@@ -115,66 +117,48 @@ impl Linear {
         opts: LoadOptions,
     ) -> Result<Self> {
         let weight = match load_matrix(file, name, rows, cols)? {
-            Loaded::Quant(q) => {
-                let keep_dense = opts.dense_prefill || opts.exact_decode;
-                let dense = if keep_dense {
-                    Some(dense_of(&q)?)
-                } else {
-                    None
-                };
-                Weight::Quant {
-                    q: Arc::new(q),
-                    dense,
-                }
-            }
+            Loaded::Quant(q) if opts.exact => Weight::Dense(dense_of(&q)?),
+            Loaded::Quant(q) => Weight::Quant(Arc::new(q)),
             Loaded::Dense(t) => Weight::Dense(t),
         };
         Ok(Self {
             rows,
             cols,
             weight,
-            quant_decode: !opts.exact_decode,
+            shared: false,
         })
     }
 
-    /// A layer that shares the embedding's matrix (tied output head). It gets a dense copy only
-    /// for [`LoadOptions::exact_decode`]: otherwise the head runs on one row per step.
+    /// A layer that shares the embedding's matrix (tied output head).
     pub(super) fn tied(embedding: &Embedding, opts: LoadOptions) -> Result<Self> {
         let weight = match &embedding.table {
-            Table::Quant(q) => {
-                let dense = if opts.exact_decode {
-                    Some(dense_of(q)?)
-                } else {
-                    None
-                };
-                Weight::Quant {
-                    q: q.clone(),
-                    dense,
-                }
-            }
+            Table::Quant(q) if opts.exact => Weight::Dense(dense_of(q)?),
+            Table::Quant(q) => Weight::Quant(q.clone()),
             Table::Dense(t, _) => Weight::Dense(t.clone()),
         };
         let (rows, cols) = (embedding.rows, embedding.cols);
+        // Only the f32 reference mode makes a copy of its own.
+        let shared = !opts.exact || matches!(embedding.table, Table::Dense(..));
         Ok(Self {
             rows,
             cols,
             weight,
-            quant_decode: !opts.exact_decode,
+            shared,
         })
     }
 
-    /// Bytes held for this weight (quantized and dense).
+    /// Bytes held for this weight (none when it shares the embedding's).
     pub fn size_bytes(&self) -> usize {
+        if self.shared {
+            return 0;
+        }
         match &self.weight {
-            Weight::Quant { q, dense } => {
-                q.size_bytes() + dense.as_ref().map_or(0, |d| d.elem_count() * 4)
-            }
+            Weight::Quant(q) => q.size_bytes(),
             Weight::Dense(d) => d.elem_count() * 4,
         }
     }
 
-    /// `out[i] = W · x[i]` for the rows of `x`: the first `rows.decode` are decode rows, the
-    /// rest prompt rows (see [`forward_shared`]).
+    /// `out[i] = W · x[i]` for every row of `x` (see [`forward_shared`]).
     pub fn forward(
         &self,
         x: &[f32],
@@ -183,16 +167,6 @@ impl Linear {
         s: &mut MatScratch,
     ) -> Result<()> {
         forward_shared(&[self], x, rows, &mut [out], s)
-    }
-
-    /// Dense products for `n` rows, written to `out` (`n × rows` elements).
-    fn forward_dense(&self, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
-        match &self.weight {
-            Weight::Quant { dense: Some(d), .. } | Weight::Dense(d) => {
-                matmul_into(x, n, self.cols, d, out)
-            }
-            Weight::Quant { q, dense: None } => matmul_into(x, n, self.cols, &dense_of(q)?, out),
-        }
     }
 }
 
@@ -204,14 +178,13 @@ fn dense_of(q: &QMatrix) -> Result<Tensor> {
     )?)
 }
 
-/// Rows in every dense product. The last block of a chunk is padded with zero rows, so each
-/// product has exactly this shape and a row's result never depends on how many rows its chunk
-/// had: candle's gemm picks its blocking and threading from the matrix sizes, and with them the
-/// order of its sums. (A cache hit recomputes only the last prompt token, as a one-row chunk; it
-/// must get the same bits as the long chunk that first computed it.)
+/// Rows in every dense product (the f32 reference mode and formats without a kernel). The last
+/// block is padded with zero rows, so each product has exactly this shape and a row's result
+/// never depends on how many rows came with it: candle's gemm picks its blocking, and with it
+/// the order of its sums, from the matrix sizes.
 const DENSE_ROWS: usize = 64;
 
-fn matmul_into(x: &[f32], n: usize, cols: usize, w: &Tensor, out: &mut [f32]) -> Result<()> {
+fn matmul_dense(x: &[f32], n: usize, cols: usize, w: &Tensor, out: &mut [f32]) -> Result<()> {
     let out_cols = out.len() / n.max(1);
     let wt = w.t()?;
     let mut block = vec![0f32; DENSE_ROWS * cols];
@@ -280,13 +253,9 @@ impl Embedding {
     }
 }
 
-/// How the rows of an activation matrix are computed: the first `decode` rows are decode rows
-/// (one sampled token each), the next `prompt` rows prompt rows.
-///
-/// Decode rows go through the quantized kernels (8-bit activations), every decode row of a
-/// batch in one pass over the weights; prompt rows go through a dense f32 matrix product. A
-/// row's result depends only on its kind, never on what else is in the batch, so batched decode
-/// gives exactly the logits of one-at-a-time decode.
+/// The rows of an activation matrix: the first `decode` are decode rows (one sampled token
+/// each), the next `prompt` prompt rows. Both go through the same product; the split is kept
+/// for the attention step and the statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowSplit {
     /// Decode rows (first).
@@ -305,13 +274,13 @@ impl RowSplit {
 /// Scratch buffers for [`forward_shared`], reused across calls.
 #[derive(Default)]
 pub struct MatScratch {
-    q8: Vec<Q8Vector>,
+    acts: QuantizedRows,
     fused: Vec<f32>,
 }
 
 /// `outs[i] = ws[i] · x` for layers that read the same input (Q, K and V; gate and up), each
-/// output holding `rows.total()` rows in input order. The decode rows are quantised once and
-/// every product for every decode row runs in one parallel pass over the weights.
+/// output holding `rows.total()` rows in input order. The rows are quantised once and every
+/// product for every row runs in one parallel pass over the weights.
 pub fn forward_shared(
     ws: &[&Linear],
     x: &[f32],
@@ -320,46 +289,60 @@ pub fn forward_shared(
     s: &mut MatScratch,
 ) -> Result<()> {
     let cols = ws[0].cols;
+    let n = rows.total();
     debug_assert!(ws.iter().all(|w| w.cols == cols));
-    debug_assert_eq!(x.len(), rows.total() * cols);
+    debug_assert_eq!(x.len(), n * cols);
     for (w, out) in ws.iter().zip(outs.iter_mut()) {
-        out.resize(rows.total() * w.rows, 0.0);
+        out.resize(n * w.rows, 0.0);
+    }
+    if n == 0 {
+        return Ok(());
     }
     let quantized: Option<Vec<&QMatrix>> = ws
         .iter()
         .map(|w| match &w.weight {
-            Weight::Quant { q, .. } if w.quant_decode => Some(&**q),
-            _ => None,
+            Weight::Quant(q) => Some(&**q),
+            Weight::Dense(_) => None,
         })
         .collect();
-    let (dec_x, prompt_x) = x.split_at(rows.decode * cols);
-    match quantized {
-        Some(mats) if rows.decode > 0 => {
-            s.q8.resize_with(rows.decode, Q8Vector::default);
-            for (q8, xr) in s.q8.iter_mut().zip(dec_x.chunks_exact(cols)) {
-                q8.quantize_from(xr);
-            }
-            let total: usize = ws.iter().map(|w| w.rows).sum();
-            s.fused.resize(total * rows.decode, 0.0);
-            matvec_many_batch(&mats, &s.q8, &mut s.fused)?;
-            for (j, fused) in s.fused.chunks_exact(total).enumerate() {
-                let mut at = 0;
-                for (w, out) in ws.iter().zip(outs.iter_mut()) {
-                    out[j * w.rows..(j + 1) * w.rows].copy_from_slice(&fused[at..at + w.rows]);
-                    at += w.rows;
+    let Some(mats) = quantized else {
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            match &w.weight {
+                Weight::Dense(d) => matmul_dense(x, n, cols, d, out)?,
+                Weight::Quant(q) => {
+                    let mut one = MatScratch::default();
+                    forward_quant(&[&**q], x, n, cols, &mut [&mut out[..]], &mut one)?
                 }
             }
         }
-        _ if rows.decode > 0 => {
-            for (w, out) in ws.iter().zip(outs.iter_mut()) {
-                w.forward_dense(dec_x, rows.decode, &mut out[..rows.decode * w.rows])?;
-            }
-        }
-        _ => {}
+        return Ok(());
+    };
+    let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+    forward_quant(&mats, x, n, cols, &mut slices, s)
+}
+
+fn forward_quant(
+    mats: &[&QMatrix],
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    outs: &mut [&mut [f32]],
+    s: &mut MatScratch,
+) -> Result<()> {
+    s.acts.prepare(x, n, cols, &act_kinds(mats));
+    if let [out] = outs {
+        matmul_many(mats, &s.acts, out)?;
+        return Ok(());
     }
-    if rows.prompt > 0 {
-        for (w, out) in ws.iter().zip(outs.iter_mut()) {
-            w.forward_dense(prompt_x, rows.prompt, &mut out[rows.decode * w.rows..])?;
+    let total: usize = mats.iter().map(|m| m.rows()).sum();
+    s.fused.resize(total * n, 0.0);
+    matmul_many(mats, &s.acts, &mut s.fused)?;
+    for (j, fused) in s.fused.chunks_exact(total).enumerate() {
+        let mut at = 0;
+        for (m, out) in mats.iter().zip(outs.iter_mut()) {
+            let r = m.rows();
+            out[j * r..(j + 1) * r].copy_from_slice(&fused[at..at + r]);
+            at += r;
         }
     }
     Ok(())
