@@ -17,12 +17,25 @@
 //!
 //! The same online softmax as [`crate::attention`]: each query walks its keys in tiles of up to
 //! 64 keys (a tile may span several pages), keeping a running maximum and sum, so no score
-//! matrix is materialised and no context is ever copied out of the pages. Decode (one query row)
-//! runs one task per query head; prefill runs one task per (K/V head, block of query rows), so
-//! each page is read once for the whole query group. Query heads that share a K/V head read it in
-//! place. For 64-wide heads an AVX2+FMA+F16C kernel (chosen at run time) converts eight f16 at a
-//! time with `vcvtph2ps` and keeps the query or the accumulator in registers; a portable path
-//! handles every head size.
+//! matrix is materialised and no context is ever copied out of the pages.
+//!
+//! Decode (one query row) splits the keys (flash-decoding, in the private `flash_decode`
+//! module): a long context is cut into chunks of whole pages, about 16 of them, whose length
+//! depends on the context length and page size only, and one rayon task per (K/V head, chunk)
+//! computes the partial softmax state of every query head of that K/V head's group, reading each
+//! key and value row once for the whole group. The partial states are merged in chunk order, so
+//! the result is bit-for-bit the same whatever the number of threads. Contexts shorter than
+//! 2,048 keys × query heads run unsplit on the calling thread. Calls made from inside a rayon
+//! loop (the engine attends to a batch's sequences in parallel) split the same way, nested.
+//!
+//! Prefill runs one task per (K/V head, block of query rows), so each page is read once for the
+//! whole query group. Query heads that share a K/V head read it in place. An AVX2+FMA+F16C
+//! kernel (chosen at run time) converts eight f16 at a time with `vcvtph2ps` and, for 64-wide
+//! heads, keeps the query or the accumulator in registers; a portable path handles every head
+//! size and every CPU.
+//!
+//! [`paged_attention_partial`] and [`merge_partial_attention`] expose attention over a key range
+//! and the merge of two such results (cascade attention), normalised, with log-sum-exps.
 
 use crate::attention::AttentionShape;
 use crate::cpu;
@@ -60,9 +73,6 @@ pub struct PagedKvMut<'a> {
 
 /// Keys per online-softmax tile.
 const TILE: usize = 64;
-
-/// Keys × heads below which decode attention runs on the calling thread.
-const SERIAL_DECODE_KEYS: usize = 2048;
 
 /// Query rows per prefill task.
 const QUERY_BLOCK: usize = 16;
@@ -215,6 +225,10 @@ pub fn write_kv(
 /// keys and values of positions `0..pos0 + n_q` must already be in the pages (see
 /// [`write_kv`]). Writes rows of `heads × head_dim` to `out`. Every length and every page id
 /// the positions use is checked; a mismatch is a [`KernelError::Length`], never a panic.
+///
+/// One query row (decode) over a long context is split over the keys and runs on the rayon
+/// pool (see the module documentation); its result depends on the inputs only, not on the
+/// number of threads.
 pub fn paged_causal_attention(
     shape: AttentionShape,
     q: &[f32],
@@ -239,9 +253,7 @@ fn paged_attention_with(
 ) -> Result<()> {
     let kv_row = check_shape(shape)?;
     let AttentionShape {
-        heads,
-        kv_heads,
-        head_dim,
+        heads, head_dim, ..
     } = shape;
     let q_row = heads * head_dim;
     let n_q = q.len() / q_row;
@@ -270,25 +282,12 @@ fn paged_attention_with(
     if n_q == 0 {
         return Ok(());
     }
-    let group = heads / kv_heads;
     let simd = simd && cfg!(target_arch = "x86_64");
     if n_q == 1 {
-        // Decode: one task per query head; short contexts stay on this thread.
-        let one_head = |(head, o): (usize, &mut [f32])| {
-            let w = Walk::new(&kv, kv_row, (head / group) * head_dim);
-            let qh = &q[head * head_dim..][..head_dim];
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the caller chose `simd` only where AVX2, FMA and F16C were detected.
-                return unsafe { one_query_avx2(&w, qh, o, pos0 + 1, scale) };
-            }
-            one_query(&w, false, qh, o, pos0 + 1, scale);
-        };
-        if (pos0 + 1) * heads < SERIAL_DECODE_KEYS {
-            out.chunks_mut(head_dim).enumerate().for_each(one_head);
-        } else {
-            out.par_chunks_mut(head_dim).enumerate().for_each(one_head);
-        }
+        // Decode: split over the keys when the context is long (see `flash_decode`).
+        let n_keys = pos0 + 1;
+        let plan = flash_decode::Plan::new(heads, n_keys, kv.page_size);
+        flash_decode::decode(shape, q, &kv, n_keys, scale, out, simd, plan);
         return Ok(());
     }
     // Prefill: blocks of query rows over all their visible keys.
@@ -314,8 +313,9 @@ fn paged_attention_with(
 /// position `p + r` and sees keys below `p + r + 1` only; with `None` every row sees all of
 /// `keys`. Two such partial results over disjoint key ranges combine with
 /// [`merge_partial_attention`] into attention over both: the building block of cascade
-/// attention (a shared prefix attended once for many sequences) and of split-key decode. The
-/// causal prefill path is this function over `0..pos0 + n` without the log-sum-exps. (A
+/// attention (a shared prefix attended once for many sequences). Split-key decode, inside
+/// [`paged_causal_attention`], does the same with unnormalised partial states. The causal
+/// prefill path is this function over `0..pos0 + n` without the log-sum-exps. (A
 /// cascade over shared prefix pages was measured on this CPU and gave no gain over attending
 /// per sequence, so the engine does not use one yet.)
 #[allow(clippy::too_many_arguments)]
@@ -545,28 +545,6 @@ impl<'a> Walk<'a> {
     }
 }
 
-/// Decode attention for one query head over `n_keys` keys.
-#[inline(always)]
-fn one_query(w: &Walk<'_>, simd: bool, q: &[f32], out: &mut [f32], n_keys: usize, scale: f32) {
-    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-    out.fill(0.0);
-    let mut t0 = 0;
-    while t0 < n_keys {
-        let n = TILE.min(n_keys - t0);
-        w.tile(simd, q, out, &mut m, &mut l, t0, n, scale);
-        t0 += n;
-    }
-    if l > 0.0 {
-        scale_body(out, 1.0 / l);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn one_query_avx2(w: &Walk<'_>, q: &[f32], out: &mut [f32], n_keys: usize, scale: f32) {
-    one_query(w, true, q, out, n_keys, scale)
-}
-
 /// One task: the query heads of K/V head `kvh` for query rows `rows`, over `keys`.
 struct Block<'a> {
     walk: Walk<'a>,
@@ -672,6 +650,9 @@ fn seg_scores(
 fn seg_accumulate(simd: bool, acc: &mut [f32], v: &[f16], stride: usize, w: &[f32]) {
     tile::accumulate(simd, acc, v, stride, w)
 }
+
+#[path = "flash_decode.rs"]
+mod flash_decode;
 
 #[cfg(test)]
 #[path = "paged_attention_tests.rs"]
