@@ -7,6 +7,10 @@
 //!
 //! `cargo run --release -p agentd-kernels --example attn_bench [CONTEXT…] [HxKVxD…]` (contexts
 //! and head shapes to measure instead of the defaults, e.g. `8192 4x1x256`)
+//!
+//! After the decode rows, one row per head shape times prefill attention for a 2,048-token
+//! prompt (all 2,048 query rows in one call, on the pool of every core): wall time, the
+//! process's CPU time (all threads) and tokens per second, best of several rounds.
 
 use agentd_kernels::attention::AttentionShape;
 use agentd_kernels::paged_attention::{paged_causal_attention, write_kv, PagedKv, PagedKvMut};
@@ -15,12 +19,18 @@ use std::time::Instant;
 
 const PAGE_SIZE: usize = 16;
 
-/// Microseconds per call of decode attention at context `ctx`, in `pool`: wall time, and the
-/// CPU time of the thread that made the call.
-fn time_decode(shape: AttentionShape, ctx: usize, pool: &rayon::ThreadPool) -> (f64, f64) {
+/// Prompt length for the prefill measurement.
+const PREFILL_TOKENS: usize = 2048;
+
+/// Paged K/V for positions `0..ctx` (pages in reverse order, so the walk is not one contiguous
+/// stream), and `n_q` query rows.
+fn setup(
+    shape: AttentionShape,
+    ctx: usize,
+    n_q: usize,
+) -> (Vec<f16>, Vec<f16>, Vec<u32>, Vec<f32>) {
     let kv_row = shape.kv_heads * shape.head_dim;
     let pages = ctx.div_ceil(PAGE_SIZE);
-    // Pages in reverse order, so the walk is not one contiguous stream.
     let table: Vec<u32> = (0..pages as u32).rev().collect();
     let mut k_pool = vec![f16::ZERO; pages * PAGE_SIZE * kv_row];
     let mut v_pool = k_pool.clone();
@@ -37,9 +47,58 @@ fn time_decode(shape: AttentionShape, ctx: usize, pool: &rayon::ThreadPool) -> (
         page_table: &table,
     };
     write_kv(shape, kv, 0, &k, &v).unwrap();
-    let q: Vec<f32> = (0..shape.heads * shape.head_dim)
+    let q: Vec<f32> = (0..n_q * shape.heads * shape.head_dim)
         .map(|i| (i as f32 * 0.37).sin())
         .collect();
+    (k_pool, v_pool, table, q)
+}
+
+/// Prefill attention for a [`PREFILL_TOKENS`]-token prompt in `pool`: the best round's wall
+/// seconds and the process CPU seconds in that round.
+fn time_prefill(shape: AttentionShape, pool: &rayon::ThreadPool) -> (f64, f64) {
+    let (k_pool, v_pool, table, q) = setup(shape, PREFILL_TOKENS, PREFILL_TOKENS);
+    let mut out = vec![0f32; q.len()];
+    let kv = PagedKv {
+        k_pool: &k_pool,
+        v_pool: &v_pool,
+        page_size: PAGE_SIZE,
+        page_table: &table,
+    };
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let mut run = || paged_causal_attention(shape, &q, kv, 0, scale, &mut out).unwrap();
+    pool.install(|| {
+        run();
+        (0..8)
+            .map(|_| {
+                let (start, cpu0) = (Instant::now(), process_cpu_s());
+                run();
+                (start.elapsed().as_secs_f64(), process_cpu_s() - cpu0)
+            })
+            .fold((f64::INFINITY, f64::INFINITY), |a, b| {
+                if b.0 < a.0 {
+                    b
+                } else {
+                    a
+                }
+            })
+    })
+}
+
+/// The CPU time of the whole process (every thread), in seconds.
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Microseconds per call of decode attention at context `ctx`, in `pool`: wall time, and the
+/// CPU time of the thread that made the call.
+fn time_decode(shape: AttentionShape, ctx: usize, pool: &rayon::ThreadPool) -> (f64, f64) {
+    let (k_pool, v_pool, table, q) = setup(shape, ctx, 1);
     let mut out = vec![0f32; q.len()];
     let kv = PagedKv {
         k_pool: &k_pool,
@@ -120,7 +179,7 @@ fn main() {
         contexts = vec![512, 2048, 8192];
     }
     let mut rows = Vec::new();
-    for (heads, kv_heads, head_dim) in shapes {
+    for &(heads, kv_heads, head_dim) in &shapes {
         let shape = AttentionShape {
             heads,
             kv_heads,
@@ -135,6 +194,21 @@ fn main() {
                 t1 / tn
             ));
         }
+    }
+    for &(heads, kv_heads, head_dim) in &shapes {
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let (wall, cpu) = time_prefill(shape, &all);
+        rows.push(format!(
+            "{{\"heads\":{heads},\"kv_heads\":{kv_heads},\"head_dim\":{head_dim},\"prefill_tokens\":{PREFILL_TOKENS},\"prefill_ms_{}_threads\":{:.2},\"prefill_cpu_ms\":{:.2},\"prefill_tokens_per_s\":{:.0}}}",
+            all.current_num_threads(),
+            wall * 1e3,
+            cpu * 1e3,
+            PREFILL_TOKENS as f64 / wall
+        ));
     }
     println!("[\n  {}\n]", rows.join(",\n  "));
 }

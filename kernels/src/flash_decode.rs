@@ -1,33 +1,31 @@
 //! Decode attention (one query row) over the paged f16 KV pool, split across the keys
-//! (flash-decoding).
+//! (flash-decoding), in the canonical order of [`super`] (see its module documentation).
 //!
-//! One task per (K/V head, chunk of keys) computes, for every query head of that K/V head's
-//! group, the partial online-softmax state over its keys: the running maximum `m`, the sum `l`
-//! of `e^(s - m)` and the unnormalised output `Σ e^(s - m)·v`. It walks its keys tile by tile
-//! and, within a tile, query head by query head, so each key and value row is fetched from
-//! memory once for the whole group (the other heads find it in cache). The partial states are
-//! then merged chunk 0, 1, 2, … in that order and normalised.
+//! The keys are cut into the canonical chunks `[0, CHUNK)`, `[CHUNK, 2·CHUNK)`, … (the last one
+//! ends at the context). One task per (K/V head, chunk) computes, for every query head of that
+//! K/V head's group, the online-softmax state of its chunk from a fresh start: the running
+//! maximum `m`, the sum `l` of `e^(s - m)` and the unnormalised output `Σ e^(s - m)·v`. It walks
+//! its keys tile by tile from the chunk's start and, within a tile, query head by query head, so
+//! each key and value row is fetched from memory once for the whole group (the other heads find
+//! it in cache). The states are then merged chunk 0, 1, 2, … in that order with
+//! [`tile::merge_state`] and normalised.
 //!
-//! The chunk length is a function of the context length and the page size only (see
-//! [`chunk_len`]), never of the number of threads, and the merge order is fixed, so the result is
-//! bit-for-bit the same on any machine and in any thread pool. Short contexts (fewer than
-//! [`SERIAL_DECODE_KEYS`] keys × query heads) run as one chunk per K/V head on the calling
-//! thread, which gives exactly the unsplit online softmax.
+//! The chunks are fixed (they depend on neither the context length, the page size nor the
+//! thread count) and the merge order is fixed, so the result is bit-for-bit the same in any
+//! thread pool, serial or parallel, and the same as the prefill path gives for that query row.
+//! Contexts of one chunk run straight into the output on the calling thread; contexts of fewer
+//! than [`SERIAL_DECODE_KEYS`] keys × query heads run their chunks on the calling thread, the
+//! rest on the rayon pool.
 
-use super::{PagedKv, Walk, TILE};
+use super::{PagedKv, Walk, CHUNK, TILE};
 use crate::attention::AttentionShape;
+use crate::tile;
 use crate::vecops::scale_body;
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Keys × query heads below which decode attention runs on the calling thread, unsplit.
+/// Keys × query heads below which decode attention runs on the calling thread.
 pub(super) const SERIAL_DECODE_KEYS: usize = 2048;
-
-/// The number of chunks a long context is split into (about: see [`chunk_len`]).
-const TARGET_CHUNKS: usize = 16;
-
-/// The fewest keys in a chunk (before rounding up to whole pages and tiles).
-const MIN_CHUNK_KEYS: usize = 128;
 
 /// f32s per cache line.
 const LINE: usize = 16;
@@ -35,7 +33,8 @@ const LINE: usize = 16;
 /// How decode splits its keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Plan {
-    /// Keys per chunk (the last chunk may be shorter); at least 1.
+    /// Keys per chunk (the last chunk may be shorter); at least 1. Always [`CHUNK`] in
+    /// [`Plan::new`], the canonical order; the tests use other lengths to check the merge.
     pub chunk: usize,
     /// Whether the (K/V head, chunk) tasks run on the rayon pool or on this thread. The result
     /// is the same either way.
@@ -43,33 +42,15 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    /// The plan for `n_keys` keys on pages of `page_size`: unsplit and serial below
-    /// [`SERIAL_DECODE_KEYS`] keys × query heads, else chunks of [`chunk_len`] in parallel.
-    pub fn new(heads: usize, n_keys: usize, page_size: usize) -> Plan {
-        if n_keys * heads < SERIAL_DECODE_KEYS {
-            Plan {
-                chunk: n_keys.max(1),
-                parallel: false,
-            }
-        } else {
-            Plan {
-                chunk: chunk_len(n_keys, page_size),
-                parallel: true,
-            }
+    /// The plan for `n_keys` keys and `heads` query heads: canonical chunks, run on this thread
+    /// below [`SERIAL_DECODE_KEYS`] keys × query heads or when there is one chunk, else on the
+    /// rayon pool.
+    pub fn new(heads: usize, n_keys: usize) -> Plan {
+        Plan {
+            chunk: CHUNK,
+            parallel: n_keys * heads >= SERIAL_DECODE_KEYS && n_keys > CHUNK,
         }
     }
-}
-
-/// Keys per chunk for a context of `n_keys` keys: about `n_keys / TARGET_CHUNKS`, at least
-/// [`MIN_CHUNK_KEYS`], rounded up to whole pages covering at least one tile, so chunks start on
-/// page boundaries (and, for pages that divide the tile, on the unsplit walk's tile boundaries).
-/// Depends on `n_keys` and `page_size` only.
-pub(super) fn chunk_len(n_keys: usize, page_size: usize) -> usize {
-    let unit = page_size * TILE.div_ceil(page_size);
-    n_keys
-        .div_ceil(TARGET_CHUNKS)
-        .max(MIN_CHUNK_KEYS)
-        .next_multiple_of(unit)
 }
 
 /// Decode attention for one query row `q` (`heads × head_dim`) over keys `0..n_keys` of `kv`,
@@ -108,8 +89,9 @@ pub(super) fn decode(
         group_chunk(&task, false, acc, m, l);
     };
     let chunks = n_keys.div_ceil(plan.chunk).max(1);
-    if chunks == 1 && !plan.parallel {
-        // One chunk per K/V head, accumulated straight into `out`.
+    if chunks == 1 {
+        // One chunk per K/V head, accumulated straight into `out` (the same as merging it
+        // into a fresh state).
         let mut stack = [0f32; 64];
         let mut heap = Vec::new();
         let ml = if 2 * group <= stack.len() {
@@ -152,7 +134,8 @@ pub(super) fn decode(
     } else {
         parts.chunks_mut(stride).enumerate().for_each(task);
     }
-    // Merge in chunk order, so the sums do not depend on which thread ran what.
+    // Merge in chunk order, so the sums do not depend on which thread ran what: the first
+    // state copied (as merging it into a fresh one would), then each later one merged in.
     for (kvh, out) in out.chunks_exact_mut(gd).enumerate() {
         let states = &parts[kvh * chunks * stride..(kvh + 1) * chunks * stride];
         for (g, o) in out.chunks_exact_mut(d).enumerate() {
@@ -164,7 +147,7 @@ pub(super) fn decode(
             o.copy_from_slice(acc0);
             for c in 1..chunks {
                 let (acc, mc, lc) = state(c);
-                merge_state(o, &mut m, &mut l, acc, mc, lc);
+                tile::merge_state(o, &mut m, &mut l, acc, mc, lc);
             }
             normalise(o, l);
         }
@@ -180,27 +163,6 @@ fn normalise(acc: &mut [f32], l: f32) {
     }
 }
 
-/// Folds the partial state (`acc_b`, `m_b`, `l_b`) over later keys into (`acc`, `m`, `l`):
-/// both become relative to the larger maximum and are added.
-#[inline]
-fn merge_state(acc: &mut [f32], m: &mut f32, l: &mut f32, acc_b: &[f32], m_b: f32, l_b: f32) {
-    if l_b == 0.0 {
-        return;
-    }
-    if *l == 0.0 {
-        acc.copy_from_slice(acc_b);
-        (*m, *l) = (m_b, l_b);
-        return;
-    }
-    let mx = m.max(m_b);
-    let (ca, cb) = ((*m - mx).exp(), (m_b - mx).exp());
-    for (a, &b) in acc.iter_mut().zip(acc_b) {
-        *a = *a * ca + b * cb;
-    }
-    *l = *l * ca + l_b * cb;
-    *m = mx;
-}
-
 /// One task: the query heads of one K/V head (`q`, `group × head_dim`) over the keys `keys`.
 struct GroupChunk<'a> {
     walk: Walk<'a>,
@@ -209,10 +171,11 @@ struct GroupChunk<'a> {
     scale: f32,
 }
 
-/// The partial online-softmax state of every query head of a [`GroupChunk`]: unnormalised
-/// accumulators in `acc` (`group × head_dim`), maxima in `m` and sums in `l` (`group` each).
-/// Walks the keys a tile at a time and runs every query head over the tile before the next,
-/// so the tile's keys and values stay in cache for the whole group.
+/// The online-softmax state of every query head of a [`GroupChunk`], from a fresh start:
+/// unnormalised accumulators in `acc` (`group × head_dim`), maxima in `m` and sums in `l`
+/// (`group` each). Walks the keys a tile at a time from the chunk's start (the canonical tiles)
+/// and runs every query head over the tile before the next, so the tile's keys and values stay
+/// in cache for the whole group.
 #[inline(always)]
 fn group_chunk(t: &GroupChunk<'_>, simd: bool, acc: &mut [f32], m: &mut [f32], l: &mut [f32]) {
     let d = t.q.len() / m.len();

@@ -1,6 +1,8 @@
 //! Tests for paged attention: against a naive reference and the contiguous kernel, over shuffled
-//! page tables; split-key decode against the unsplit per-head walk it replaced.
-use super::flash_decode::{chunk_len, decode, Plan, SERIAL_DECODE_KEYS};
+//! page tables; split-key decode against the unsplit per-head walk it replaced and against f64;
+//! and the canonical-order invariant: a row's bits are the same alone (decode) or in a prefill
+//! call, on either instruction path, in any thread pool.
+use super::flash_decode::{decode, Plan, SERIAL_DECODE_KEYS};
 use super::*;
 use crate::attention::causal_attention;
 use crate::attention::tests::naive;
@@ -538,9 +540,9 @@ fn check_decode_case(c: &DecodeCase) -> std::result::Result<(), TestCaseError> {
     let d = c.shape.head_dim;
     let label = c.label();
     let exact = c.exact();
-    let plan = Plan::new(c.shape.heads, c.n_keys, c.page_size);
+    let plan = Plan::new(c.shape.heads, c.n_keys);
     let forced = Plan {
-        chunk: chunk_len(c.n_keys, c.page_size),
+        chunk: CHUNK,
         parallel: true,
     };
     let unsplit = Plan {
@@ -558,6 +560,10 @@ fn check_decode_case(c: &DecodeCase) -> std::result::Result<(), TestCaseError> {
         // Unsplit is the old walk exactly.
         prop_assert_eq!(&c.decode(simd, unsplit), &reference, "unsplit, {}", &label);
         let split = c.decode(simd, forced);
+        if c.n_keys <= CHUNK {
+            // One canonical chunk: the plain online softmax.
+            prop_assert_eq!(&split, &reference, "one chunk, {}", &label);
+        }
         let err = max_rel_err(&split, &exact, d);
         prop_assert!(
             err <= TOL,
@@ -665,35 +671,184 @@ proptest! {
 }
 
 #[test]
-fn decode_chunks_depend_on_the_context_only() {
-    for page_size in [1, 3, 16, 32, 48, 64, 100] {
-        let mut last = 0;
+fn decode_plan_is_canonical() {
+    // The chunks never depend on the context length (or anything else); only where they run
+    // does.
+    for heads in [1, 4, 9, 14] {
         for n_keys in (1..20_000).step_by(97) {
-            let len = chunk_len(n_keys, page_size);
-            // Whole pages, at least one tile, growing with the context, and never more than
-            // about `TARGET_CHUNKS` chunks.
-            assert_eq!(len % page_size, 0);
-            assert!(len >= TILE && len >= last);
-            assert!(
-                n_keys.div_ceil(len) <= 16,
-                "{n_keys} keys in chunks of {len}"
+            let plan = Plan::new(heads, n_keys);
+            assert_eq!(plan.chunk, CHUNK);
+            assert_eq!(
+                plan.parallel,
+                n_keys > CHUNK && n_keys * heads >= SERIAL_DECODE_KEYS
             );
-            last = len;
         }
     }
-    assert_eq!(chunk_len(8192, 16), 512);
-    assert_eq!(chunk_len(2048, 16), 128);
-    assert_eq!(chunk_len(100, 16), 128);
-    // Short contexts stay whole, on this thread.
-    let short = Plan::new(9, SERIAL_DECODE_KEYS / 9, 16);
-    assert_eq!(
-        short,
-        Plan {
-            chunk: SERIAL_DECODE_KEYS / 9,
-            parallel: false
+    assert_eq!(CHUNK % TILE, 0);
+    assert_eq!(chunk_end(0, 10_000), CHUNK);
+    assert_eq!(chunk_end(CHUNK - 1, 10_000), CHUNK);
+    assert_eq!(chunk_end(CHUNK, 10_000), 2 * CHUNK);
+    assert_eq!(chunk_end(CHUNK + 5, CHUNK + 9), CHUNK + 9);
+}
+
+/// `n` query rows ending at the end of `c`'s context, and the keys they see: rows
+/// `n_keys - n .. n_keys`.
+fn prompt_rows(c: &DecodeCase, n: usize, seed: u32) -> Vec<f32> {
+    gen(n * c.shape.heads * c.shape.head_dim, seed, 4)
+}
+
+/// Runs `paged_attention_with` for the rows `q` at positions `pos0, pos0 + 1, …` in a pool of
+/// `threads` threads.
+fn attend_in_pool(
+    c: &DecodeCase,
+    q: &[f32],
+    pos0: usize,
+    simd: bool,
+    pool: &rayon::ThreadPool,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; q.len()];
+    pool.install(|| paged_attention_with(c.shape, q, c.kv(), pos0, c.scale(), &mut out, simd))
+        .unwrap();
+    out
+}
+
+/// Checks the invariant for `n` prompt rows ending at `c`'s context: the prefill call's rows
+/// equal, bit for bit, each row attended alone (the decode path), on both instruction paths,
+/// in pools of 1 and 3 threads (decode splits across threads where the context is long).
+fn check_prefill_matches_decode(
+    c: &DecodeCase,
+    n: usize,
+    seed: u32,
+) -> std::result::Result<(), TestCaseError> {
+    let q = prompt_rows(c, n, seed);
+    let q_row = c.shape.heads * c.shape.head_dim;
+    let pos0 = c.n_keys - n;
+    let label = format!("{} rows {}", c.label(), n);
+    let pools: Vec<rayon::ThreadPool> = [1, 3]
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let simd_paths: &[bool] = if cpu::features().avx2 {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &simd in simd_paths {
+        let prefill: Vec<Vec<f32>> = pools
+            .iter()
+            .map(|pool| attend_in_pool(c, &q, pos0, simd, pool))
+            .collect();
+        prop_assert_eq!(
+            &prefill[0],
+            &prefill[1],
+            "prefill, 1 vs 3 threads, {}",
+            &label
+        );
+        for (pool, threads) in pools.iter().zip([1, 3]) {
+            // Every row in the 3-thread pool; the first, middle and last on one thread (the
+            // decode path's independence from the pool is also checked on its own above).
+            let rows: Vec<usize> = if threads == 1 {
+                vec![0, n / 2, n - 1]
+            } else {
+                (0..n).collect()
+            };
+            for r in rows {
+                let row = &q[r * q_row..(r + 1) * q_row];
+                let alone = attend_in_pool(c, row, pos0 + r, simd, pool);
+                prop_assert_eq!(
+                    &alone[..],
+                    &prefill[0][r * q_row..(r + 1) * q_row],
+                    "row {} at {} alone vs in prefill (simd {}, {} threads), {}",
+                    r,
+                    pos0 + r,
+                    simd,
+                    threads,
+                    &label
+                );
+            }
         }
+    }
+    // The last row alone, through the public entry point, is the decode step itself.
+    let simd = cpu::features().avx2;
+    let last = &q[(n - 1) * q_row..];
+    let mut public = vec![f32::NAN; q_row];
+    paged_causal_attention(c.shape, last, c.kv(), c.n_keys - 1, c.scale(), &mut public).unwrap();
+    prop_assert_eq!(
+        &public[..],
+        &attend_in_pool(c, &q, pos0, simd, &pools[1])[(n - 1) * q_row..],
+        "public decode vs prefill, {}",
+        &label
     );
-    assert!(Plan::new(9, SERIAL_DECODE_KEYS / 9 + 1, 16).parallel);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// The canonical-order invariant: a prefill of `n` rows ending at a random context gives,
+    /// for every row, the bits of that row attended alone.
+    #[test]
+    fn prefill_rows_match_decode_bit_for_bit(
+        kv_heads in 1usize..=3, group in 1usize..=7,
+        head_dim in prop_oneof![Just(64usize), Just(128), Just(256)],
+        page_size in 1usize..40, n_keys in 1usize..9000, n in 1usize..=40, seed in 0u32..1000,
+    ) {
+        let n = n.min(n_keys);
+        let c = DecodeCase::new(kv_heads, group, head_dim, page_size, n_keys, seed);
+        check_prefill_matches_decode(&c, n, seed)?;
+    }
+}
+
+/// The engine's case: a whole prompt run as prefill (a recompute) against its last token alone
+/// (a cache hit), around the chunk and tile boundaries and past several chunks.
+#[test]
+fn whole_prompt_prefill_matches_last_token_decode() {
+    let mut seed = 100;
+    for (kv_heads, group, head_dim, page_size) in [
+        (3, 3, 64, 16),
+        (1, 4, 256, 32),
+        (2, 7, 64, 16),
+        (1, 1, 24, 7),
+    ] {
+        for n_keys in [1, 2, 63, 64, 65, 255, 256, 257, 511, 513, 700, 2100] {
+            seed += 1;
+            let c = DecodeCase::new(kv_heads, group, head_dim, page_size, n_keys, seed);
+            let q = prompt_rows(&c, n_keys, seed);
+            let q_row = c.shape.heads * head_dim;
+            let mut full = vec![f32::NAN; q.len()];
+            paged_causal_attention(c.shape, &q, c.kv(), 0, c.scale(), &mut full).unwrap();
+            for r in [0, n_keys / 2, n_keys - 1] {
+                let row = &q[r * q_row..(r + 1) * q_row];
+                let mut alone = vec![f32::NAN; q_row];
+                paged_causal_attention(c.shape, row, c.kv(), r, c.scale(), &mut alone).unwrap();
+                assert_eq!(
+                    alone[..],
+                    full[r * q_row..(r + 1) * q_row],
+                    "row {r} of {}",
+                    c.label()
+                );
+            }
+            // The partial-attention entry point over all the keys is the same walk.
+            let mut part = vec![f32::NAN; q.len()];
+            let mut lse = vec![0f32; n_keys * c.shape.heads];
+            paged_attention_partial(
+                c.shape,
+                &q,
+                c.kv(),
+                0..n_keys,
+                Some(0),
+                c.scale(),
+                &mut part,
+                &mut lse,
+            )
+            .unwrap();
+            assert_eq!(part, full, "partial vs causal, {}", c.label());
+        }
+    }
 }
 
 /// The engine attends to each sequence of a batch inside a parallel loop; nested splitting
