@@ -17,12 +17,49 @@
 //!
 //! The same online softmax as [`crate::attention`]: each query walks its keys in tiles of up to
 //! 64 keys (a tile may span several pages), keeping a running maximum and sum, so no score
-//! matrix is materialised and no context is ever copied out of the pages. Decode (one query row)
-//! runs one task per query head; prefill runs one task per (K/V head, block of query rows), so
-//! each page is read once for the whole query group. Query heads that share a K/V head read it in
-//! place. For 64-wide heads an AVX2+FMA+F16C kernel (chosen at run time) converts eight f16 at a
-//! time with `vcvtph2ps` and keeps the query or the accumulator in registers; a portable path
-//! handles every head size.
+//! matrix is materialised and no context is ever copied out of the pages.
+//!
+//! # Invariant: one canonical order of operations per query row
+//!
+//! A query row's output is bit-for-bit the same whether it is computed alone (decode: serial,
+//! or split across any number of threads) or as any row of a prefill call of any size, at any
+//! position in it; the engine relies on this (a prefix-cache hit recomputes only the last
+//! prompt token and must equal a full recompute). Every path follows this order for a row at
+//! position `p`, which sees keys `0..=p`:
+//!
+//! 1. The keys are cut into chunks at fixed absolute positions `[0, C)`, `[C, 2C)`, … with
+//!    `C` = [`CHUNK`] (256), a constant multiple of the tile; the causal limit ends the last
+//!    chunk early. The cuts depend on neither the context length, the page size, the query
+//!    block nor the thread count.
+//! 2. Within a chunk, the online softmax starts from a fresh state (maximum `-inf`, sum 0,
+//!    accumulator 0) and walks tiles of up to 64 keys from the chunk's start (so at absolute
+//!    multiples of 64): scores, `tile::fold_softmax`, then the weighted values, key by key in
+//!    order.
+//! 3. The chunk states are merged into the row's running state in chunk order with one formula
+//!    (`tile::merge_state`; merging into the fresh state is a copy, so the first chunk may be
+//!    folded straight into the running state), and the result is divided by the final sum.
+//! 4. The arithmetic is the same in every path for a given instruction choice: the AVX2+FMA+F16C
+//!    kernels (`tile::scores`, `tile::accumulate`, and the same portable softmax and merge code)
+//!    or the portable ones, chosen once per call from the detected CPU; f16 keys and values
+//!    convert to f32 exactly, so reading them in place (decode) or from an f32 copy of the tile
+//!    (prefill) gives the same products.
+//!
+//! Decode (one query row, in the private `flash_decode` module) computes the chunk states in
+//! parallel, one rayon task per (K/V head, chunk) covering every query head of that K/V head's
+//! group, so each key and value row is read once for the whole group, then merges them in
+//! order. A context of one chunk runs straight into the output, and contexts shorter than 2,048
+//! keys × query heads run their chunks on the calling thread. Calls made from inside a rayon
+//! loop (the engine attends to a batch's sequences in parallel) split the same way, nested.
+//!
+//! Prefill runs one task per (K/V head, block of query rows), so each page is read once for the
+//! whole query group; the block walks the chunks in order and keeps a chunk state per row beside
+//! its running state. Query heads that share a K/V head read it in place. An AVX2+FMA+F16C
+//! kernel (chosen at run time) converts eight f16 at a time with `vcvtph2ps` and, for 64-wide
+//! heads, keeps the query or the accumulator in registers; a portable path handles every head
+//! size and every CPU.
+//!
+//! [`paged_attention_partial`] and [`merge_partial_attention`] expose attention over a key range
+//! and the merge of two such results (cascade attention), normalised, with log-sum-exps.
 
 use crate::attention::AttentionShape;
 use crate::cpu;
@@ -61,8 +98,20 @@ pub struct PagedKvMut<'a> {
 /// Keys per online-softmax tile.
 const TILE: usize = 64;
 
-/// Keys × heads below which decode attention runs on the calling thread.
-const SERIAL_DECODE_KEYS: usize = 2048;
+/// Keys per chunk of the canonical order (see the module documentation): chunks start at
+/// absolute positions `0, CHUNK, 2·CHUNK, …`, whatever the context length, page size, query
+/// block or thread count. A multiple of the 64-key tile, so tiles within a chunk also sit at
+/// absolute multiples of 64. 256 was measured best of 128/256/512: it splits 512- and
+/// 2,048-key decodes across two threads at no single-thread cost.
+pub const CHUNK: usize = 256;
+
+const _: () = assert!(CHUNK.is_multiple_of(TILE));
+
+/// The end of the canonical chunk that key `t` falls in, capped at `end`.
+#[inline(always)]
+pub(crate) fn chunk_end(t: usize, end: usize) -> usize {
+    ((t / CHUNK + 1) * CHUNK).min(end)
+}
 
 /// Query rows per prefill task.
 const QUERY_BLOCK: usize = 16;
@@ -215,6 +264,11 @@ pub fn write_kv(
 /// keys and values of positions `0..pos0 + n_q` must already be in the pages (see
 /// [`write_kv`]). Writes rows of `heads × head_dim` to `out`. Every length and every page id
 /// the positions use is checked; a mismatch is a [`KernelError::Length`], never a panic.
+///
+/// Every query row follows the canonical order of the module documentation, so its output
+/// depends on its own inputs only: not on how many rows the call has or where it sits among
+/// them, and not on the number of threads. One query row (decode) over a long context is split
+/// over the keys and runs on the rayon pool.
 pub fn paged_causal_attention(
     shape: AttentionShape,
     q: &[f32],
@@ -227,7 +281,8 @@ pub fn paged_causal_attention(
 }
 
 /// [`paged_causal_attention`] with the SIMD choice made by the caller (`simd` only where
-/// AVX2, FMA and F16C were detected).
+/// AVX2, FMA and F16C were detected). Both the decode and the prefill path use that one choice,
+/// so they give the same bits for the same row.
 fn paged_attention_with(
     shape: AttentionShape,
     q: &[f32],
@@ -239,9 +294,7 @@ fn paged_attention_with(
 ) -> Result<()> {
     let kv_row = check_shape(shape)?;
     let AttentionShape {
-        heads,
-        kv_heads,
-        head_dim,
+        heads, head_dim, ..
     } = shape;
     let q_row = heads * head_dim;
     let n_q = q.len() / q_row;
@@ -270,25 +323,12 @@ fn paged_attention_with(
     if n_q == 0 {
         return Ok(());
     }
-    let group = heads / kv_heads;
     let simd = simd && cfg!(target_arch = "x86_64");
     if n_q == 1 {
-        // Decode: one task per query head; short contexts stay on this thread.
-        let one_head = |(head, o): (usize, &mut [f32])| {
-            let w = Walk::new(&kv, kv_row, (head / group) * head_dim);
-            let qh = &q[head * head_dim..][..head_dim];
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the caller chose `simd` only where AVX2, FMA and F16C were detected.
-                return unsafe { one_query_avx2(&w, qh, o, pos0 + 1, scale) };
-            }
-            one_query(&w, false, qh, o, pos0 + 1, scale);
-        };
-        if (pos0 + 1) * heads < SERIAL_DECODE_KEYS {
-            out.chunks_mut(head_dim).enumerate().for_each(one_head);
-        } else {
-            out.par_chunks_mut(head_dim).enumerate().for_each(one_head);
-        }
+        // Decode: split over the keys when the context is long (see `flash_decode`).
+        let n_keys = pos0 + 1;
+        let plan = flash_decode::Plan::new(heads, n_keys);
+        flash_decode::decode(shape, q, &kv, n_keys, scale, out, simd, plan);
         return Ok(());
     }
     // Prefill: blocks of query rows over all their visible keys.
@@ -314,8 +354,11 @@ fn paged_attention_with(
 /// position `p + r` and sees keys below `p + r + 1` only; with `None` every row sees all of
 /// `keys`. Two such partial results over disjoint key ranges combine with
 /// [`merge_partial_attention`] into attention over both: the building block of cascade
-/// attention (a shared prefix attended once for many sequences) and of split-key decode. The
-/// causal prefill path is this function over `0..pos0 + n` without the log-sum-exps. (A
+/// attention (a shared prefix attended once for many sequences). Split-key decode, inside
+/// [`paged_causal_attention`], does the same with unnormalised partial states. The causal
+/// prefill path is this function over `0..pos0 + n` without the log-sum-exps. Within `keys`,
+/// the canonical order applies (chunks cut at absolute multiples of [`CHUNK`], tiles from each
+/// chunk's start), so over `0..pos0 + n` it gives the bits of [`paged_causal_attention`]. (A
 /// cascade over shared prefix pages was measured on this CPU and gave no gain over attending
 /// per sequence, so the engine does not use one yet.)
 #[allow(clippy::too_many_arguments)]
@@ -545,28 +588,6 @@ impl<'a> Walk<'a> {
     }
 }
 
-/// Decode attention for one query head over `n_keys` keys.
-#[inline(always)]
-fn one_query(w: &Walk<'_>, simd: bool, q: &[f32], out: &mut [f32], n_keys: usize, scale: f32) {
-    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-    out.fill(0.0);
-    let mut t0 = 0;
-    while t0 < n_keys {
-        let n = TILE.min(n_keys - t0);
-        w.tile(simd, q, out, &mut m, &mut l, t0, n, scale);
-        t0 += n;
-    }
-    if l > 0.0 {
-        scale_body(out, 1.0 / l);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn one_query_avx2(w: &Walk<'_>, q: &[f32], out: &mut [f32], n_keys: usize, scale: f32) {
-    one_query(w, true, q, out, n_keys, scale)
-}
-
 /// One task: the query heads of K/V head `kvh` for query rows `rows`, over `keys`.
 struct Block<'a> {
     walk: Walk<'a>,
@@ -596,9 +617,13 @@ impl Walk<'_> {
     }
 }
 
-/// Online-softmax attention for every query of a [`Block`], tile by tile over its keys: each
-/// tile is converted to f32 once and then used by every query of the block. Writes rows of
-/// `group × head_dim` (normalised) into `out` and each query's log-sum-exp into `lse`.
+/// Online-softmax attention for every query of a [`Block`], in the canonical order (see the
+/// module documentation): chunk by chunk of [`CHUNK`] keys at absolute positions, each chunk
+/// tile by tile from its start into a fresh state that is then merged into the row's running
+/// state ([`tile::merge_state`]; the first chunk folds straight into the running state, which
+/// is the same as merging into a fresh one). Each tile is converted to f32 once and then used by
+/// every query of the block. Writes rows of `group × head_dim` (normalised) into `out` and each
+/// query's log-sum-exp into `lse`.
 #[inline(always)]
 fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
     let d = p.head_dim;
@@ -612,31 +637,44 @@ fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
     };
     let last = p.rows.clone().map(visible_end).max().unwrap_or(0);
     let tile_keys = TILE.min(last.saturating_sub(p.keys.start));
-    let mut kt = vec![0f32; tile_keys * d];
-    let mut vt = vec![0f32; tile_keys * d];
-    let mut scores = [0f32; TILE];
-    let mut t0 = p.keys.start;
-    while t0 < last {
-        let n = TILE.min(last - t0);
-        p.walk.load_tile(simd, t0, n, d, &mut kt, &mut vt);
-        for (ri, r) in p.rows.clone().enumerate() {
-            let end = visible_end(r);
-            if t0 >= end {
-                continue;
-            }
-            let nr = n.min(end - t0);
-            let s = &mut scores[..nr];
-            for g in 0..p.group {
-                let qi = ri * p.group + g;
-                let head = p.kvh * p.group + g;
-                let qv = &p.q[r * p.q_row + head * d..][..d];
-                let acc = &mut out[qi * d..(qi + 1) * d];
-                let tmax = tile::scores(simd, qv, &kt, d, p.scale, s);
-                tile::fold_softmax(acc, &mut m[qi], &mut l[qi], s, tmax);
-                tile::accumulate(simd, acc, &vt, d, s);
+    let mut buf = Buffers {
+        k: vec![0f32; tile_keys * d],
+        v: vec![0f32; tile_keys * d],
+        scores: [0f32; TILE],
+    };
+    // The state of the second and later chunks, merged into `out`, `m`, `l` after each.
+    let (mut cacc, mut cm, mut cl) = (Vec::new(), Vec::new(), Vec::new());
+    let mut c0 = p.keys.start;
+    while c0 < last {
+        let c1 = chunk_end(c0, last);
+        if c0 == p.keys.start {
+            block_chunk(p, simd, c0..c1, &visible_end, &mut buf, out, &mut m, &mut l);
+        } else {
+            cacc.clear();
+            cacc.resize(nq * d, 0.0);
+            cm.clear();
+            cm.resize(nq, f32::NEG_INFINITY);
+            cl.clear();
+            cl.resize(nq, 0.0);
+            block_chunk(
+                p,
+                simd,
+                c0..c1,
+                &visible_end,
+                &mut buf,
+                &mut cacc,
+                &mut cm,
+                &mut cl,
+            );
+            for (qi, (acc, cacc)) in out
+                .chunks_exact_mut(d)
+                .zip(cacc.chunks_exact(d))
+                .enumerate()
+            {
+                tile::merge_state(acc, &mut m[qi], &mut l[qi], cacc, cm[qi], cl[qi]);
             }
         }
-        t0 += n;
+        c0 = c1;
     }
     for (qi, acc) in out.chunks_exact_mut(d).enumerate() {
         if l[qi] > 0.0 {
@@ -645,6 +683,54 @@ fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
         } else {
             lse[qi] = f32::NEG_INFINITY;
         }
+    }
+}
+
+/// The f32 copy of one tile's keys and values, and one query's scores over it.
+struct Buffers {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    scores: [f32; TILE],
+}
+
+/// Folds the keys `keys` (one canonical chunk, or its part below `last`) into the states
+/// (`acc`, `m`, `l`) of every query of a [`Block`], tile by tile from the chunk's start; a row
+/// sees the keys below `visible_end(row)` only.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_chunk(
+    p: &Block<'_>,
+    simd: bool,
+    keys: std::ops::Range<usize>,
+    visible_end: &impl Fn(usize) -> usize,
+    buf: &mut Buffers,
+    acc: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
+    let d = p.head_dim;
+    let mut t0 = keys.start;
+    while t0 < keys.end {
+        let n = TILE.min(keys.end - t0);
+        p.walk.load_tile(simd, t0, n, d, &mut buf.k, &mut buf.v);
+        for (ri, r) in p.rows.clone().enumerate() {
+            let end = visible_end(r);
+            if t0 >= end {
+                continue;
+            }
+            let nr = n.min(end - t0);
+            let s = &mut buf.scores[..nr];
+            for g in 0..p.group {
+                let qi = ri * p.group + g;
+                let head = p.kvh * p.group + g;
+                let qv = &p.q[r * p.q_row + head * d..][..d];
+                let acc = &mut acc[qi * d..(qi + 1) * d];
+                let tmax = tile::scores(simd, qv, &buf.k, d, p.scale, s);
+                tile::fold_softmax(acc, &mut m[qi], &mut l[qi], s, tmax);
+                tile::accumulate(simd, acc, &buf.v, d, s);
+            }
+        }
+        t0 += n;
     }
 }
 
@@ -672,6 +758,9 @@ fn seg_scores(
 fn seg_accumulate(simd: bool, acc: &mut [f32], v: &[f16], stride: usize, w: &[f32]) {
     tile::accumulate(simd, acc, v, stride, w)
 }
+
+#[path = "flash_decode.rs"]
+mod flash_decode;
 
 #[cfg(test)]
 #[path = "paged_attention_tests.rs"]

@@ -67,6 +67,38 @@ pub(crate) fn fold_softmax(
     *l += crate::vecops::exp_sub_sum_body(scores, *m);
 }
 
+/// Folds the online-softmax state (`acc_b`, `m_b`, `l_b`) of a later range of keys into the
+/// running state (`acc`, `m`, `l`): both are brought to the larger maximum and added. An empty
+/// state (`l == 0`) on either side is no rescale: the other side is kept or copied as is, so
+/// merging into a fresh state (`0`, `-inf`, `0`) copies. This is the one merge formula of paged
+/// attention's canonical order (see `crate::paged_attention`): every path merges its key chunks
+/// with it, in chunk order.
+#[inline(always)]
+pub(crate) fn merge_state(
+    acc: &mut [f32],
+    m: &mut f32,
+    l: &mut f32,
+    acc_b: &[f32],
+    m_b: f32,
+    l_b: f32,
+) {
+    if l_b == 0.0 {
+        return;
+    }
+    if *l == 0.0 {
+        acc.copy_from_slice(acc_b);
+        (*m, *l) = (m_b, l_b);
+        return;
+    }
+    let mx = m.max(m_b);
+    let (ca, cb) = ((*m - mx).exp(), (m_b - mx).exp());
+    for (a, &b) in acc.iter_mut().zip(acc_b) {
+        *a = *a * ca + b * cb;
+    }
+    *l = *l * ca + l_b * cb;
+    *m = mx;
+}
+
 /// Converts a run of stored elements to f32 (`out.len()` of them; `src` at least as long).
 #[inline(always)]
 pub(crate) fn to_f32<E: KvElem>(simd: bool, src: &[E], out: &mut [f32]) {
