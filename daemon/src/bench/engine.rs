@@ -90,13 +90,21 @@ pub struct EngineBenchReport {
     pub load_seconds: f64,
     /// Bytes of weights in memory.
     pub weight_bytes: usize,
+    /// Size of the GGUF file in bytes.
+    pub file_bytes: Option<u64>,
+    /// Peak resident memory in MiB (Linux `VmHWM`) right after the model loaded, before any
+    /// KV pool was allocated or any benchmark ran.
+    pub peak_rss_mib_after_load: Option<f64>,
+    /// Bytes of the largest KV pool the benchmark allocated (each measurement allocates its own
+    /// pool and frees it before the next one, so at most one is live at a time).
+    pub kv_pool_bytes: usize,
     /// Prefill throughput per prompt length.
     pub prefill: Vec<PrefillResult>,
     /// Decode throughput per context length.
     pub decode: Vec<DecodeResult>,
     /// Batched decode throughput per batch size.
     pub batched_decode: Vec<BatchResult>,
-    /// Peak resident memory of the process, in MiB (Linux `VmHWM`).
+    /// Peak resident memory of the process at the end of the benchmark, in MiB (Linux `VmHWM`).
     pub peak_rss_mib: Option<f64>,
 }
 
@@ -116,6 +124,8 @@ struct Single {
     exec: CpuExecutor,
     table: Vec<u32>,
     len: usize,
+    /// Bytes of the KV pool allocated for it.
+    kv_bytes: usize,
 }
 
 impl Single {
@@ -123,10 +133,12 @@ impl Single {
         let mut exec = engine.cpu_executor();
         let pages = positions.div_ceil(PAGE).max(1);
         exec.allocate(pages, PAGE).map_err(exec_err)?;
+        let kv_bytes = pool_bytes(&exec, pages);
         Ok(Self {
             exec,
             table: (0..pages as u32).collect(),
             len: 0,
+            kv_bytes,
         })
     }
 
@@ -151,6 +163,11 @@ impl Single {
 
 const PAGE: usize = 16;
 
+/// Bytes of a KV pool of `pages` pages of [`PAGE`] tokens on `exec`.
+fn pool_bytes(exec: &CpuExecutor, pages: usize) -> usize {
+    pages * PAGE * exec.kv_bytes_per_token()
+}
+
 fn exec_err(e: agentd_engine::ExecError) -> EngineError {
     match e {
         agentd_engine::ExecError::Model(m) => m.into(),
@@ -171,6 +188,10 @@ pub fn run_engine_bench(
     engine: &LoadedModel,
     cfg: &EngineBenchConfig,
 ) -> Result<EngineBenchReport> {
+    // Read before anything is allocated: the model is loaded, nothing else is.
+    let peak_rss_mib_after_load = peak_rss_mib();
+    let file_bytes = std::fs::metadata(&engine.path).ok().map(|m| m.len());
+    let mut kv_pool_bytes = 0;
     let longest = cfg
         .prefill_sizes
         .iter()
@@ -198,8 +219,10 @@ pub fn run_engine_bench(
     let mut prefill_results = Vec::new();
     for &n in &cfg.prefill_sizes {
         let start = Instant::now();
-        prefill(engine, &tokens[..n], cfg.prefill_chunk, 0)?;
+        let seq = prefill(engine, &tokens[..n], cfg.prefill_chunk, 0)?;
         let seconds = start.elapsed().as_secs_f64();
+        kv_pool_bytes = kv_pool_bytes.max(seq.kv_bytes);
+        drop(seq);
         prefill_results.push(PrefillResult {
             tokens: n,
             seconds,
@@ -221,6 +244,7 @@ pub fn run_engine_bench(
             tok = argmax(&logits);
         }
         let seconds = start.elapsed().as_secs_f64();
+        kv_pool_bytes = kv_pool_bytes.max(seq.kv_bytes);
         decode_results.push(DecodeResult {
             context,
             tokens: cfg.decode_tokens,
@@ -230,7 +254,9 @@ pub fn run_engine_bench(
     }
     let mut batched_decode = Vec::new();
     for &b in &cfg.decode_batches {
-        batched_decode.push(batched_decode_bench(engine, &tokens, cfg, b)?);
+        let (result, kv_bytes) = batched_decode_bench(engine, &tokens, cfg, b)?;
+        kv_pool_bytes = kv_pool_bytes.max(kv_bytes);
+        batched_decode.push(result);
     }
     Ok(EngineBenchReport {
         model: engine.path.display().to_string(),
@@ -238,6 +264,9 @@ pub fn run_engine_bench(
         avx2: agentd_kernels::cpu::features().avx2,
         load_seconds: engine.load_time.as_secs_f64(),
         weight_bytes: engine.model.weight_bytes(),
+        file_bytes,
+        peak_rss_mib_after_load,
+        kv_pool_bytes,
         prefill: prefill_results,
         decode: decode_results,
         batched_decode,
@@ -246,21 +275,23 @@ pub fn run_engine_bench(
 }
 
 /// `batch` sequences over one shared prefix of `cfg.batch_context` tokens (full pages shared, the
-/// partial last page copied per sequence), decoding `cfg.decode_tokens` steps together.
+/// partial last page copied per sequence), decoding `cfg.decode_tokens` steps together. Also
+/// returns the bytes of the KV pool it allocated.
 fn batched_decode_bench(
     engine: &LoadedModel,
     tokens: &[u32],
     cfg: &EngineBenchConfig,
     batch: usize,
-) -> Result<BatchResult> {
+) -> Result<(BatchResult, usize)> {
     let ps = PAGE;
     let ctx = cfg.batch_context.clamp(1, tokens.len());
     let steps = cfg.decode_tokens;
     let shared_pages = ctx.div_ceil(ps);
     let own_pages = (ctx % ps + steps).div_ceil(ps) + 1;
     let mut kv = engine.cpu_executor();
-    kv.allocate(shared_pages + batch * own_pages, ps)
-        .map_err(exec_err)?;
+    let pages = shared_pages + batch * own_pages;
+    kv.allocate(pages, ps).map_err(exec_err)?;
+    let kv_bytes = pool_bytes(&kv, pages);
     let shared: Vec<u32> = (0..shared_pages as u32).collect();
     for (k, chunk) in tokens[..ctx].chunks(cfg.prefill_chunk).enumerate() {
         let step = SeqStep {
@@ -305,13 +336,16 @@ fn batched_decode_bench(
             .collect();
     }
     let seconds = start.elapsed().as_secs_f64();
-    Ok(BatchResult {
-        batch,
-        context: ctx,
-        steps,
-        seconds_per_step: seconds / steps as f64,
-        tokens_per_s: (batch * steps) as f64 / seconds,
-    })
+    Ok((
+        BatchResult {
+            batch,
+            context: ctx,
+            steps,
+            seconds_per_step: seconds / steps as f64,
+            tokens_per_s: (batch * steps) as f64 / seconds,
+        },
+        kv_bytes,
+    ))
 }
 
 fn argmax(v: &[f32]) -> u32 {
