@@ -220,7 +220,7 @@ pub fn type_name(t: GgmlDType) -> &'static str {
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third one in
 /// between get more bits in the _M mixtures.
 fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// llama.cpp's `tensor_type_fallback`: a type whose block does not divide the row length
@@ -294,6 +294,11 @@ pub fn plan(tensors: &[(String, Vec<usize>, GgmlDType)], format: QuantFormat) ->
         .collect()
 }
 
+/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set.
+fn message(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
+}
+
 /// Whether `a` and `b` name the same existing file (same device and inode: a symlink or a hard
 /// link to the input counts as the input).
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -345,7 +350,7 @@ pub fn quantize_file(
     }
     let content = Content::read(&mut f).map_err(|e| QuantizeError::NotGguf {
         path: input.to_owned(),
-        reason: e.to_string(),
+        reason: message(&e),
     })?;
     // File order: by data offset.
     let mut infos: Vec<_> = content.tensor_infos.iter().collect();
@@ -362,7 +367,7 @@ pub fn quantize_file(
     for p in &plans {
         let bad = |e: candle_core::Error| QuantizeError::Tensor {
             name: p.name.clone(),
-            reason: e.to_string(),
+            reason: message(&e),
         };
         let qt = content.tensor(&mut f, &p.name, &Device::Cpu).map_err(bad)?;
         let qt = if p.to == p.from {
@@ -416,7 +421,7 @@ pub fn quantize_file(
         let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let tensor_refs: Vec<(&str, &QTensor)> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        gguf_file::write(&mut w, &meta_refs, &tensor_refs).map_err(|e| write_err(e.to_string()))?;
+        gguf_file::write(&mut w, &meta_refs, &tensor_refs).map_err(|e| write_err(message(&e)))?;
         w.flush().map_err(|e| write_err(e.to_string()))?;
     }
     drop(tensors);
