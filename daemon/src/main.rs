@@ -179,6 +179,17 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1500)]
         batch_context: usize,
     },
+    /// The model's perplexity on a text file, computed as llama.cpp's llama-perplexity does:
+    /// chunks of --context tokens (the global flag, as llama.cpp's --ctx-size; 512 when not
+    /// given), each from BOS, the second half of each scored.
+    Perplexity {
+        /// The text to score (UTF-8; at least two chunks' worth of tokens).
+        #[arg(long)]
+        file: PathBuf,
+        /// Score at most this many chunks (default: all).
+        #[arg(long)]
+        max_chunks: Option<usize>,
+    },
     /// The daemon's own overhead: 1-token generations over the socket minus the engine's time.
     Serve {
         /// Generations to measure.
@@ -336,6 +347,9 @@ enum ModelCommand {
     Path,
     /// Print the model's hyperparameters as JSON.
     Info,
+    /// Rewrite a GGUF file in another quantization (llama.cpp's type mixtures: q4_k_m, q5_k_m,
+    /// q6_k, q8_0, q4_0), printing tensors per type and sizes.
+    Quantize(cli::model::QuantizeArgs),
 }
 
 /// jemalloc rather than glibc's malloc: after large requests (megabytes of text tokenized and
@@ -407,6 +421,16 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let report = run_engine_bench(&engine, &cfg)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Perplexity { file, max_chunks }) => {
+            let engine = load(cli.model, opts)?;
+            let cfg = bench::perplexity::PerplexityConfig {
+                context: cli.context.map_or(512, |n| n as usize),
+                max_chunks,
+            };
+            let report = bench::perplexity::run_perplexity_bench(&engine, &file, &cfg)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
@@ -507,6 +531,7 @@ fn main() -> Result<()> {
             println!("{}", model_path(cli.model)?.display());
             Ok(())
         }
+        Command::Model(ModelCommand::Quantize(args)) => cli::model::quantize(args),
         Command::Model(ModelCommand::Info) => {
             let engine = load(cli.model, opts)?;
             println!("{}", serde_json::to_string_pretty(engine.model.config())?);

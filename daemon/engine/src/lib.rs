@@ -11,6 +11,7 @@
 //! - [`sampling`] turns logits into the next token; [`detok`] and [`stop`] turn tokens into
 //!   text; [`constraint`] masks logits to a grammar; [`decoding`] ties them into one
 //!   generation's output state.
+//! - [`quantize`] rewrites a GGUF file in another quantization (llama.cpp's mixtures).
 //! - [`loaded`]: [`LoadedModel`], a model with its tokenizer and template, and the options and
 //!   errors of a generation.
 
@@ -22,6 +23,7 @@ pub mod executor;
 pub mod loaded;
 pub mod model;
 pub mod model_files;
+pub mod quantize;
 pub mod render;
 pub mod sampling;
 pub mod stop;

@@ -3,6 +3,7 @@
 //! - `engine`: prefill and decode throughput of the CPU executor.
 //! - `latency`: inter-token latency of running streams while a prefix loads from disk and while
 //!   a large grammar compiles; session-call latency while sessions prefill.
+//! - `perplexity`: the model's perplexity on a text file, as llama.cpp's `llama-perplexity`.
 //! - `memory`: the daemon's RSS before, at the peak of and after a battery of large requests.
 //! - `prefix`: many sessions sharing one system prompt, cache off and on.
 //! - `restart`: first-request TTFT on a persisted prefix after a restart.
@@ -16,6 +17,7 @@ pub mod child;
 pub mod engine;
 pub mod latency;
 pub mod memory;
+pub mod perplexity;
 pub mod prefix;
 pub mod restart;
 pub mod serve;

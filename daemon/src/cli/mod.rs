@@ -1,4 +1,6 @@
-//! Subcommands that talk to a running daemon over its socket.
+//! Subcommands that talk to a running daemon over its socket (`admin`, `connect`), and the
+//! model-file tools that need no daemon (`model`: `agentd model quantize`).
 
 pub mod admin;
 pub mod connect;
+pub mod model;

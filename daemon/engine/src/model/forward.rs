@@ -72,6 +72,17 @@ impl Model {
     /// of them. One token is a decode row, several are prompt rows.
     #[cfg(test)]
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward_cached(tokens, cache, false)
+    }
+
+    /// [`Model::forward`], returning the logits of every one of `tokens` (row after row).
+    #[cfg(test)]
+    pub fn forward_all(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward_cached(tokens, cache, true)
+    }
+
+    #[cfg(test)]
+    fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache, all: bool) -> Result<Vec<f32>> {
         let ps = cache.pages.page_size();
         let need = (cache.len + tokens.len()).div_ceil(ps);
         if need > cache.table.len() {
@@ -90,9 +101,14 @@ impl Model {
             kind,
             logits: true,
         };
-        let mut out = self.forward_batch(&[step], &mut cache.pages)?;
+        let logits = if all {
+            self.forward_all_logits(step, &mut cache.pages)?
+        } else {
+            let mut out = self.forward_batch(&[step], &mut cache.pages)?;
+            out.pop().flatten().expect("logits were asked for")
+        };
         cache.len += tokens.len();
-        Ok(out.pop().flatten().expect("logits were asked for"))
+        Ok(logits)
     }
 
     fn check_step(&self, s: &SeqStep<'_>, page_size: usize, num_pages: usize) -> Result<()> {
@@ -141,6 +157,32 @@ impl Model {
         &self,
         seqs: &[SeqStep<'_>],
         kv: &mut KvPages,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        self.run_batch(seqs, kv, false)
+    }
+
+    /// Runs one sequence's new tokens (`step`, whose `logits` flag is ignored) like
+    /// [`Model::forward_batch`] and returns the logits of *every* new token, row after row
+    /// (`step.tokens.len() × vocab` values): what perplexity needs. Each row's logits are
+    /// computed exactly as the last row's are in [`Model::forward_batch`] (the head on 8-bit
+    /// activations unless loaded with [`super::LoadOptions::exact_decode`]), so the last row
+    /// equals what `forward_batch` returns for the same step.
+    pub fn forward_all_logits(&self, step: SeqStep<'_>, kv: &mut KvPages) -> Result<Vec<f32>> {
+        let step = SeqStep {
+            logits: true,
+            ..step
+        };
+        let mut out = self.run_batch(&[step], kv, true)?;
+        Ok(out.pop().flatten().unwrap_or_default())
+    }
+
+    /// [`Model::forward_batch`]; with `all_rows`, a sequence that asks for logits gets every
+    /// new row's rather than the last one's.
+    fn run_batch(
+        &self,
+        seqs: &[SeqStep<'_>],
+        kv: &mut KvPages,
+        all_rows: bool,
     ) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
         for s in seqs {
@@ -254,30 +296,50 @@ impl Model {
             vecops::add(&mut x, &s.proj);
         }
         // The head runs only on the rows whose logits are wanted, all as decode rows (it has
-        // no dense copy; one quantized pass serves the whole batch).
-        let wanted: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].logits).collect();
-        let mut normed = vec![0f32; wanted.len() * hidden];
-        for (j, &i) in wanted.iter().enumerate() {
-            let r = row0[i] + seqs[i].tokens.len() - 1;
-            rms_norm(
-                &x[r * hidden..(r + 1) * hidden],
-                &self.output_norm,
-                c.rms_eps,
-                &mut normed[j * hidden..(j + 1) * hidden],
-            );
+        // no dense copy; one quantized pass serves the whole batch). `wanted[j]` is a sequence
+        // and the range of its rows whose logits it gets.
+        let wanted: Vec<(usize, std::ops::Range<usize>)> = (0..seqs.len())
+            .filter(|&i| seqs[i].logits)
+            .map(|i| {
+                let end = row0[i] + seqs[i].tokens.len();
+                let start = if all_rows { row0[i] } else { end - 1 };
+                (i, start..end)
+            })
+            .collect();
+        let head_n: usize = wanted.iter().map(|(_, r)| r.len()).sum();
+        let mut normed = vec![0f32; head_n * hidden];
+        let mut at = 0;
+        for (_, rows) in &wanted {
+            for r in rows.clone() {
+                rms_norm(
+                    &x[r * hidden..(r + 1) * hidden],
+                    &self.output_norm,
+                    c.rms_eps,
+                    &mut normed[at * hidden..(at + 1) * hidden],
+                );
+                at += 1;
+            }
         }
         let mut logits = Vec::new();
         let head_rows = RowSplit {
-            decode: wanted.len(),
+            decode: head_n,
             prompt: 0,
         };
-        if !wanted.is_empty() {
+        if head_n > 0 {
             self.head
                 .forward(&normed, head_rows, &mut logits, &mut s.mat)?;
         }
         let mut out: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
-        for (j, &i) in wanted.iter().enumerate() {
-            out[i] = Some(logits[j * c.vocab..(j + 1) * c.vocab].to_vec());
+        if let [(i, _)] = wanted.as_slice() {
+            // One sequence: its logits are the whole buffer (no copy of n × vocab values).
+            out[*i] = Some(logits);
+            return Ok(out);
+        }
+        let mut at = 0;
+        for (i, rows) in wanted {
+            let n = rows.len();
+            out[i] = Some(logits[at * c.vocab..(at + n) * c.vocab].to_vec());
+            at += n;
         }
         Ok(out)
     }
