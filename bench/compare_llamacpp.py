@@ -108,7 +108,7 @@ class Agentd:
         return rc == 0
 
     def engine(self, model):
-        _, out, _ = run(self.cmd(model, "bench", "engine"))
+        _, out, _ = run(self.cmd(model, "bench", "engine", "--decode-batches", "1"))
         rep = parse_json(out)
         if rep is None:
             raise RuntimeError("agentd bench engine printed no JSON object")

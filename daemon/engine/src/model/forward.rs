@@ -149,8 +149,8 @@ impl Model {
     }
 
     /// One forward step over a batch of sequences: every sequence's new tokens run through the
-    /// network together (decode rows in one quantized pass over the weights, prompt rows in one
-    /// dense product), each sequence's keys and values go into its pages in `kv`, and attention
+    /// network together (every row, decode or prompt, in one quantized product per shared input),
+    /// each sequence's keys and values go into its pages in `kv`, and attention
     /// reads them back from the pages. Returns, per sequence in order, the logits of its last new
     /// token when it asked for them.
     pub fn forward_batch(
@@ -165,7 +165,7 @@ impl Model {
     /// [`Model::forward_batch`] and returns the logits of *every* new token, row after row
     /// (`step.tokens.len() × vocab` values): what perplexity needs. Each row's logits are
     /// computed exactly as the last row's are in [`Model::forward_batch`] (the head on 8-bit
-    /// activations unless loaded with [`super::LoadOptions::exact_decode`]), so the last row
+    /// activations unless loaded with [`super::LoadOptions::exact`]), so the last row
     /// equals what `forward_batch` returns for the same step.
     pub fn forward_all_logits(&self, step: SeqStep<'_>, kv: &mut KvPages) -> Result<Vec<f32>> {
         let step = SeqStep {
@@ -295,8 +295,8 @@ impl Model {
                 .forward(&s.gate, split, &mut s.proj, &mut s.mat)?;
             vecops::add(&mut x, &s.proj);
         }
-        // The head runs only on the rows whose logits are wanted, all as decode rows (it has
-        // no dense copy; one quantized pass serves the whole batch). `wanted[j]` is a sequence
+        // The head runs only on the rows whose logits are wanted, in one product for the whole
+        // batch. `wanted[j]` is a sequence
         // and the range of its rows whose logits it gets.
         let wanted: Vec<(usize, std::ops::Range<usize>)> = (0..seqs.len())
             .filter(|&i| seqs[i].logits)

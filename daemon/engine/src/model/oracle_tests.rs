@@ -271,8 +271,11 @@ fn prefill_logits_match_f32_oracle() {
     for opts in modes {
         let (path, model) = load(opts);
         let mut oracle = F32Oracle::load(&path, &model);
-        // Prefill bodies are f32 in every mode; the default head rounds its input to 8 bits.
-        let tol = if opts.exact { 0.002 } else { 0.015 };
+        // `--exact` runs every product in f32: only summation order differs from the oracle.
+        // The default rounds every product's input to 8 bits per 32-element block (measured:
+        // 1.8% of the logit range at most on these prompts); the quantized oracle below pins
+        // it tighter, against candle's own 8-bit products.
+        let tol = if opts.exact { 0.002 } else { 0.03 };
         for (i, prompt) in PROMPTS.iter().enumerate() {
             oracle.reset();
             let ours = model.forward(prompt, &mut model.new_cache()).unwrap();

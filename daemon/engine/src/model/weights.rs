@@ -58,7 +58,7 @@ fn load_matrix(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Res
         reason,
     };
     match quant_type(qt.dtype()) {
-        Some(ty) if cols % ty.block_elems() == 0 => {
+        Some(ty) if cols.is_multiple_of(ty.block_elems()) => {
             let bytes = qt.data().map_err(|e| bad(e.to_string()))?;
             Ok(Loaded::Quant(
                 QMatrix::new(ty, rows, cols, &bytes).map_err(|e| bad(e.to_string()))?,
