@@ -605,15 +605,26 @@ struct Block<'a> {
 impl Walk<'_> {
     /// Converts keys and values `t0..t0 + n` of this head to f32, `head_dim` apart.
     #[inline(always)]
+    ///
+    /// The page walk is spelled out here rather than passed to [`Walk::segments`] as a
+    /// closure: a closure does not inherit its caller's target features, so the SIMD
+    /// conversion inside it would become a function call per eight elements.
     fn load_tile(&self, simd: bool, t0: usize, n: usize, d: usize, k: &mut [f32], v: &mut [f32]) {
-        self.segments(t0, n, |j, off, len| {
+        let mut j = 0;
+        while j < n {
+            let pos = t0 + j;
+            let slot = pos % self.page_size;
+            let len = (self.page_size - slot).min(n - j);
+            let row = self.table[pos / self.page_size] as usize * self.page_size + slot;
+            let off = row * self.kv_row + self.kv_off;
             for i in 0..len {
                 let src = off + i * self.kv_row;
                 let dst = (j + i) * d;
                 tile::to_f32(simd, &self.k[src..src + d], &mut k[dst..dst + d]);
                 tile::to_f32(simd, &self.v[src..src + d], &mut v[dst..dst + d]);
             }
-        });
+            j += len;
+        }
     }
 }
 
