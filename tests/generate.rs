@@ -1,13 +1,11 @@
 //! End to end: the real `agentd` binary answering on the real model (SmolLM2-135M-Instruct Q4_1,
 //! fetched by the same code path the daemon uses).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn model() -> PathBuf {
-    agentd_engine::model_files::ensure_default_model(&mut |m| eprintln!("{m}"))
-        .expect("the default model")
-}
+use common::{model, success_stdout as stdout};
+use std::path::Path;
+use std::process::{Command, Output};
 
 /// Runs `agentd --model <model> <args>`.
 fn agentd(model: &Path, args: &[&str]) -> Output {
@@ -18,15 +16,6 @@ fn agentd(model: &Path, args: &[&str]) -> Output {
         .env("AGENTD_LOG", "warn")
         .output()
         .expect("running agentd")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "agentd failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
 }
 
 /// Runs agentd expecting a clean failure (exit code 1, not a panic's 101) and returns stderr.

@@ -1,14 +1,12 @@
 //! End to end: `agentd model quantize` on the real model, then the quantized files used by
 //! `agentd generate` and `agentd bench perplexity`, and the command's refusals.
 
+mod common;
+
+use common::{model, success_stdout as stdout};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
-
-fn model() -> PathBuf {
-    agentd_engine::model_files::ensure_default_model(&mut |m| eprintln!("{m}"))
-        .expect("the default model")
-}
 
 fn agentd(args: &[&std::ffi::OsStr]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_agentd"))
@@ -16,15 +14,6 @@ fn agentd(args: &[&std::ffi::OsStr]) -> Output {
         .env("AGENTD_LOG", "warn")
         .output()
         .expect("running agentd")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "agentd failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
 }
 
 /// The default model quantized by the binary to `ty`, once per test binary.

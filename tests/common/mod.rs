@@ -13,6 +13,17 @@ pub fn model() -> PathBuf {
         .expect("the default model")
 }
 
+/// The stdout of a finished `agentd` command, after checking that it succeeded (its stderr is
+/// the failure message otherwise).
+pub fn success_stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "agentd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+}
+
 /// A daemon process on its own socket; killed when dropped.
 pub struct Daemon {
     pub child: Child,
