@@ -544,18 +544,17 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// Calls `f(j, offset, len)` for each run of keys `t0 + j .. t0 + j + len` that sits in one
-    /// page, `offset` being the pool offset of the run's first key of this head.
+    /// The runs of keys `t0 + j .. t0 + j + len` that each sit in one page, as
+    /// `(j, offset, len)`, `offset` being the pool offset of the run's first key of this head.
+    /// An iterator rather than a callback: a closure does not inherit its caller's target
+    /// features, so SIMD code inside one would become a function call per intrinsic.
     #[inline(always)]
-    fn segments(&self, t0: usize, n: usize, mut f: impl FnMut(usize, usize, usize)) {
-        let mut j = 0;
-        while j < n {
-            let pos = t0 + j;
-            let slot = pos % self.page_size;
-            let len = (self.page_size - slot).min(n - j);
-            let row = self.table[pos / self.page_size] as usize * self.page_size + slot;
-            f(j, row * self.kv_row + self.kv_off, len);
-            j += len;
+    fn segments(&self, t0: usize, n: usize) -> Segments<'_, '_> {
+        Segments {
+            walk: self,
+            t0,
+            n,
+            j: 0,
         }
     }
 
@@ -577,14 +576,40 @@ impl<'a> Walk<'a> {
         let mut scores = [0f32; TILE];
         let s = &mut scores[..n];
         let mut tmax = f32::NEG_INFINITY;
-        self.segments(t0, n, |j, off, len| {
+        for (j, off, len) in self.segments(t0, n) {
             let seg = &mut s[j..j + len];
             tmax = tmax.max(seg_scores(simd, q, &self.k[off..], self.kv_row, scale, seg));
-        });
+        }
         tile::fold_softmax(acc, m, l, s, tmax);
-        self.segments(t0, n, |j, off, len| {
+        for (j, off, len) in self.segments(t0, n) {
             seg_accumulate(simd, acc, &self.v[off..], self.kv_row, &s[j..j + len]);
-        });
+        }
+    }
+}
+
+/// The per-page runs of a range of keys (see [`Walk::segments`]).
+struct Segments<'w, 'a> {
+    walk: &'w Walk<'a>,
+    t0: usize,
+    n: usize,
+    j: usize,
+}
+
+impl Iterator for Segments<'_, '_> {
+    type Item = (usize, usize, usize);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.j >= self.n {
+            return None;
+        }
+        let w = self.walk;
+        let (j, pos) = (self.j, self.t0 + self.j);
+        let slot = pos % w.page_size;
+        let len = (w.page_size - slot).min(self.n - j);
+        let row = w.table[pos / w.page_size] as usize * w.page_size + slot;
+        self.j += len;
+        Some((j, row * w.kv_row + w.kv_off, len))
     }
 }
 
@@ -605,25 +630,14 @@ struct Block<'a> {
 impl Walk<'_> {
     /// Converts keys and values `t0..t0 + n` of this head to f32, `head_dim` apart.
     #[inline(always)]
-    ///
-    /// The page walk is spelled out here rather than passed to [`Walk::segments`] as a
-    /// closure: a closure does not inherit its caller's target features, so the SIMD
-    /// conversion inside it would become a function call per eight elements.
     fn load_tile(&self, simd: bool, t0: usize, n: usize, d: usize, k: &mut [f32], v: &mut [f32]) {
-        let mut j = 0;
-        while j < n {
-            let pos = t0 + j;
-            let slot = pos % self.page_size;
-            let len = (self.page_size - slot).min(n - j);
-            let row = self.table[pos / self.page_size] as usize * self.page_size + slot;
-            let off = row * self.kv_row + self.kv_off;
+        for (j, off, len) in self.segments(t0, n) {
             for i in 0..len {
                 let src = off + i * self.kv_row;
                 let dst = (j + i) * d;
                 tile::to_f32(simd, &self.k[src..src + d], &mut k[dst..dst + d]);
                 tile::to_f32(simd, &self.v[src..src + d], &mut v[dst..dst + d]);
             }
-            j += len;
         }
     }
 }
