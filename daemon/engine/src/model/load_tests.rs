@@ -96,7 +96,8 @@ fn write_tiny(dir: &Path, name: &str, edit: Edit) -> PathBuf {
             ("attn_v", vec![kv, t.hidden], GgmlDType::Q8_0),
             ("attn_output", vec![t.hidden, q], GgmlDType::Q4_0),
             ("ffn_norm", vec![t.hidden], GgmlDType::F32),
-            ("ffn_gate", vec![t.ffn, t.hidden], GgmlDType::Q4_1),
+            // F32 has no quantized kernel: gate (dense) shares its input with up (F16 panels).
+            ("ffn_gate", vec![t.ffn, t.hidden], GgmlDType::F32),
             ("ffn_up", vec![t.ffn, t.hidden], GgmlDType::F16),
             ("ffn_down", vec![t.hidden, t.ffn], GgmlDType::Q4_1),
         ] {
@@ -203,6 +204,16 @@ fn exact_and_quantized_decode_agree_on_a_tiny_model() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(max < 0.05, "quantized vs exact decode differ by {max}");
+    // The same tokens as one prompt chunk: prompt rows through the same mixed products.
+    let prompt = [3u32, 14, 15, 92, 65];
+    let pa = fast.forward(&prompt, &mut fast.new_cache()).unwrap();
+    let pb = exact.forward(&prompt, &mut exact.new_cache()).unwrap();
+    let max = pa
+        .iter()
+        .zip(&pb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 0.05, "quantized vs exact prefill differ by {max}");
 }
 
 #[test]
