@@ -231,8 +231,11 @@ async fn large_requests_leave_health_checks_fast() {
         "{e}"
     );
     assert!(checks > 3, "{checks} checks");
+    // A stalled runtime shows as a check waiting out a whole tokenization (about a second);
+    // the bound leaves room for the OS scheduler on a loaded two-core machine, where the
+    // other tests of this file run their own daemons beside this one.
     assert!(
-        worst < Duration::from_millis(50),
+        worst < Duration::from_millis(250),
         "a health check took {worst:?}"
     );
 }
