@@ -17,7 +17,7 @@
 //! than [`SERIAL_DECODE_KEYS`] keys × query heads run their chunks on the calling thread, the
 //! rest on the rayon pool.
 
-use super::{PagedKv, Walk, CHUNK, TILE};
+use super::{window_start, PagedKv, Walk, CHUNK, TILE};
 use crate::attention::AttentionShape;
 use crate::tile;
 use crate::vecops::scale_body;
@@ -53,15 +53,18 @@ impl Plan {
     }
 }
 
-/// Decode attention for one query row `q` (`heads × head_dim`) over keys `0..n_keys` of `kv`,
-/// split as `plan` says; writes `heads × head_dim` to `out`. The caller has checked every
-/// length and page id; `simd` only where AVX2, FMA and F16C were detected.
+/// Decode attention for one query row `q` (`heads × head_dim`) over keys `keys` of `kv`
+/// (`lo..n_keys`: all earlier keys, or a sliding window), split as `plan` says; writes
+/// `heads × head_dim` to `out`. Keys from the start of `lo`'s 64-key tile are read, those below
+/// `lo` masked, and chunks lie at absolute multiples of the plan's chunk, so a windowed row
+/// follows the same order as in the prefill path. The caller has checked every length and page
+/// id; `simd` only where AVX2, FMA and F16C were detected.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode(
     shape: AttentionShape,
     q: &[f32],
     kv: &PagedKv<'_>,
-    n_keys: usize,
+    keys: Range<usize>,
     scale: f32,
     out: &mut [f32],
     simd: bool,
@@ -74,11 +77,13 @@ pub(super) fn decode(
     } = shape;
     let (group, kv_row) = (heads / kv_heads, kv_heads * d);
     let gd = group * d;
+    let (lo, n_keys) = (keys.start, keys.end);
     let run = |kvh: usize, keys: Range<usize>, acc: &mut [f32], m: &mut [f32], l: &mut [f32]| {
         let task = GroupChunk {
             walk: Walk::new(kv, kv_row, kvh * d),
             q: &q[kvh * gd..(kvh + 1) * gd],
             keys,
+            lo,
             scale,
         };
         #[cfg(target_arch = "x86_64")]
@@ -88,7 +93,14 @@ pub(super) fn decode(
         }
         group_chunk(&task, false, acc, m, l);
     };
-    let chunks = n_keys.div_ceil(plan.chunk).max(1);
+    // Chunks `first..first + chunks` at absolute multiples of the chunk length; the first
+    // starts at the tile that holds `lo`.
+    let first = lo / plan.chunk;
+    let chunks = n_keys.div_ceil(plan.chunk).max(first + 1) - first;
+    let chunk_keys = |c: usize| {
+        let c = first + c;
+        (c * plan.chunk).max(window_start(lo))..((c + 1) * plan.chunk).min(n_keys)
+    };
     if chunks == 1 {
         // One chunk per K/V head, accumulated straight into `out` (the same as merging it
         // into a fresh state).
@@ -102,7 +114,7 @@ pub(super) fn decode(
         };
         let (m, l) = ml.split_at_mut(group);
         for (kvh, acc) in out.chunks_exact_mut(gd).enumerate() {
-            run(kvh, 0..n_keys, acc, m, l);
+            run(kvh, chunk_keys(0), acc, m, l);
             for (o, &l) in acc.chunks_exact_mut(d).zip(l.iter()) {
                 normalise(o, l);
             }
@@ -121,13 +133,7 @@ pub(super) fn decode(
         let (kvh, c) = (t / chunks, t % chunks);
         let (acc, ml) = part.split_at_mut(gd);
         let (m, l) = ml.split_at_mut(group);
-        run(
-            kvh,
-            c * plan.chunk..((c + 1) * plan.chunk).min(n_keys),
-            acc,
-            m,
-            l,
-        );
+        run(kvh, chunk_keys(c), acc, m, l);
     };
     if plan.parallel {
         parts.par_chunks_mut(stride).enumerate().for_each(task);
@@ -168,6 +174,8 @@ struct GroupChunk<'a> {
     walk: Walk<'a>,
     q: &'a [f32],
     keys: Range<usize>,
+    /// Keys below this one are masked (a sliding window's start; 0 without one).
+    lo: usize,
     scale: f32,
 }
 
@@ -187,7 +195,7 @@ fn group_chunk(t: &GroupChunk<'_>, simd: bool, acc: &mut [f32], m: &mut [f32], l
         let n = TILE.min(t.keys.end - t0);
         for (g, (qg, ag)) in t.q.chunks_exact(d).zip(acc.chunks_exact_mut(d)).enumerate() {
             t.walk
-                .tile(simd, qg, ag, &mut m[g], &mut l[g], t0, n, t.scale);
+                .tile(simd, qg, ag, &mut m[g], &mut l[g], t0, n, t.lo, t.scale);
         }
         t0 += n;
     }

@@ -277,17 +277,83 @@ pub fn paged_causal_attention(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    paged_attention_with(shape, q, kv, pos0, scale, out, cpu::features().avx2)
+    paged_attention_with(
+        shape,
+        q,
+        kv,
+        pos0,
+        NO_WINDOW,
+        scale,
+        out,
+        cpu::features().avx2,
+    )
+}
+
+/// [`paged_causal_attention`] with a sliding window: the query at position `p` sees only the
+/// `window` keys `p + 1 - window ..= p` (fewer at the start), as llama.cpp's standard
+/// sliding-window mask. Keys below the window are never read beyond the 64-key tile that holds
+/// the window's first key (see [`window_start`]), so pages wholly below
+/// `window_start(p + 1 - window)` may hold anything. The canonical order is the causal one with
+/// the keys below the window masked (see the module documentation), so decode and prefill still
+/// agree bit for bit. `window` must be at least 1.
+pub fn paged_window_attention(
+    shape: AttentionShape,
+    q: &[f32],
+    kv: PagedKv<'_>,
+    pos0: usize,
+    window: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    if window == 0 {
+        return Err(KernelError::Length {
+            what: "sliding window (at least 1 key)",
+            expected: 1,
+            got: 0,
+        });
+    }
+    paged_attention_with(shape, q, kv, pos0, window, scale, out, cpu::features().avx2)
+}
+
+/// The window of plain causal attention: every earlier key.
+const NO_WINDOW: usize = usize::MAX;
+
+/// The first key a windowed walk reads for a row whose window starts at key `lo`: the start of
+/// the 64-key tile that holds `lo` (keys from there to `lo` are read and masked). Pages wholly
+/// below it are never read.
+pub fn window_start(lo: usize) -> usize {
+    lo / TILE * TILE
+}
+
+/// The first key a row at position `pos` sees under `window`.
+#[inline(always)]
+fn window_lo(pos: usize, window: usize) -> usize {
+    (pos + 1).saturating_sub(window)
+}
+
+/// Overwrites with `-inf` the scores of the keys below `lo` in a tile that starts at key `t0`,
+/// and returns the largest remaining score (`tmax` when nothing was masked). Masked keys then
+/// add exactly zero to the softmax sum and the accumulator.
+#[inline(always)]
+pub(crate) fn mask_below(s: &mut [f32], t0: usize, lo: usize, tmax: f32) -> f32 {
+    if lo <= t0 {
+        return tmax;
+    }
+    let cut = (lo - t0).min(s.len());
+    s[..cut].fill(f32::NEG_INFINITY);
+    s[cut..].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
 /// [`paged_causal_attention`] with the SIMD choice made by the caller (`simd` only where
 /// AVX2, FMA and F16C were detected). Both the decode and the prefill path use that one choice,
 /// so they give the same bits for the same row.
+#[allow(clippy::too_many_arguments)]
 fn paged_attention_with(
     shape: AttentionShape,
     q: &[f32],
     kv: PagedKv<'_>,
     pos0: usize,
+    window: usize,
     scale: f32,
     out: &mut [f32],
     simd: bool,
@@ -327,8 +393,9 @@ fn paged_attention_with(
     if n_q == 1 {
         // Decode: split over the keys when the context is long (see `flash_decode`).
         let n_keys = pos0 + 1;
-        let plan = flash_decode::Plan::new(heads, n_keys);
-        flash_decode::decode(shape, q, &kv, n_keys, scale, out, simd, plan);
+        let lo = window_lo(pos0, window);
+        let plan = flash_decode::Plan::new(heads, n_keys - lo);
+        flash_decode::decode(shape, q, &kv, lo..n_keys, scale, out, simd, plan);
         return Ok(());
     }
     // Prefill: blocks of query rows over all their visible keys.
@@ -338,6 +405,7 @@ fn paged_attention_with(
             kv: &kv,
             keys: 0..pos0 + n_q,
             causal_pos0: Some(pos0),
+            window,
             scale,
             simd,
         },
@@ -407,6 +475,7 @@ pub fn paged_attention_partial(
             kv: &kv,
             keys,
             causal_pos0,
+            window: NO_WINDOW,
             scale,
             simd,
         },
@@ -466,6 +535,8 @@ struct Span<'k, 'a> {
     kv: &'k PagedKv<'a>,
     keys: std::ops::Range<usize>,
     causal_pos0: Option<usize>,
+    /// Keys a causal row sees, itself included ([`NO_WINDOW`]: all).
+    window: usize,
     scale: f32,
     simd: bool,
 }
@@ -485,6 +556,14 @@ fn attend_blocks(sp: Span<'_, '_>, q: &[f32], out: &mut [f32], lse: Option<&mut 
         .into_par_iter()
         .map(|task| {
             let (kvh, blk) = (task / blocks, task % blocks);
+            let rows = blk * QUERY_BLOCK..((blk + 1) * QUERY_BLOCK).min(n_q);
+            // A windowed block starts at the tile of its first row's first key.
+            let start = match sp.causal_pos0 {
+                Some(pos0) if sp.window != NO_WINDOW => {
+                    window_start(window_lo(pos0 + rows.start, sp.window)).max(sp.keys.start)
+                }
+                _ => sp.keys.start,
+            };
             let p = Block {
                 walk: Walk::new(sp.kv, kv_row, kvh * head_dim),
                 q,
@@ -492,9 +571,10 @@ fn attend_blocks(sp: Span<'_, '_>, q: &[f32], out: &mut [f32], lse: Option<&mut 
                 kvh,
                 group,
                 head_dim,
-                rows: blk * QUERY_BLOCK..((blk + 1) * QUERY_BLOCK).min(n_q),
-                keys: sp.keys.clone(),
+                rows,
+                keys: start..sp.keys.end,
                 causal_pos0: sp.causal_pos0,
+                window: sp.window,
                 scale: sp.scale,
             };
             let mut res = vec![0f32; p.rows.len() * group * head_dim];
@@ -560,6 +640,8 @@ impl<'a> Walk<'a> {
 
     /// One online-softmax step: keys `t0..t0 + n` (n ≤ [`TILE`]) for query `q`, folded into
     /// the running maximum `m`, sum `l` and unnormalised accumulator `acc`.
+    /// Keys below `lo` are masked (see [`mask_below`]); the tile must hold a key at or past
+    /// `lo`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn tile(
@@ -571,6 +653,7 @@ impl<'a> Walk<'a> {
         l: &mut f32,
         t0: usize,
         n: usize,
+        lo: usize,
         scale: f32,
     ) {
         let mut scores = [0f32; TILE];
@@ -580,6 +663,7 @@ impl<'a> Walk<'a> {
             let seg = &mut s[j..j + len];
             tmax = tmax.max(seg_scores(simd, q, &self.k[off..], self.kv_row, scale, seg));
         }
+        let tmax = mask_below(s, t0, lo, tmax);
         tile::fold_softmax(acc, m, l, s, tmax);
         for (j, off, len) in self.segments(t0, n) {
             seg_accumulate(simd, acc, &self.v[off..], self.kv_row, &s[j..j + len]);
@@ -624,6 +708,7 @@ struct Block<'a> {
     rows: std::ops::Range<usize>,
     keys: std::ops::Range<usize>,
     causal_pos0: Option<usize>,
+    window: usize,
     scale: f32,
 }
 
@@ -660,6 +745,10 @@ fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
         Some(pos0) => (pos0 + r + 1).min(p.keys.end),
         None => p.keys.end,
     };
+    let visible_start = |r: usize| match p.causal_pos0 {
+        Some(pos0) => window_lo(pos0 + r, p.window).max(p.keys.start),
+        None => p.keys.start,
+    };
     let last = p.rows.clone().map(visible_end).max().unwrap_or(0);
     let tile_keys = TILE.min(last.saturating_sub(p.keys.start));
     let mut buf = Buffers {
@@ -673,7 +762,16 @@ fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
     while c0 < last {
         let c1 = chunk_end(c0, last);
         if c0 == p.keys.start {
-            block_chunk(p, simd, c0..c1, &visible_end, &mut buf, out, &mut m, &mut l);
+            block_chunk(
+                p,
+                simd,
+                c0..c1,
+                (&visible_start, &visible_end),
+                &mut buf,
+                out,
+                &mut m,
+                &mut l,
+            );
         } else {
             cacc.clear();
             cacc.resize(nq * d, 0.0);
@@ -685,7 +783,7 @@ fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
                 p,
                 simd,
                 c0..c1,
-                &visible_end,
+                (&visible_start, &visible_end),
                 &mut buf,
                 &mut cacc,
                 &mut cm,
@@ -720,14 +818,15 @@ struct Buffers {
 
 /// Folds the keys `keys` (one canonical chunk, or its part below `last`) into the states
 /// (`acc`, `m`, `l`) of every query of a [`Block`], tile by tile from the chunk's start; a row
-/// sees the keys below `visible_end(row)` only.
+/// sees the keys from `visible.0(row)` (tiles wholly below it skipped, keys below it in its tile
+/// masked) to below `visible.1(row)` only.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block_chunk(
     p: &Block<'_>,
     simd: bool,
     keys: std::ops::Range<usize>,
-    visible_end: &impl Fn(usize) -> usize,
+    (visible_start, visible_end): (&impl Fn(usize) -> usize, &impl Fn(usize) -> usize),
     buf: &mut Buffers,
     acc: &mut [f32],
     m: &mut [f32],
@@ -739,8 +838,8 @@ fn block_chunk(
         let n = TILE.min(keys.end - t0);
         p.walk.load_tile(simd, t0, n, d, &mut buf.k, &mut buf.v);
         for (ri, r) in p.rows.clone().enumerate() {
-            let end = visible_end(r);
-            if t0 >= end {
+            let (lo, end) = (visible_start(r), visible_end(r));
+            if t0 >= end || t0 + n <= lo {
                 continue;
             }
             let nr = n.min(end - t0);
@@ -751,6 +850,7 @@ fn block_chunk(
                 let qv = &p.q[r * p.q_row + head * d..][..d];
                 let acc = &mut acc[qi * d..(qi + 1) * d];
                 let tmax = tile::scores(simd, qv, &buf.k, d, p.scale, s);
+                let tmax = mask_below(s, t0, lo, tmax);
                 tile::fold_softmax(acc, &mut m[qi], &mut l[qi], s, tmax);
                 tile::accumulate(simd, acc, &buf.v, d, s);
             }

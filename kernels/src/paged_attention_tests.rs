@@ -97,11 +97,11 @@ proptest! {
         assert_close(&out, &contiguous, 1e-4, "vs causal_attention")?;
 
         let mut portable = vec![0f32; q.len()];
-        paged_attention_with(shape, &q, kv, pos0, scale, &mut portable, false).unwrap();
+        paged_attention_with(shape, &q, kv, pos0, NO_WINDOW, scale, &mut portable, false).unwrap();
         assert_close(&portable, &contiguous, 1e-4, "portable vs causal_attention")?;
         if cpu::features().avx2 {
             let mut simd = vec![0f32; q.len()];
-            paged_attention_with(shape, &q, kv, pos0, scale, &mut simd, true).unwrap();
+            paged_attention_with(shape, &q, kv, pos0, NO_WINDOW, scale, &mut simd, true).unwrap();
             assert_close(&simd, &portable, 1e-4, "avx2 vs portable")?;
         }
 
@@ -339,7 +339,7 @@ fn one_query(w: &Walk<'_>, simd: bool, q: &[f32], out: &mut [f32], n_keys: usize
     let mut t0 = 0;
     while t0 < n_keys {
         let n = TILE.min(n_keys - t0);
-        w.tile(simd, q, out, &mut m, &mut l, t0, n, scale);
+        w.tile(simd, q, out, &mut m, &mut l, t0, n, 0, scale);
         t0 += n;
     }
     if l > 0.0 {
@@ -429,7 +429,7 @@ impl DecodeCase {
             self.shape,
             &self.q,
             &self.kv(),
-            self.n_keys,
+            0..self.n_keys,
             self.scale(),
             &mut out,
             simd,
@@ -707,8 +707,19 @@ fn attend_in_pool(
     pool: &rayon::ThreadPool,
 ) -> Vec<f32> {
     let mut out = vec![f32::NAN; q.len()];
-    pool.install(|| paged_attention_with(c.shape, q, c.kv(), pos0, c.scale(), &mut out, simd))
-        .unwrap();
+    pool.install(|| {
+        paged_attention_with(
+            c.shape,
+            q,
+            c.kv(),
+            pos0,
+            NO_WINDOW,
+            c.scale(),
+            &mut out,
+            simd,
+        )
+    })
+    .unwrap();
     out
 }
 
@@ -862,3 +873,6 @@ fn batched_long_decodes_match_one_at_a_time() {
     let batched: Vec<Vec<f32>> = cases.par_iter().map(DecodeCase::public).collect();
     assert_eq!(batched, one_at_a_time);
 }
+
+#[path = "paged_attention_window_tests.rs"]
+mod window;

@@ -145,6 +145,27 @@ dispatch! {
     pub fn silu_mul(gate: &mut [f32], up: &[f32]) => silu_mul_body
 }
 
+/// GELU with the tanh approximation (`gelu_pytorch_tanh`, llama.cpp's `ggml_gelu`), exact
+/// `tanh` from the standard library.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+}
+
+#[inline(always)]
+fn gelu_mul_body(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = gelu_tanh(*g) * u;
+    }
+}
+
+dispatch! {
+    /// GeGLU's elementwise part (Gemma): `gate[i] = gelu_tanh(gate[i]) * up[i]`.
+    pub fn gelu_mul(gate: &mut [f32], up: &[f32]) => gelu_mul_body
+}
+
 #[inline(always)]
 fn add_body(y: &mut [f32], x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
@@ -161,6 +182,25 @@ dispatch! {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn gelu_tanh_matches_its_formula_in_f64() {
+        for i in -400..400 {
+            let x = i as f32 * 0.025;
+            let xd = x as f64;
+            let want = 0.5
+                * xd
+                * (1.0
+                    + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
+            assert!(
+                (gelu_tanh(x) as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                "{x}"
+            );
+        }
+        let mut g = vec![1.0f32, -2.0, 0.5];
+        gelu_mul(&mut g, &[2.0, 1.0, 0.0]);
+        assert_eq!(g, vec![gelu_tanh(1.0) * 2.0, gelu_tanh(-2.0), 0.0]);
+    }
 
     #[test]
     fn exp_approx_is_accurate_over_the_softmax_range() {
