@@ -1,11 +1,15 @@
-//! A Llama-family model's hyperparameters, read from GGUF metadata (never assumed).
+//! A model's hyperparameters, read from GGUF metadata (never assumed), and the features of its
+//! architecture ([`super::arch`]).
 
+use super::arch::{self, Activation, ArchSpec};
 use super::error::{ModelError, Result};
 use super::gguf::Meta;
+use agentd_kernels::rope::RopeStyle;
+use candle_core::quantized::gguf_file::Value;
 
 /// Everything the forward pass needs to know about the network's shape.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
     /// `general.architecture` (the metadata key prefix).
     pub architecture: String,
     /// Transformer blocks.
@@ -32,21 +36,65 @@ pub struct LlamaConfig {
     pub context_length: usize,
     /// Vocabulary size (rows of the embedding).
     pub vocab: usize,
+    /// How RoPE pairs a head's dimensions (`adjacent`: Llama; `halves`: NeoX, Qwen2, Gemma).
+    #[serde(serialize_with = "rope_style_name")]
+    pub rope_style: RopeStyle,
+    /// The MLP's activation.
+    pub activation: Activation,
+    /// Whether Q, K and V have biases (Qwen2).
+    pub qkv_bias: bool,
+    /// Whether Q and K are RMS-normalised per head before RoPE (Gemma 3).
+    pub qk_norm: bool,
+    /// Whether attention and MLP outputs are RMS-normalised before the residual add (Gemma).
+    pub post_norms: bool,
+    /// Factor on the embeddings (`√hidden` for Gemma, else 1).
+    pub embedding_scale: f32,
+    /// Factor on the attention scores (`1/√head_dim` unless the architecture says otherwise).
+    pub attention_scale: f32,
+    /// Keys a windowed layer's query sees, itself included (`attention.sliding_window`).
+    pub sliding_window: Option<usize>,
+    /// The layers that attend within [`ModelConfig::sliding_window`] (the others see the whole
+    /// context).
+    pub windowed_layers: Vec<usize>,
+    /// RoPE frequency base of the windowed layers.
+    pub rope_theta_swa: f32,
+    /// Experts per MLP (`expert_count`; 0: a dense MLP).
+    pub experts: usize,
+    /// Experts each token is routed to (`expert_used_count`).
+    pub experts_used: usize,
 }
 
-/// Architectures whose GGUF tensors and keys follow llama.cpp's `llama` layout.
-const SUPPORTED: &[&str] = &["llama"];
+fn rope_style_name<S: serde::Serializer>(
+    style: &RopeStyle,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(match style {
+        RopeStyle::Adjacent => "adjacent",
+        RopeStyle::Halves => "halves",
+    })
+}
 
-impl LlamaConfig {
+impl ModelConfig {
+    /// The architecture's description.
+    pub fn arch(&self) -> &'static ArchSpec {
+        arch::lookup(&self.architecture).expect("checked when the config was read")
+    }
+
+    /// The window of layer `layer` (`None`: it sees the whole context).
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.windowed_layers.binary_search(&layer).is_ok())
+    }
+
     /// Reads the hyperparameters; `vocab` comes from the embedding tensor's shape.
     pub fn from_metadata(meta: Meta<'_>, vocab: usize) -> Result<Self> {
         let arch = meta.string("general.architecture")?.to_owned();
-        if !SUPPORTED.contains(&arch.as_str()) {
-            return Err(ModelError::Unsupported(format!(
+        let spec = arch::lookup(&arch).ok_or_else(|| {
+            ModelError::Unsupported(format!(
                 "architecture `{arch}` (general.architecture); supported: {}",
-                SUPPORTED.join(", ")
-            )));
-        }
+                arch::supported()
+            ))
+        })?;
         let key = |k: &str| format!("{arch}.{k}");
         let layers = meta.usize(&key("block_count"))?;
         let hidden = meta.usize(&key("embedding_length"))?;
@@ -90,12 +138,16 @@ impl LlamaConfig {
                 reason: format!("{kv_heads} KV heads do not divide the {heads} query heads"),
             });
         }
-        let head_dim = hidden / heads;
-        if let Some(k) = meta.opt_usize(&key("attention.key_length"))? {
-            if k != head_dim {
+        // Gemma's heads are wider than hidden / heads: the key length says so.
+        let head_dim = meta
+            .opt_usize(&key("attention.key_length"))?
+            .unwrap_or(hidden / heads);
+        positive("attention.key_length", head_dim)?;
+        if let Some(v) = meta.opt_usize(&key("attention.value_length"))? {
+            if v != head_dim {
                 return Err(ModelError::Unsupported(format!(
-                    "{} = {k} differs from embedding_length / head_count = {head_dim}",
-                    key("attention.key_length")
+                    "{} = {v} differs from the key length {head_dim}",
+                    key("attention.value_length")
                 )));
             }
         }
@@ -142,6 +194,50 @@ impl LlamaConfig {
                 }
             },
         };
+        let sliding_window = meta.opt_usize(&key("attention.sliding_window"))?;
+        if sliding_window == Some(0) {
+            return Err(ModelError::BadKey {
+                key: key("attention.sliding_window"),
+                reason: "must be positive".into(),
+            });
+        }
+        let windowed_layers = match sliding_window {
+            None => Vec::new(),
+            Some(_) => windowed_layers(meta, &key("attention.sliding_window_pattern"), spec, layers)?,
+        };
+        let rope_theta_swa = meta
+            .opt_f32(&key("rope.freq_base_swa"))?
+            .or(spec.default_swa_rope_base)
+            .unwrap_or(rope_theta);
+        if !(rope_theta_swa.is_finite() && rope_theta_swa > 1.0) {
+            return Err(ModelError::BadKey {
+                key: key("rope.freq_base_swa"),
+                reason: format!("{rope_theta_swa} must be > 1"),
+            });
+        }
+        let experts = meta.opt_usize(&key("expert_count"))?.unwrap_or(0);
+        let experts_used = meta.opt_usize(&key("expert_used_count"))?.unwrap_or(0);
+        if experts > 0 {
+            if !spec.experts {
+                return Err(ModelError::Unsupported(format!(
+                    "{} = {experts}: experts are not supported for `{arch}`",
+                    key("expert_count")
+                )));
+            }
+            if experts_used == 0 || experts_used > experts {
+                return Err(ModelError::BadKey {
+                    key: key("expert_used_count"),
+                    reason: format!("{experts_used} must be in 1..={experts}"),
+                });
+            }
+        }
+        // llama.cpp: Gemma 3 27B scales queries by 1/√(hidden/heads), every other size and
+        // architecture by 1/√head_dim.
+        let attention_scale = if spec.name == "gemma3" && layers == 62 {
+            1.0 / ((hidden / heads) as f32).sqrt()
+        } else {
+            1.0 / (head_dim as f32).sqrt()
+        };
         Ok(Self {
             architecture: arch,
             layers,
@@ -156,11 +252,69 @@ impl LlamaConfig {
             rms_eps,
             context_length,
             vocab,
+            rope_style: spec.rope_style,
+            activation: spec.activation,
+            qkv_bias: spec.qkv_bias,
+            qk_norm: spec.qk_norm,
+            post_norms: spec.post_norms,
+            embedding_scale: if spec.scale_embeddings {
+                (hidden as f32).sqrt()
+            } else {
+                1.0
+            },
+            attention_scale,
+            sliding_window,
+            windowed_layers,
+            rope_theta_swa,
+            experts,
+            experts_used: if experts > 0 { experts_used } else { 0 },
         })
     }
 
-    /// Bytes of f32 K and V one token occupies across all layers.
+    /// Bytes of f32 K and V one token occupies across all layers (the pool stores f16, half
+    /// of this).
     pub fn kv_bytes_per_token(&self) -> usize {
         self.layers * self.kv_heads * self.head_dim * 2 * std::mem::size_of::<f32>()
     }
+}
+
+/// Which of `layers` layers are windowed: `pattern_key` as an array of booleans (one per layer),
+/// as a period n (the last layer of each n is global; 0: all windowed), or absent (the
+/// architecture's default period, or every layer).
+fn windowed_layers(
+    meta: Meta<'_>,
+    pattern_key: &str,
+    spec: &ArchSpec,
+    layers: usize,
+) -> Result<Vec<usize>> {
+    let bad = |reason: String| ModelError::BadKey {
+        key: pattern_key.to_owned(),
+        reason,
+    };
+    let period = match meta.get(pattern_key) {
+        Some(Value::Array(flags)) => {
+            if flags.len() != layers {
+                return Err(bad(format!("{} flags for {layers} layers", flags.len())));
+            }
+            return flags
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| match f {
+                    Value::Bool(true) => Some(Ok(i)),
+                    Value::Bool(false) => None,
+                    other => Some(Err(bad(format!(
+                        "expected booleans, found {:?}",
+                        other.value_type()
+                    )))),
+                })
+                .collect();
+        }
+        Some(_) => meta.opt_usize(pattern_key)?,
+        None => spec.default_swa_period,
+    };
+    // llama.cpp's `set_swa_pattern`: layer i is windowed when i % n < n - 1, all for n = 0.
+    Ok(match period {
+        None | Some(0) => (0..layers).collect(),
+        Some(n) => (0..layers).filter(|i| i % n < n - 1).collect(),
+    })
 }

@@ -8,7 +8,12 @@ use super::Model;
 pub use crate::executor::{RowKind, SeqStep};
 use agentd_kernels::attention::AttentionShape;
 use agentd_kernels::norm::rms_norm;
-use agentd_kernels::paged_attention::{paged_causal_attention, write_kv, PagedKv, PagedKvMut};
+use super::arch::Activation;
+use super::experts::ExpertScratch;
+use super::Mlp;
+use agentd_kernels::paged_attention::{
+    paged_causal_attention, paged_window_attention, write_kv, PagedKv, PagedKvMut,
+};
 use agentd_kernels::vecops;
 use rayon::prelude::*;
 
@@ -63,7 +68,10 @@ struct Scratch {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// Per-head QK-norm output, and post-norm output.
+    normed: Vec<f32>,
     mat: MatScratch,
+    experts: ExpertScratch,
 }
 
 impl Model {
@@ -121,7 +129,7 @@ impl Model {
         if n == 0 {
             return Err(bad("no tokens to run".into()));
         }
-        let limit = c.context_length.min(self.rope.positions());
+        let limit = c.context_length.min(self.ropes[0].positions());
         if s.pos0 + n > limit {
             return Err(ModelError::ContextOverflow {
                 needed: s.pos0 + n,
@@ -209,8 +217,11 @@ impl Model {
         for (i, s) in seqs.iter().enumerate() {
             for (j, &t) in s.tokens.iter().enumerate() {
                 let r = row0[i] + j;
-                self.embedding
-                    .lookup(t as usize, &mut x[r * hidden..(r + 1) * hidden]);
+                let row = &mut x[r * hidden..(r + 1) * hidden];
+                self.embedding.lookup(t as usize, row);
+                if c.embedding_scale != 1.0 {
+                    vecops::scale(row, c.embedding_scale);
+                }
             }
         }
         let shape = AttentionShape {
@@ -219,8 +230,9 @@ impl Model {
             head_dim: c.head_dim,
         };
         let (q_row, kv_row) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let scale = c.attention_scale;
         let page_size = kv.page_size();
+        let mut expert_load = vec![0u64; c.experts];
         let mut s = Scratch {
             norm: vec![0f32; n * hidden],
             ..Default::default()
@@ -234,13 +246,29 @@ impl Model {
                 &mut [&mut s.q, &mut s.k, &mut s.v],
                 &mut s.mat,
             )?;
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                for (out, b) in [(&mut s.q, bq), (&mut s.k, bk), (&mut s.v, bv)] {
+                    for row in out.chunks_exact_mut(b.len()) {
+                        vecops::add(row, b);
+                    }
+                }
+            }
+            if let Some([qn, kn]) = &layer.qk_norm {
+                // RMSNorm over each head (the weight is one head long).
+                for (out, w) in [(&mut s.q, qn), (&mut s.k, kn)] {
+                    s.normed.resize(out.len(), 0.0);
+                    rms_norm(out, w, c.rms_eps, &mut s.normed);
+                    std::mem::swap(out, &mut s.normed);
+                }
+            }
+            let rope = &self.ropes[layer.rope];
             let (k_pool, v_pool) = kv.layer_mut(li);
             for (i, seq) in seqs.iter().enumerate() {
                 let rows = row0[i]..row0[i] + seq.tokens.len();
                 let q = &mut s.q[rows.start * q_row..rows.end * q_row];
-                self.rope.apply(q, seq.pos0, c.heads, c.head_dim);
+                rope.apply_style(c.rope_style, q, seq.pos0, c.heads, c.head_dim);
                 let k = &mut s.k[rows.start * kv_row..rows.end * kv_row];
-                self.rope.apply(k, seq.pos0, c.kv_heads, c.head_dim);
+                rope.apply_style(c.rope_style, k, seq.pos0, c.kv_heads, c.head_dim);
                 let v = &s.v[rows.start * kv_row..rows.end * kv_row];
                 let dst = PagedKvMut {
                     k_pool: &mut *k_pool,
@@ -271,7 +299,10 @@ impl Model {
                 };
                 let rows = row0[i]..row0[i] + seq.tokens.len();
                 let q = &q[rows.start * q_row..rows.end * q_row];
-                paged_causal_attention(shape, q, kv, seq.pos0, scale, out)
+                match layer.window {
+                    Some(w) => paged_window_attention(shape, q, kv, seq.pos0, w, scale, out),
+                    None => paged_causal_attention(shape, q, kv, seq.pos0, scale, out),
+                }
             };
             if outs.len() == 1 {
                 outs.into_iter().try_for_each(attend)?;
@@ -279,21 +310,37 @@ impl Model {
                 outs.into_par_iter().try_for_each(attend)?;
             }
             layer.wo.forward(&s.attn, split, &mut s.proj, &mut s.mat)?;
-            vecops::add(&mut x, &s.proj);
+            add_residual(&mut x, &mut s.proj, layer.post_attn_norm.as_deref(), c, &mut s.normed);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut s.norm);
-            forward_shared(
-                &[&layer.gate, &layer.up],
-                &s.norm,
-                split,
-                &mut [&mut s.gate, &mut s.up],
-                &mut s.mat,
-            )?;
-            vecops::silu_mul(&mut s.gate, &s.up);
-            layer
-                .down
-                .forward(&s.gate, split, &mut s.proj, &mut s.mat)?;
-            vecops::add(&mut x, &s.proj);
+            match &layer.mlp {
+                Mlp::Dense { gate, up, down } => {
+                    forward_shared(
+                        &[gate, up],
+                        &s.norm,
+                        split,
+                        &mut [&mut s.gate, &mut s.up],
+                        &mut s.mat,
+                    )?;
+                    match c.activation {
+                        Activation::Silu => vecops::silu_mul(&mut s.gate, &s.up),
+                        Activation::GeluTanh => vecops::gelu_mul(&mut s.gate, &s.up),
+                    }
+                    down.forward(&s.gate, split, &mut s.proj, &mut s.mat)?;
+                }
+                Mlp::Experts(e) => e.forward(
+                    &s.norm,
+                    split,
+                    &mut s.proj,
+                    &mut s.mat,
+                    &mut s.experts,
+                    &mut expert_load,
+                )?,
+            }
+            add_residual(&mut x, &mut s.proj, layer.post_ffn_norm.as_deref(), c, &mut s.normed);
+        }
+        if c.experts > 0 {
+            self.record_expert_load(expert_load);
         }
         // The head runs only on the rows whose logits are wanted, in one product for the whole
         // batch. `wanted[j]` is a sequence
@@ -343,4 +390,20 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// `x += post_norm(y)` (or `x += y` without a post-norm); `y` may be overwritten.
+fn add_residual(
+    x: &mut [f32],
+    y: &mut Vec<f32>,
+    post_norm: Option<&[f32]>,
+    c: &super::ModelConfig,
+    scratch: &mut Vec<f32>,
+) {
+    if let Some(w) = post_norm {
+        scratch.resize(y.len(), 0.0);
+        rms_norm(y, w, c.rms_eps, scratch);
+        std::mem::swap(y, scratch);
+    }
+    vecops::add(x, y);
 }

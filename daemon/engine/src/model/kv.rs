@@ -5,7 +5,7 @@
 //! layout `agentd_kernels::paged_attention` reads. Which pages are free or shared is the
 //! scheduler's page pool's business; this type only holds and copies the bytes.
 
-use super::LlamaConfig;
+use super::ModelConfig;
 use half::f16;
 
 /// f16 keys and values of every layer for `num_pages` pages.
@@ -19,7 +19,7 @@ pub struct KvPages {
 
 impl KvPages {
     /// Pages for a model with `config`'s layers and K/V heads, all zero.
-    pub fn new(config: &LlamaConfig, num_pages: usize, page_size: usize) -> Self {
+    pub fn new(config: &ModelConfig, num_pages: usize, page_size: usize) -> Self {
         let kv_row = config.kv_heads * config.head_dim;
         let len = num_pages * page_size * kv_row;
         Self {
@@ -32,7 +32,7 @@ impl KvPages {
     }
 
     /// Bytes of KV one token takes across all layers (keys and values, f16).
-    pub fn bytes_per_token(config: &LlamaConfig) -> usize {
+    pub fn bytes_per_token(config: &ModelConfig) -> usize {
         config.layers * config.kv_heads * config.head_dim * 2 * std::mem::size_of::<f16>()
     }
 

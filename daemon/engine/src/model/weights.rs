@@ -129,6 +129,69 @@ impl Linear {
         })
     }
 
+    /// Loads the `n` matrices of shape `[rows, cols]` stacked in the 3-D weight `name` (shape
+    /// `[n, rows, cols]`: llama.cpp's merged expert tensors), one layer each.
+    pub(super) fn load_stacked(
+        file: &mut GgufFile,
+        name: &str,
+        n: usize,
+        rows: usize,
+        cols: usize,
+        opts: LoadOptions,
+    ) -> Result<Vec<Self>> {
+        let qt: QTensor = file.tensor(name, &[n, rows, cols])?;
+        let bad = |reason: String| ModelError::BadTensor {
+            name: name.to_owned(),
+            reason,
+        };
+        let layer = |weight| Self {
+            rows,
+            cols,
+            weight,
+            shared: false,
+        };
+        match quant_type(qt.dtype()) {
+            Some(ty) if cols.is_multiple_of(ty.block_elems()) => {
+                let bytes = qt.data().map_err(|e| bad(e.to_string()))?;
+                let per = bytes.len() / n;
+                (0..n)
+                    .map(|e| {
+                        let q = QMatrix::new(ty, rows, cols, &bytes[e * per..(e + 1) * per])
+                            .map_err(|err| bad(format!("expert {e}: {err}")))?;
+                        Ok(layer(if opts.exact {
+                            Weight::Dense(dense_of(&q)?)
+                        } else {
+                            Weight::Quant(Arc::new(q))
+                        }))
+                    })
+                    .collect()
+            }
+            _ => {
+                tracing::warn!(
+                    tensor = name,
+                    format = ?qt.dtype(),
+                    "no quantized kernel for this format: held as dense f32"
+                );
+                let all = qt
+                    .dequantize(&Device::Cpu)
+                    .map_err(|e| bad(e.to_string()))?;
+                (0..n)
+                    .map(|e| Ok(layer(Weight::Dense(all.get(e)?.contiguous()?))))
+                    .collect()
+            }
+        }
+    }
+
+    /// Output rows (the product's width).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// A layer that shares the embedding's matrix (tied output head).
     pub(super) fn tied(embedding: &Embedding, opts: LoadOptions) -> Result<Self> {
         let weight = match &embedding.table {
