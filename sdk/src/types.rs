@@ -190,6 +190,11 @@ pub struct Stats {
     pub disk_budget: u64,
     /// Prompt tokens whose KV was read back from the disk tier.
     pub disk_loaded_tokens: u64,
+    /// Mixture-of-experts models: rows routed to each expert, summed over the layers, in the
+    /// engine's last step (operators only; empty for a dense model).
+    pub expert_load_last_step: Vec<u64>,
+    /// The same since the model was loaded.
+    pub expert_load_total: Vec<u64>,
 }
 
 impl Stats {
@@ -216,6 +221,8 @@ impl Stats {
             disk_bytes: s.disk_bytes,
             disk_budget: s.disk_budget,
             disk_loaded_tokens: s.disk_loaded_tokens,
+            expert_load_last_step: s.expert_load_last_step,
+            expert_load_total: s.expert_load_total,
         }
     }
 }

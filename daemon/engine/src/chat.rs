@@ -9,6 +9,15 @@
 //!
 //! The context a template sees: `messages` (a list of `{role, content}`), `add_generation_prompt`,
 //! `bos_token`, `eos_token` and `tools` (`none` when not given, as in `transformers`).
+//!
+//! A file without a template falls back to a built-in one for its architecture where agentd
+//! knows the format the model was trained on ([`builtin_template`]: Gemma's turns, for base
+//! Gemma 3 files that ship none); any other file without one is an error that names the key.
+//!
+//! Tool results: the SDK sends each as a `tool` message whose content is a Hermes
+//! `<tool_response>` block. Templates that speak Hermes natively (Qwen2.5's) wrap a tool
+//! message in those tags themselves, so for them the outer tags of a single block are taken
+//! off before rendering, and the model sees exactly the text it was trained on.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,6 +35,45 @@ pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 
 /// The name the template is compiled under; it shows in minijinja's error locations.
 const TEMPLATE_NAME: &str = "chat_template";
+
+/// Gemma's turn format (the Gemma 3 instruction models' template): a system message is put in
+/// front of the first user turn, the assistant's role is `model`, and a `tool` message (which
+/// Gemma has no role for) is a user turn carrying the `<tool_response>` block. Unlike Google's
+/// template it does not insist that roles alternate, since tool results follow model turns.
+pub const GEMMA_TEMPLATE: &str = "{{ bos_token }}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if message['role'] == 'assistant' -%}
+        {%- set role = 'model' -%}
+    {%- else -%}
+        {%- set role = 'user' -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first and role == 'user' else '') }}
+    {{- message['content'] | trim }}
+    {{- '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+";
+
+/// The template to use for a file of architecture `arch` that carries none, if agentd knows
+/// the format that architecture's models were trained on.
+pub fn builtin_template(arch: &str) -> Option<&'static str> {
+    match arch {
+        "gemma" | "gemma2" | "gemma3" => Some(GEMMA_TEMPLATE),
+        _ => None,
+    }
+}
+
+/// The opening and closing tags of a Hermes tool result.
+const TOOL_RESPONSE_TAGS: (&str, &str) = ("<tool_response>", "</tool_response>");
 
 /// Everything that can go wrong while loading or rendering a chat template.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +117,8 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     digest: String,
+    /// Whether the template wraps `tool` messages in `<tool_response>` tags itself.
+    wraps_tool_responses: bool,
 }
 
 impl ChatTemplate {
@@ -79,8 +129,21 @@ impl ChatTemplate {
         md: &HashMap<String, GgufValue>,
         tokenizer: &GgufTokenizer,
     ) -> Result<Self> {
+        let arch = match md.get("general.architecture") {
+            Some(GgufValue::String(s)) => s.as_str(),
+            _ => "",
+        };
         let source = match md.get(CHAT_TEMPLATE_KEY) {
-            None => return Err(ChatError::MissingTemplate),
+            None => match builtin_template(arch) {
+                Some(source) => {
+                    tracing::info!(
+                        arch,
+                        "the file has no chat template: using the built-in one"
+                    );
+                    source.to_owned()
+                }
+                None => return Err(ChatError::MissingTemplate),
+            },
             Some(GgufValue::String(s)) => s.clone(),
             Some(other) => {
                 return Err(ChatError::WrongType {
@@ -103,6 +166,7 @@ impl ChatTemplate {
     /// Compiles `source` once; a syntax error is reported with minijinja's message.
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self> {
         let digest = format!("{:x}", Sha256::digest(source.as_bytes()));
+        let wraps_tool_responses = source.contains(TOOL_RESPONSE_TAGS.0);
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -117,6 +181,7 @@ impl ChatTemplate {
             bos_token,
             eos_token,
             digest,
+            wraps_tool_responses,
         })
     }
 
@@ -132,6 +197,13 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(ChatError::Render)?;
+        let unwrapped: Vec<Message>;
+        let messages = if self.wraps_tool_responses {
+            unwrapped = messages.iter().map(unwrap_tool_response).collect();
+            &unwrapped[..]
+        } else {
+            messages
+        };
         // Neither a `Message` nor a JSON value can fail to serialise.
         let messages = Value::from_serialize(messages);
         let tools = tools.map_or_else(|| Value::from(()), Value::from_serialize);
@@ -154,6 +226,23 @@ impl ChatTemplate {
     pub fn source_digest(&self) -> String {
         self.digest.clone()
     }
+}
+
+/// `message` with the outer `<tool_response>` tags taken off when it is a `tool` message made of
+/// exactly one such block (a template that wraps tool messages itself adds them back).
+fn unwrap_tool_response(message: &Message) -> Message {
+    let (open, close) = TOOL_RESPONSE_TAGS;
+    let mut m = message.clone();
+    if m.role != agentd_wire::Role::Tool {
+        return m;
+    }
+    let body = m.content.trim();
+    if let Some(inner) = body.strip_prefix(open).and_then(|b| b.strip_suffix(close)) {
+        if !inner.contains(open) && !inner.contains(close) {
+            m.content = inner.trim_matches('\n').to_owned();
+        }
+    }
+    m
 }
 
 /// The message given to `raise_exception`, if that is what `err` (or an error it wraps) is.
@@ -283,6 +372,64 @@ mod tests {
                         <|im_start|>tool\n{\"result\": 4}<|im_end|>\n\
                         <|im_start|>assistant\n";
         check(SMOLLM2_TEMPLATE, &messages, true, expected);
+    }
+
+    #[test]
+    fn gemma_template_folds_system_into_first_user_turn_and_tool_results_into_user_turns() {
+        let messages = [
+            Message::system("Use tools."),
+            Message::user("What is 6*7?"),
+            Message::assistant("<tool_call>\n{\"name\": \"mul\"}\n</tool_call>"),
+            Message::tool("<tool_response>\n42\n</tool_response>"),
+        ];
+        let expected = "<bos><start_of_turn>user\nUse tools.\n\nWhat is 6*7?<end_of_turn>\n\
+                        <start_of_turn>model\n<tool_call>\n{\"name\": \"mul\"}\n</tool_call><end_of_turn>\n\
+                        <start_of_turn>user\n<tool_response>\n42\n</tool_response><end_of_turn>\n\
+                        <start_of_turn>model\n";
+        let t = ChatTemplate::new(GEMMA_TEMPLATE.into(), "<bos>".into(), "<eos>".into()).unwrap();
+        assert_eq!(t.render(&messages, None, true).unwrap(), expected);
+        // Without a system message the first user turn has no prefix; no messages at all is
+        // just the BOS.
+        let t_out = t.render(&[Message::user("hi")], None, false).unwrap();
+        assert_eq!(t_out, "<bos><start_of_turn>user\nhi<end_of_turn>\n");
+        assert_eq!(t.render(&[], None, false).unwrap(), "<bos>");
+    }
+
+    #[test]
+    fn builtin_template_is_only_for_known_architectures() {
+        assert_eq!(builtin_template("gemma3"), Some(GEMMA_TEMPLATE));
+        assert_eq!(builtin_template("llama"), None);
+    }
+
+    #[test]
+    fn hermes_native_templates_get_tool_results_without_outer_tags() {
+        let source = "{% for m in messages %}{% if m.role == 'tool' %}<tool_response>\n{{ m.content }}\n</tool_response>{% else %}{{ m.content }}{% endif %}|{% endfor %}";
+        let one = Message::tool("<tool_response>\n{\"a\": 1}\n</tool_response>");
+        check(
+            source,
+            &[one.clone()],
+            false,
+            "<tool_response>\n{\"a\": 1}\n</tool_response>|",
+        );
+        // Two blocks in one message, or a user message, are left as they are.
+        let two = Message::tool(
+            "<tool_response>\n1\n</tool_response>\n<tool_response>\n2\n</tool_response>",
+        );
+        check(
+            source,
+            &[two.clone()],
+            false,
+            &format!("<tool_response>\n{}\n</tool_response>|", two.content),
+        );
+        let user = Message::user("<tool_response>\nx\n</tool_response>");
+        check(
+            source,
+            &[user.clone()],
+            false,
+            &format!("{}|", user.content),
+        );
+        // A template that does not speak Hermes sees the content unchanged.
+        check(SMOLLM2_TEMPLATE, &[one.clone()], false, &format!("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>tool\n{}<|im_end|>\n", one.content));
     }
 
     #[test]

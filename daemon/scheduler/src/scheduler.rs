@@ -80,6 +80,23 @@ pub(super) struct Request {
     pub loading: bool,
 }
 
+impl Seq {
+    /// The lease on page `k` (of the whole sequence), if this sequence holds it.
+    pub(super) fn page(&self, k: usize) -> Option<&PageLease> {
+        k.checked_sub(self.released).and_then(|i| self.pages.get(i))
+    }
+
+    /// The page table a step reads: one id per page from position 0. Released pages are never
+    /// read again; their entries repeat the first page still held.
+    pub(super) fn page_table(&self) -> Vec<u32> {
+        let ids = self.pages.iter().map(|pg| pg.id().0);
+        let filler = self.pages.first().map_or(0, |pg| pg.id().0);
+        std::iter::repeat_n(filler, self.released)
+            .chain(ids)
+            .collect()
+    }
+}
+
 impl Request {
     /// True when the reader of a generation has gone away.
     pub fn cancelled(&self) -> bool {
@@ -90,9 +107,13 @@ impl Request {
 /// A running sequence: a request plus the pages holding its KV.
 pub(super) struct Seq {
     pub req: Request,
-    /// One lease per page, positions `k*page_size..` in page `k`; dropping the sequence
-    /// releases them.
+    /// One lease per page from page [`Seq::released`] on: positions `k*page_size..` are in
+    /// `pages[k - released]`; dropping the sequence releases them.
     pub pages: Vec<PageLease>,
+    /// Leading pages this sequence has let go of because every layer's window has left them
+    /// behind (models whose every layer is windowed); 0 otherwise. A sequence with released
+    /// pages no longer extends the cache: the tree holds runs of KV from position 0.
+    pub released: usize,
     /// Tokens whose KV is in the pages.
     pub kv_len: usize,
     /// The tree node this sequence holds locked.
@@ -786,6 +807,7 @@ impl Scheduler {
         self.running.push(Seq {
             req,
             pages,
+            released: 0,
             kv_len,
             node,
             admitted: self.admit_clock,

@@ -5,7 +5,7 @@
 use super::scheduler::{Request, Scheduler, Seq, Work};
 use super::types::*;
 use crate::cache::PageId;
-use agentd_engine::executor::{RowKind, SeqStep};
+use agentd_engine::executor::{first_key_read, RowKind, SeqStep};
 use agentd_engine::{ExecError, Executor, FinishReason};
 use std::time::Instant;
 
@@ -126,7 +126,7 @@ impl Scheduler {
                 OwnedStep {
                     tokens: s.req.tokens[s.kv_len..s.kv_len + p.tokens].to_vec(),
                     pos0: s.kv_len,
-                    table: s.pages.iter().map(|pg| pg.id().0).collect(),
+                    table: s.page_table(),
                     kind: p.kind,
                     logits: s.kv_len + p.tokens == s.req.tokens.len()
                         && matches!(s.req.work, Work::Generate { .. }),
@@ -189,6 +189,7 @@ impl Scheduler {
             if p.kind == RowKind::Prompt {
                 self.cache_progress(p.seq);
             }
+            self.release_behind_window(p.seq);
         }
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, finish) in done {
@@ -252,7 +253,7 @@ impl Scheduler {
         let s = &self.running[p.seq];
         let (first, last) = self.write_range(p);
         (first..=last)
-            .filter(|&k| match s.pages.get(k) {
+            .filter(|&k| match s.page(k) {
                 Some(pg) => self.tree.pool().refcount(pg.id()).unwrap_or(0) > 1,
                 None => true,
             })
@@ -267,7 +268,8 @@ impl Scheduler {
         let ps = self.cfg.page_size;
         for k in first..=last {
             let s = &self.running[p.seq];
-            match s.pages.get(k).map(|l| l.id()) {
+            let held = k - s.released;
+            match s.page(k).map(|l| l.id()) {
                 Some(old) if self.tree.pool().refcount(old).unwrap_or(0) > 1 => {
                     let new = self.tree.pool().lease_new().expect("pages were reserved");
                     let new_id = new.id();
@@ -275,7 +277,7 @@ impl Scheduler {
                     // The new page replaces the shared one (whose lease is dropped: others
                     // still hold it) before the copy, so a failed copy leaves every page
                     // accounted for.
-                    self.running[p.seq].pages[k] = new;
+                    self.running[p.seq].pages[held] = new;
                     self.exec().copy_page(old.0, new_id.0, valid)?;
                 }
                 Some(_) => {}
@@ -326,7 +328,7 @@ impl Scheduler {
     /// Makes the computed part of running sequence `i` visible in the cache (so requests that
     /// share it hit, even before this one finishes), moving its lock to the new node.
     fn cache_progress(&mut self, i: usize) {
-        if !self.cfg.cache {
+        if !self.cfg.cache || self.running[i].released > 0 {
             return;
         }
         let ps = self.cfg.page_size;
@@ -348,6 +350,39 @@ impl Scheduler {
         }
         let ns = self.running[i].req.ns;
         self.pin_restored(ns);
+    }
+
+    /// For a model whose every layer is windowed: lets running sequence `i` go of the pages
+    /// wholly below the first key its next query reads ([`first_key_read`]). With the cache on
+    /// this starts once the prompt is computed (and so cached whole, reusable by later
+    /// requests however long it is); after that, the sequence no longer extends the cache. A
+    /// page only it held returns to the pool; one the tree also holds stays cached, and the
+    /// sequence's lock on the tree is dropped with the first release, so that cached prefix
+    /// can be evicted like any other.
+    fn release_behind_window(&mut self, i: usize) {
+        let Some(window) = self.shape.window else {
+            return;
+        };
+        let ps = self.cfg.page_size;
+        let s = &mut self.running[i];
+        if self.cfg.cache && !s.decoding {
+            return;
+        }
+        // Keep at least the page the next token is written to.
+        let behind = (first_key_read(s.kv_len, window) / ps).min(s.kv_len / ps);
+        if behind <= s.released {
+            return;
+        }
+        let n = (behind - s.released).min(s.pages.len().saturating_sub(1));
+        if n == 0 {
+            return;
+        }
+        s.pages.drain(..n);
+        s.released += n;
+        self.stats.window_released_pages += n as u64;
+        if let Some(node) = s.node.take() {
+            let _ = self.tree.unlock(node);
+        }
     }
 
     /// Drops a sequence's page leases (releasing its references) and its lock.

@@ -440,3 +440,33 @@ fn admission_prefers_the_longest_cached_prefix() {
     assert_eq!(order[0], 3, "{order:?}");
     s.check_invariants().unwrap();
 }
+
+/// A model whose every layer sees only the last 100 keys: a long prompt and a long
+/// generation let go of the pages behind the window as they go (their memory comes back while
+/// the sequence runs), the tokens are still the reference's, and a second session sharing the
+/// prompt hits the cached prompt, longer than the window, and generates the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windowed_models_release_pages_behind_the_window_and_reuse_long_prefixes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    let prompt = random_tokens(&mut rng, 600);
+    let exec = Box::new(FakeExecutor::new(VOCAB, CONTEXT).with_window(100));
+    let h = SchedulerHandle::spawn(
+        exec,
+        SchedulerConfig {
+            step_tokens: 128,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let a = h.create_session(1, None, prompt.clone()).await.unwrap();
+    let (first, _) = run_to_end(&h, 1, a, greedy(200)).await;
+    let st = h.stats().await.unwrap();
+    assert!(st.window_released_pages > 0, "{st:?}");
+    let b = h.create_session(1, None, prompt.clone()).await.unwrap();
+    let (second, usage) = run_to_end(&h, 1, b, greedy(200)).await;
+    assert_eq!(first, second);
+    assert_eq!(usage.cached_tokens, prompt.len() - 1, "{usage:?}");
+    // Every page is back in the pool or in the tree once both are done.
+    let st = h.stats().await.unwrap();
+    assert_eq!(st.free_pages + st.tree.pages_held, st.pool_pages, "{st:?}");
+}

@@ -198,6 +198,9 @@ pub struct SchedStats {
     pub preemptions: u64,
     /// Pages freed by evicting cached prefixes.
     pub evicted_pages: u64,
+    /// Pages running sequences let go of because every layer's sliding window had left them
+    /// behind.
+    pub window_released_pages: u64,
     /// Per tenant.
     pub tenants: BTreeMap<TenantId, TenantStats>,
     /// Prompt tokens whose KV was read back from disk.

@@ -630,7 +630,14 @@ impl Agentd for AgentdService {
             disk_bytes: s.disk.as_ref().map_or(0, |d| d.bytes),
             disk_budget: s.disk.as_ref().map_or(0, |d| d.budget),
             disk_loaded_tokens: s.disk_loaded_tokens,
+            expert_load_last_step: Vec::new(),
+            expert_load_total: Vec::new(),
         };
+        if self.model.model.config().experts > 0 {
+            let load = self.model.model.expert_load();
+            reply.expert_load_last_step = load.last_step;
+            reply.expert_load_total = load.total;
+        }
         // The pool-wide figures count every tenant's work: only operators see them. Others
         // see the pool's fixed shape and their own figures (their own hit rate included).
         if !self.is_operator(&req) {
@@ -644,6 +651,8 @@ impl Agentd for AgentdService {
                 disk_records: 0,
                 disk_bytes: 0,
                 disk_loaded_tokens: 0,
+                expert_load_last_step: Vec::new(),
+                expert_load_total: Vec::new(),
                 ..reply
             };
         }

@@ -24,6 +24,9 @@ impl Executor for CpuExecutor {
         ModelShape {
             vocab: c.vocab,
             context_length: c.context_length,
+            window: c
+                .sliding_window
+                .filter(|_| c.windowed_layers.len() == c.layers),
         }
     }
 

@@ -31,12 +31,21 @@ impl FakeExecutor {
             shape: ModelShape {
                 vocab,
                 context_length,
+                window: None,
             },
             page_size: 16,
             slots: Vec::new(),
             steps: 0,
             rows: Vec::new(),
         }
+    }
+
+    /// The same fake, as a model whose every layer sees only the last `window` keys: each
+    /// step then also checks that every position its rows may read (from
+    /// [`super::first_key_read`] on) still holds a written slot.
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.shape.window = Some(window);
+        self
     }
 
     /// Forward steps run so far.
@@ -100,6 +109,17 @@ impl FakeExecutor {
         }
         for &p in &s.page_table[..need] {
             check_page(p, self.pages())?;
+        }
+        if let Some(w) = self.shape.window {
+            for q in super::first_key_read(s.pos0, w)..s.pos0 {
+                if self.slots[self.slot(s.page_table, q)].is_none() {
+                    return Err(bad(format!(
+                        "position {q} is inside the window of position {} but was never written",
+                        s.pos0
+                    ))
+                    .into());
+                }
+            }
         }
         Ok(())
     }

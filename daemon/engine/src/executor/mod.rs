@@ -47,6 +47,17 @@ pub struct ModelShape {
     pub vocab: usize,
     /// The most positions a sequence may hold.
     pub context_length: usize,
+    /// When every layer attends within a sliding window: the keys a query sees, itself
+    /// included. Pages wholly below [`first_key_read`] are then never read again by the
+    /// sequence, and the scheduler may release them. `None` when any layer sees everything.
+    pub window: Option<usize>,
+}
+
+/// The first key position attention reads for a query at `pos` under `window` (the start of
+/// the kernel's tile that holds the window's first key): a sequence's pages wholly below it
+/// are never read by that query or any later one.
+pub fn first_key_read(pos: usize, window: usize) -> usize {
+    agentd_kernels::paged_attention::window_start((pos + 1).saturating_sub(window))
 }
 
 /// The element type of the KV pages.

@@ -203,7 +203,9 @@ impl ModelConfig {
         }
         let windowed_layers = match sliding_window {
             None => Vec::new(),
-            Some(_) => windowed_layers(meta, &key("attention.sliding_window_pattern"), spec, layers)?,
+            Some(_) => {
+                windowed_layers(meta, &key("attention.sliding_window_pattern"), spec, layers)?
+            }
         };
         let rope_theta_swa = meta
             .opt_f32(&key("rope.freq_base_swa"))?

@@ -69,7 +69,11 @@ pub struct ExpertLoad {
 /// A block's MLP.
 enum Mlp {
     /// `down(act(gate x) · up x)`.
-    Dense { gate: Linear, up: Linear, down: Linear },
+    Dense {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
     /// A mixture of experts (Mixtral layout).
     Experts(experts::Experts),
 }
@@ -77,7 +81,9 @@ enum Mlp {
 impl Mlp {
     fn size_bytes(&self) -> usize {
         match self {
-            Mlp::Dense { gate, up, down } => gate.size_bytes() + up.size_bytes() + down.size_bytes(),
+            Mlp::Dense { gate, up, down } => {
+                gate.size_bytes() + up.size_bytes() + down.size_bytes()
+            }
             Mlp::Experts(e) => e.size_bytes(),
         }
     }
