@@ -48,12 +48,24 @@ pub fn resolve(flag: Option<PathBuf>) -> Result<PathBuf> {
         return Ok(value);
     }
     let catalog = load_catalog()?;
-    let entry = catalog.get(&value.to_string_lossy())?;
+    let entry = catalog.get(&value.to_string_lossy()).map_err(|e| {
+        anyhow::anyhow!("--model: {e} (it takes a catalog name or the path of a GGUF file)")
+    })?;
     let store = ModelStore::open_default()?;
     if store.is_present(entry) {
         return Ok(store.path_of(entry));
     }
     pull_entry(&store, entry, &PullOptions::default())
+}
+
+/// Writes `text` to stdout; a reader that went away (`agentd model list | head`) ends the
+/// output quietly, as other Unix tools do.
+fn print_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
 }
 
 /// `agentd model list`: every catalog model with its size, quantization, architecture, whether
@@ -67,8 +79,7 @@ pub fn list(args: ListArgs) -> Result<()> {
             .iter()
             .map(|e| json_row(&store, e))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+        return print_stdout(&(serde_json::to_string_pretty(&rows)? + "\n"));
     }
     let header = ["NAME", "SIZE", "QUANT", "ARCH", "PRESENT", "DESCRIPTION"];
     let rows: Vec<[String; 6]> = catalog
@@ -97,7 +108,6 @@ pub fn list(args: ListArgs) -> Result<()> {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let mut out = std::io::stdout().lock();
     let line = |cells: &[&str]| -> String {
         let mut s = String::new();
         for (i, cell) in cells.iter().enumerate() {
@@ -109,13 +119,13 @@ pub fn list(args: ListArgs) -> Result<()> {
         }
         s.trim_end().to_string()
     };
-    writeln!(out, "{}", line(&header))?;
+    let mut text = line(&header) + "\n";
     for row in &rows {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
-        writeln!(out, "{}", line(&cells))?;
+        text += &(line(&cells) + "\n");
     }
-    writeln!(out, "\n* default. Files in {}", store.dir().display())?;
-    Ok(())
+    text += &format!("\n* default. Files in {}\n", store.dir().display());
+    print_stdout(&text)
 }
 
 fn json_row(store: &ModelStore, e: &CatalogEntry) -> serde_json::Value {
@@ -156,8 +166,7 @@ pub fn pull(args: PullArgs) -> Result<()> {
         ..PullOptions::default()
     };
     let path = pull_entry(&store, entry, &opts)?;
-    println!("{}", path.display());
-    Ok(())
+    print_stdout(&format!("{}\n", path.display()))
 }
 
 /// `agentd model rm NAME`: removes the model's file and any partial pull of it.
@@ -174,7 +183,7 @@ pub fn rm(args: RmArgs) -> Result<()> {
     let entry = catalog.get(&args.name)?;
     let removed = store.remove(entry)?;
     for path in removed.file.iter().chain(removed.partial.iter()) {
-        println!("removed {}", path.display());
+        print_stdout(&format!("removed {}\n", path.display()))?;
     }
     if removed.file.is_none() && removed.partial.is_none() {
         eprintln!(

@@ -41,10 +41,9 @@ pub enum CatalogError {
     },
     /// No catalog entry has this name (and, for `--model`, no file has this path).
     #[error(
-        "{}no model named `{name}` in the catalog; known models: {}{}",
+        "{}no model named `{name}` in the catalog; known models: {}",
         if *looks_like_path { format!("no file `{name}`, and ") } else { String::new() },
-        known.join(", "),
-        if *looks_like_path { "" } else { " (or pass the path of a GGUF file)" }
+        known.join(", ")
     )]
     UnknownModel {
         /// The name that was asked for.
