@@ -1,6 +1,8 @@
 //! Subcommands that talk to a running daemon over its socket (`admin`, `connect`), and the
-//! model-file tools that need no daemon (`model`: `agentd model quantize`).
+//! model-file tools that need no daemon (`model`: `agentd model quantize`; `tokenize`:
+//! `agentd model tokenize`).
 
 pub mod admin;
 pub mod connect;
 pub mod model;
+pub mod tokenize;
