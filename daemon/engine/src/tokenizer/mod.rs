@@ -161,8 +161,8 @@ pub enum TokenKind {
 /// Which algorithm turns text fragments into ids.
 #[derive(Debug, Clone)]
 enum Model {
-    /// Byte-level BPE (`gpt2`).
-    Bpe(bpe::Bpe),
+    /// Byte-level BPE (`gpt2`), boxed: the `tokenizers` tokenizer is large.
+    Bpe(Box<bpe::Bpe>),
     /// SentencePiece-style merges by score (`llama`).
     Spm(spm::Spm),
 }
@@ -283,7 +283,7 @@ impl GgufTokenizer {
             Some(pre) => {
                 let merges = get_str_array(md, "tokenizer.ggml.merges")?;
                 digest_input.strings(&merges);
-                Model::Bpe(bpe::Bpe::new(&tokens, &merges, pre)?)
+                Model::Bpe(Box::new(bpe::Bpe::new(&tokens, &merges, pre)?))
             }
             None => {
                 let scores = match md.get("tokenizer.ggml.scores") {

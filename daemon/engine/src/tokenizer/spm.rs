@@ -49,10 +49,14 @@ impl Spm {
         }
         let scores = scores
             .iter()
-            .map(|&s| match s {
-                s if s.is_nan() => f32::NEG_INFINITY,
-                s if s == 0.0 => 0.0,
-                s => s,
+            .map(|&s| {
+                if s.is_nan() {
+                    f32::NEG_INFINITY
+                } else if s == 0.0 {
+                    0.0
+                } else {
+                    s
+                }
             })
             .collect();
         let byte_tokens = (0..=255u8)

@@ -426,7 +426,11 @@ fn spm_merges_pieces_and_marks_spaces() {
 /// [`tiny_spm`] without the space prefix, with token `id`'s score changed.
 fn spm_with_score(id: u32, score: f32) -> HashMap<String, Value> {
     let mut md = tiny_spm();
-    set(&mut md, "tokenizer.ggml.add_space_prefix", Value::Bool(false));
+    set(
+        &mut md,
+        "tokenizer.ggml.add_space_prefix",
+        Value::Bool(false),
+    );
     if let Some(Value::Array(scores)) = md.get_mut("tokenizer.ggml.scores") {
         scores[id as usize] = Value::F32(score);
     }
