@@ -54,6 +54,13 @@ DEFAULT_MODELS = {
     "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf": "qwen2.5",
     "gemma-3-270m.Q4_K_M.gguf": "gemma3",
 }
+# Fixture names of llama.cpp's own vocabulary-only test files (its models/ggml-vocab-*.gguf),
+# compared when passed with --model: Llama 2's SentencePiece vocabulary (space prefix on) and
+# Phi-3's (special tokens strip the whitespace after them).
+EXTRA_FIXTURES = {
+    "ggml-vocab-llama-spm.gguf": "llama-spm",
+    "ggml-vocab-phi-3.gguf": "phi-3",
+}
 
 MODES = [
     ("special", True, False),
@@ -371,7 +378,8 @@ def main():
                     "llama_cpp": want[i][max(0, d - 3):d + 8], "agentd": got[i][max(0, d - 3):d + 8],
                 })
         report["models"][os.path.basename(path)] = entry
-        name = DEFAULT_MODELS.get(os.path.basename(path))
+        base = os.path.basename(path)
+        name = DEFAULT_MODELS.get(base) or EXTRA_FIXTURES.get(base)
         if args.write_fixtures and name and name not in written:
             written.add(name)
             fixture = {

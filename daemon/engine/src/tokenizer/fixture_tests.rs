@@ -4,7 +4,9 @@
 //! `bench/tokenizer_compare.py --write-fixtures` wrote them from llama.cpp (llama-cpp-python,
 //! `Llama(model_path, vocab_only=True).tokenize(text.encode(), add_bos, special)`); each file
 //! names its model file and the llama-cpp-python version. A model that is not on disk is
-//! skipped with a note.
+//! skipped with a note. Besides the three models' files, two of llama.cpp's vocabulary-only test
+//! files (`models/ggml-vocab-{llama-spm,phi-3}.gguf` in its repository) have fixtures, checked
+//! when copied into the models folder.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -94,6 +96,20 @@ fn qwen25_matches_llama_cpp_fixtures() {
 #[test]
 fn gemma3_matches_llama_cpp_fixtures() {
     check(include_str!("fixtures/gemma3.json"));
+}
+
+/// llama.cpp's `models/ggml-vocab-llama-spm.gguf` (Llama 2's vocabulary: SentencePiece with the
+/// space prefix), when copied into the models folder.
+#[test]
+fn llama_spm_matches_llama_cpp_fixtures() {
+    check(include_str!("fixtures/llama-spm.json"));
+}
+
+/// llama.cpp's `models/ggml-vocab-phi-3.gguf` (special tokens strip the whitespace after them),
+/// when copied into the models folder.
+#[test]
+fn phi3_matches_llama_cpp_fixtures() {
+    check(include_str!("fixtures/phi-3.json"));
 }
 
 /// Gemma 3's tokenizer, built once for the tests below.
