@@ -357,6 +357,8 @@ enum ModelCommand {
     /// Rewrite a GGUF file in another quantization (llama.cpp's type mixtures: q4_k_m, q5_k_m,
     /// q6_k, q8_0, q4_0), printing tensors per type and sizes.
     Quantize(cli::model::QuantizeArgs),
+    /// Tokenize text with a GGUF file's tokenizer (its metadata only) and print the ids.
+    Tokenize(cli::tokenize::TokenizeArgs),
 }
 
 /// jemalloc rather than glibc's malloc: after large requests (megabytes of text tokenized and
@@ -542,6 +544,7 @@ fn main() -> Result<()> {
         Command::Model(ModelCommand::List(args)) => cli::catalog::list(args),
         Command::Model(ModelCommand::Pull(args)) => cli::catalog::pull(args),
         Command::Model(ModelCommand::Rm(args)) => cli::catalog::rm(args),
+        Command::Model(ModelCommand::Tokenize(args)) => cli::tokenize::run(args),
         Command::Model(ModelCommand::Info) => {
             let engine = load(cli.model, opts)?;
             println!("{}", serde_json::to_string_pretty(engine.model.config())?);

@@ -172,14 +172,8 @@ impl LoadedModel {
     /// The grammar engine for this model's tokenizer, built on first use.
     pub fn constraint_factory(&self) -> Result<&crate::constraint::ConstraintFactory> {
         let built = self.constraints.get_or_init(|| {
-            let json = self
-                .tokenizer
-                .inner()
-                .to_string(false)
-                .map_err(|e| crate::constraint::ConstraintError::Unavailable(e.to_string()))?;
             crate::constraint::ConstraintFactory::new(
-                json.as_bytes(),
-                self.tokenizer.eos_token_id(),
+                self.tokenizer.clone(),
                 self.model.config().vocab,
             )
         });
@@ -210,16 +204,10 @@ impl LoadedModel {
     /// What KV computed by this model depends on besides the page layout: the file's SHA-256
     /// (read from disk: takes a moment for a large file), the tokenizer's and the template's.
     pub fn digests(&self) -> Result<ModelDigests> {
-        use sha2::{Digest, Sha256};
         let model_sha256 = crate::model_files::sha256_file(&self.path)?;
-        let tokenizer = self
-            .tokenizer
-            .inner()
-            .to_string(false)
-            .map_err(TokenizerError::Build)?;
         Ok(ModelDigests {
             model_sha256,
-            tokenizer_digest: format!("{:x}", Sha256::digest(tokenizer.as_bytes())),
+            tokenizer_digest: self.tokenizer.digest().to_string(),
             template_digest: self.template.source_digest(),
         })
     }

@@ -1,8 +1,10 @@
 //! Subcommands that talk to a running daemon over its socket (`admin`, `connect`), and the
 //! model-file tools that need no daemon (`model`: `agentd model quantize`; `catalog`:
-//! `agentd model list|pull|rm` and the meaning of `--model NAME|PATH`).
+//! `agentd model list|pull|rm` and the meaning of `--model NAME|PATH`; `tokenize`:
+//! `agentd model tokenize`).
 
 pub mod admin;
 pub mod catalog;
 pub mod connect;
 pub mod model;
+pub mod tokenize;

@@ -4,11 +4,14 @@
 //! does not allow; after it, the token advances the grammar.
 
 pub mod limits;
+mod tok_env;
 
 pub use limits::ConstraintLimits;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use std::sync::Arc;
+
+use crate::tokenizer::GgufTokenizer;
 
 /// What a constraint can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -221,14 +224,12 @@ pub struct ConstraintFactory {
 }
 
 impl ConstraintFactory {
-    /// A factory for the tokenizer serialised as `tokenizer_json` (Hugging Face format), whose
-    /// end of turn is `eos`, for logits of `vocab` entries.
-    pub fn new(tokenizer_json: &[u8], eos: u32, vocab: usize) -> Result<Self, ConstraintError> {
+    /// A factory for `tokenizer` (any vocabulary kind: the trie is built from
+    /// [`GgufTokenizer::token_bytes`]), whose end of turn is its EOS, for logits of `vocab`
+    /// entries.
+    pub fn new(tokenizer: Arc<GgufTokenizer>, vocab: usize) -> Result<Self, ConstraintError> {
         let unavailable = |e: anyhow::Error| ConstraintError::Unavailable(e.to_string());
-        let mut bt = toktrie_hf_tokenizers::ByteTokenizer::from_json_bytes(tokenizer_json)
-            .map_err(unavailable)?;
-        bt.set_eos_token(eos);
-        let env = bt.into_tok_env(Some(vocab)).map_err(unavailable)?;
+        let env = tok_env::tok_env(tokenizer, vocab)?;
         let mut factory = ParserFactory::new_simple(&env).map_err(unavailable)?;
         factory.quiet();
         // Errors without the grammar and the parser's state in them (they reach clients).

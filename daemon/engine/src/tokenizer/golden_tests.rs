@@ -218,8 +218,9 @@ fn smollm2_special_ids() {
     assert!(!tok.add_bos_token());
     assert_eq!(tok.token_text(1), Some("<|im_start|>"));
     assert_eq!(tok.token_text(2), Some("<|im_end|>"));
-    // EOS is <|im_end|>; <|endoftext|> (id 0) also ends generation, as in llama.cpp.
-    assert_eq!(tok.stop_token_ids(), [2, 0]);
+    // EOS is <|im_end|>; <|endoftext|> (id 0) and <reponame> (id 4, which llama.cpp takes as
+    // the FIM repository token) also end generation: llama.cpp's end-of-generation set.
+    assert_eq!(tok.stop_token_ids(), [2, 0, 4]);
     assert!(tok.is_control(0) && tok.is_control(16) && !tok.is_control(17));
     let chatml = tok
         .encode("<|im_start|>user\nhi<|im_end|>", true)
