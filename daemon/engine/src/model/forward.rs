@@ -1,16 +1,16 @@
 //! The forward pass: a batch of sequences' new tokens through the network, their keys and
 //! values written into KV pages, logits out for the sequences that ask for them.
 
+use super::arch::Activation;
 use super::error::{ModelError, Result};
+use super::experts::ExpertScratch;
 use super::kv::KvPages;
 use super::weights::{forward_shared, MatScratch, RowSplit};
+use super::Mlp;
 use super::Model;
 pub use crate::executor::{RowKind, SeqStep};
 use agentd_kernels::attention::AttentionShape;
 use agentd_kernels::norm::rms_norm;
-use super::arch::Activation;
-use super::experts::ExpertScratch;
-use super::Mlp;
 use agentd_kernels::paged_attention::{
     paged_causal_attention, paged_window_attention, write_kv, PagedKv, PagedKvMut,
 };
@@ -310,7 +310,13 @@ impl Model {
                 outs.into_par_iter().try_for_each(attend)?;
             }
             layer.wo.forward(&s.attn, split, &mut s.proj, &mut s.mat)?;
-            add_residual(&mut x, &mut s.proj, layer.post_attn_norm.as_deref(), c, &mut s.normed);
+            add_residual(
+                &mut x,
+                &mut s.proj,
+                layer.post_attn_norm.as_deref(),
+                c,
+                &mut s.normed,
+            );
 
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut s.norm);
             match &layer.mlp {
@@ -337,7 +343,13 @@ impl Model {
                     &mut expert_load,
                 )?,
             }
-            add_residual(&mut x, &mut s.proj, layer.post_ffn_norm.as_deref(), c, &mut s.normed);
+            add_residual(
+                &mut x,
+                &mut s.proj,
+                layer.post_ffn_norm.as_deref(),
+                c,
+                &mut s.normed,
+            );
         }
         if c.experts > 0 {
             self.record_expert_load(expert_load);
