@@ -8,14 +8,19 @@
 //! BF16, the I-quants, ...) are dequantised to f32 and the loader logs which.
 //!
 //! [`LoadOptions::exact`] keeps a dense f32 copy of every weight instead and runs every
-//! product in f32: the reference mode for checking the quantized products.
+//! product in f32: the reference mode for checking the quantized products. Dense products compute
+//! each output as one fixed-order dot product of an input row with a weight row
+//! ([`agentd_kernels::vecops::dot`]), so they too are independent of the batch, and a decode row
+//! costs one pass over the weights.
 
 use super::error::{ModelError, Result};
 use super::gguf::GgufFile;
 use agentd_kernels::matmul::{act_kinds, matmul_many, QMatrix};
 use agentd_kernels::quant::{QuantType, QuantizedRows};
+use agentd_kernels::vecops;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// How to hold weights in memory.
@@ -48,7 +53,12 @@ fn quant_type(dtype: GgmlDType) -> Option<QuantType> {
 /// A weight as loaded: packed when a kernel exists for the format, else dense f32.
 enum Loaded {
     Quant(QMatrix),
-    Dense(Tensor),
+    Dense(Vec<f32>),
+}
+
+/// `qt` dequantised to a flat row-major f32 vector.
+fn dequantize_flat(qt: &QTensor) -> candle_core::Result<Vec<f32>> {
+    qt.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()
 }
 
 fn load_matrix(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Result<Loaded> {
@@ -71,8 +81,7 @@ fn load_matrix(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Res
                 "no quantized kernel for this format: held as dense f32"
             );
             Ok(Loaded::Dense(
-                qt.dequantize(&Device::Cpu)
-                    .map_err(|e| bad(e.to_string()))?,
+                dequantize_flat(&qt).map_err(|e| bad(e.to_string()))?,
             ))
         }
     }
@@ -103,8 +112,9 @@ pub struct Linear {
 enum Weight {
     /// Packed panels; every row goes through the quantized product.
     Quant(Arc<QMatrix>),
-    /// Dense f32 (a format without a kernel, or [`LoadOptions::exact`]).
-    Dense(Tensor),
+    /// Dense f32, row-major `[rows, cols]` (a format without a kernel, or
+    /// [`LoadOptions::exact`]); shared with the embedding when the head is tied to it.
+    Dense(Arc<Vec<f32>>),
 }
 
 impl Linear {
@@ -117,9 +127,9 @@ impl Linear {
         opts: LoadOptions,
     ) -> Result<Self> {
         let weight = match load_matrix(file, name, rows, cols)? {
-            Loaded::Quant(q) if opts.exact => Weight::Dense(dense_of(&q)?),
+            Loaded::Quant(q) if opts.exact => Weight::Dense(dense_of(&q)),
             Loaded::Quant(q) => Weight::Quant(Arc::new(q)),
-            Loaded::Dense(t) => Weight::Dense(t),
+            Loaded::Dense(t) => Weight::Dense(Arc::new(t)),
         };
         Ok(Self {
             rows,
@@ -159,7 +169,7 @@ impl Linear {
                         let q = QMatrix::new(ty, rows, cols, &bytes[e * per..(e + 1) * per])
                             .map_err(|err| bad(format!("expert {e}: {err}")))?;
                         Ok(layer(if opts.exact {
-                            Weight::Dense(dense_of(&q)?)
+                            Weight::Dense(dense_of(&q))
                         } else {
                             Weight::Quant(Arc::new(q))
                         }))
@@ -172,19 +182,13 @@ impl Linear {
                     format = ?qt.dtype(),
                     "no quantized kernel for this format: held as dense f32"
                 );
-                let all = qt
-                    .dequantize(&Device::Cpu)
-                    .map_err(|e| bad(e.to_string()))?;
-                (0..n)
-                    .map(|e| Ok(layer(Weight::Dense(all.get(e)?.contiguous()?))))
-                    .collect()
+                let all = dequantize_flat(&qt).map_err(|e| bad(e.to_string()))?;
+                Ok(all
+                    .chunks_exact(rows * cols)
+                    .map(|m| layer(Weight::Dense(Arc::new(m.to_vec()))))
+                    .collect())
             }
         }
-    }
-
-    /// Output rows (the product's width).
-    pub fn rows(&self) -> usize {
-        self.rows
     }
 
     /// Input columns.
@@ -195,9 +199,9 @@ impl Linear {
     /// A layer that shares the embedding's matrix (tied output head).
     pub(super) fn tied(embedding: &Embedding, opts: LoadOptions) -> Result<Self> {
         let weight = match &embedding.table {
-            Table::Quant(q) if opts.exact => Weight::Dense(dense_of(q)?),
+            Table::Quant(q) if opts.exact => Weight::Dense(dense_of(q)),
             Table::Quant(q) => Weight::Quant(q.clone()),
-            Table::Dense(t, _) => Weight::Dense(t.clone()),
+            Table::Dense(t) => Weight::Dense(t.clone()),
         };
         let (rows, cols) = (embedding.rows, embedding.cols);
         // Only the f32 reference mode makes a copy of its own.
@@ -217,7 +221,7 @@ impl Linear {
         }
         match &self.weight {
             Weight::Quant(q) => q.size_bytes(),
-            Weight::Dense(d) => d.elem_count() * 4,
+            Weight::Dense(d) => d.len() * std::mem::size_of::<f32>(),
         }
     }
 
@@ -233,34 +237,50 @@ impl Linear {
     }
 }
 
-fn dense_of(q: &QMatrix) -> Result<Tensor> {
-    Ok(Tensor::from_vec(
-        q.dequantize(),
-        (q.rows(), q.cols()),
-        &Device::Cpu,
-    )?)
+fn dense_of(q: &QMatrix) -> Arc<Vec<f32>> {
+    Arc::new(q.dequantize())
 }
 
-/// Rows in every dense product (the f32 reference mode and formats without a kernel). The last
-/// block is padded with zero rows, so each product has exactly this shape and a row's result
-/// never depends on how many rows came with it: candle's gemm picks its blocking, and with it
-/// the order of its sums, from the matrix sizes.
-const DENSE_ROWS: usize = 64;
+/// Weight rows per parallel task of [`matmul_dense`].
+const DENSE_TASK_ROWS: usize = 32;
+/// Input rows per tile of [`matmul_dense`] (their block of weight rows stays in cache while
+/// they pass).
+const DENSE_TILE_ROWS: usize = 16;
 
-fn matmul_dense(x: &[f32], n: usize, cols: usize, w: &Tensor, out: &mut [f32]) -> Result<()> {
-    let out_cols = out.len() / n.max(1);
-    let wt = w.t()?;
-    let mut block = vec![0f32; DENSE_ROWS * cols];
-    for (b, rows) in x.chunks(DENSE_ROWS * cols).enumerate() {
-        let n_rows = rows.len() / cols;
-        block[..rows.len()].copy_from_slice(rows);
-        block[rows.len()..].fill(0.0);
-        let xt = Tensor::from_slice(&block, (DENSE_ROWS, cols), &Device::Cpu)?;
-        let y = xt.matmul(&wt)?.flatten_all()?.to_vec1::<f32>()?;
-        out[b * DENSE_ROWS * out_cols..][..n_rows * out_cols]
-            .copy_from_slice(&y[..n_rows * out_cols]);
+/// `out[i][j] = x[i] · w[j]` for the `n` rows of `x` and every row of the row-major `w` (`cols`
+/// columns). Each output is one [`vecops::dot`], whose order of sums depends only on `cols`, so a
+/// row's result never depends on how many rows came with it.
+fn matmul_dense(x: &[f32], n: usize, cols: usize, w: &[f32], out: &mut [f32]) {
+    let rows = w.len() / cols;
+    debug_assert_eq!(out.len(), n * rows);
+    let task = |j0: usize, dst: &mut [f32]| {
+        // `dst` is weight rows j0.. by input rows, transposed: [row - j0][input].
+        for i0 in (0..n).step_by(DENSE_TILE_ROWS) {
+            let i1 = (i0 + DENSE_TILE_ROWS).min(n);
+            for (jj, d) in dst.chunks_exact_mut(n).enumerate() {
+                let wr = &w[(j0 + jj) * cols..][..cols];
+                for i in i0..i1 {
+                    d[i] = vecops::dot(&x[i * cols..][..cols], wr);
+                }
+            }
+        }
+    };
+    if n == 1 {
+        // A decode row: the transposed layout is the output's.
+        out.par_chunks_mut(DENSE_TASK_ROWS)
+            .enumerate()
+            .for_each(|(b, d)| task(b * DENSE_TASK_ROWS, d));
+        return;
     }
-    Ok(())
+    let mut t = vec![0f32; rows * n];
+    t.par_chunks_mut(DENSE_TASK_ROWS * n)
+        .enumerate()
+        .for_each(|(b, d)| task(b * DENSE_TASK_ROWS, d));
+    for (i, o) in out.chunks_exact_mut(rows).enumerate() {
+        for (j, o) in o.iter_mut().enumerate() {
+            *o = t[j * n + i];
+        }
+    }
 }
 
 /// The token embedding table, looked up one row per token.
@@ -272,8 +292,8 @@ pub struct Embedding {
 
 enum Table {
     Quant(Arc<QMatrix>),
-    /// The tensor (shared with a tied head) and its rows as a flat vector for look-ups.
-    Dense(Tensor, Vec<f32>),
+    /// Row-major f32 rows (shared with a tied head).
+    Dense(Arc<Vec<f32>>),
 }
 
 impl Embedding {
@@ -286,10 +306,7 @@ impl Embedding {
     ) -> Result<Self> {
         let table = match load_matrix(file, name, vocab, hidden)? {
             Loaded::Quant(q) => Table::Quant(Arc::new(q)),
-            Loaded::Dense(t) => {
-                let flat = t.flatten_all()?.to_vec1::<f32>()?;
-                Table::Dense(t, flat)
-            }
+            Loaded::Dense(t) => Table::Dense(Arc::new(t)),
         };
         Ok(Self {
             rows: vocab,
@@ -302,7 +319,7 @@ impl Embedding {
     pub fn lookup(&self, id: usize, out: &mut [f32]) {
         match &self.table {
             Table::Quant(q) => q.dequantize_row_into(id, out),
-            Table::Dense(_, d) => out.copy_from_slice(&d[id * self.cols..(id + 1) * self.cols]),
+            Table::Dense(d) => out.copy_from_slice(&d[id * self.cols..(id + 1) * self.cols]),
         }
     }
 
@@ -310,8 +327,7 @@ impl Embedding {
     pub fn size_bytes(&self) -> usize {
         match &self.table {
             Table::Quant(q) => q.size_bytes(),
-            // The f32 tensor plus the flat copy used for look-ups.
-            Table::Dense(_, d) => 2 * d.len() * std::mem::size_of::<f32>(),
+            Table::Dense(d) => d.len() * std::mem::size_of::<f32>(),
         }
     }
 }
@@ -371,7 +387,7 @@ pub fn forward_shared(
     let Some(mats) = quantized else {
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             match &w.weight {
-                Weight::Dense(d) => matmul_dense(x, n, cols, d, out)?,
+                Weight::Dense(d) => matmul_dense(x, n, cols, d, out),
                 Weight::Quant(q) => {
                     let mut one = MatScratch::default();
                     forward_quant(&[&**q], x, n, cols, &mut [&mut out[..]], &mut one)?
