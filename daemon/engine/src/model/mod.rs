@@ -282,9 +282,26 @@ impl Model {
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(KvPages::new(&self.config, 0, 16))
     }
+
+    /// Sets the window of every windowed layer to `window` keys (tests: a short prompt then
+    /// crosses the window).
+    #[cfg(test)]
+    pub(crate) fn set_sliding_window(&mut self, window: usize) {
+        assert!(window > 0, "a window holds at least the query's own key");
+        self.config.sliding_window = Some(window);
+        for l in &mut self.layers {
+            if l.window.is_some() {
+                l.window = Some(window);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
+mod arch_oracle_tests;
+#[cfg(test)]
 mod load_tests;
+#[cfg(test)]
+mod moe_tests;
 #[cfg(test)]
 mod oracle_tests;
