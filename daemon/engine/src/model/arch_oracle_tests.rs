@@ -670,4 +670,3 @@ fn gemma3_default_engine_matches_the_f32_reference() {
         );
     }
 }
-

@@ -341,8 +341,8 @@ fn dense_task_body(x: &[f32], n: usize, cols: usize, w: &[f32], j0: usize, dst: 
                 d[i..i + 4].copy_from_slice(&four);
                 i += 4;
             }
-            for i in i..i1 {
-                d[i] = dot1_body(row(i), wr);
+            for (i, d) in d.iter_mut().enumerate().take(i1).skip(i) {
+                *d = dot1_body(row(i), wr);
             }
         }
     }
