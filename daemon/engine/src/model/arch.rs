@@ -40,6 +40,10 @@ pub struct ArchSpec {
     /// RoPE base of windowed layers when `rope.freq_base_swa` is absent (`None`: the global
     /// base).
     pub default_swa_rope_base: Option<f32>,
+    /// Whether windowed layers ignore the file's RoPE scaling (`rope.scaling.*`) and rotate by
+    /// the plain position (Gemma 3: llama.cpp's `rope_freq_scale_train_swa = 1`); otherwise
+    /// they scale positions as the global layers do.
+    pub swa_rope_unscaled: bool,
     /// Whether the MLP may be a mixture of experts (`expert_count`, Mixtral layout).
     pub experts: bool,
 }
@@ -55,6 +59,7 @@ pub const LLAMA: ArchSpec = ArchSpec {
     scale_embeddings: false,
     default_swa_period: None,
     default_swa_rope_base: None,
+    swa_rope_unscaled: false,
     experts: true,
 };
 
@@ -68,7 +73,7 @@ pub const QWEN2: ArchSpec = ArchSpec {
 };
 
 /// Gemma 3: QK-norm, pre- and post-norms, GeGLU, scaled embeddings, five windowed layers
-/// (RoPE base 10,000) to one global layer.
+/// (RoPE base 10,000, no RoPE scaling) to one global layer.
 pub const GEMMA3: ArchSpec = ArchSpec {
     name: "gemma3",
     rope_style: RopeStyle::Halves,
@@ -79,6 +84,7 @@ pub const GEMMA3: ArchSpec = ArchSpec {
     scale_embeddings: true,
     default_swa_period: Some(6),
     default_swa_rope_base: Some(10_000.0),
+    swa_rope_unscaled: true,
     experts: false,
 };
 

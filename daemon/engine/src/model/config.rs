@@ -58,6 +58,9 @@ pub struct ModelConfig {
     pub windowed_layers: Vec<usize>,
     /// RoPE frequency base of the windowed layers.
     pub rope_theta_swa: f32,
+    /// Linear RoPE position scale of the windowed layers (the global one, or 1.0 where the
+    /// architecture says windowed layers are unscaled).
+    pub rope_position_scale_swa: f32,
     /// Experts per MLP (`expert_count`; 0: a dense MLP).
     pub experts: usize,
     /// Experts each token is routed to (`expert_used_count`).
@@ -268,6 +271,11 @@ impl ModelConfig {
             sliding_window,
             windowed_layers,
             rope_theta_swa,
+            rope_position_scale_swa: if spec.swa_rope_unscaled {
+                1.0
+            } else {
+                rope_position_scale
+            },
             experts,
             experts_used: if experts > 0 { experts_used } else { 0 },
         })
@@ -319,4 +327,88 @@ fn windowed_layers(
         None | Some(0) => (0..layers).collect(),
         Some(n) => (0..layers).filter(|i| i % n < n - 1).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A Gemma 3 header (the 270M's shape) plus `extra`.
+    fn gemma3(extra: &[(&str, Value)]) -> HashMap<String, Value> {
+        let mut m: HashMap<String, Value> = [
+            ("general.architecture", Value::String("gemma3".into())),
+            ("gemma3.block_count", Value::U32(18)),
+            ("gemma3.embedding_length", Value::U32(640)),
+            ("gemma3.feed_forward_length", Value::U32(2048)),
+            ("gemma3.attention.head_count", Value::U32(4)),
+            ("gemma3.attention.head_count_kv", Value::U32(1)),
+            ("gemma3.attention.key_length", Value::U32(256)),
+            ("gemma3.context_length", Value::U32(32768)),
+            ("gemma3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+            ("gemma3.rope.freq_base", Value::F32(1e6)),
+            ("gemma3.attention.sliding_window", Value::U32(512)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (k, v) in extra {
+            m.insert((*k).to_owned(), v.clone());
+        }
+        m
+    }
+
+    #[test]
+    fn gemma3_windows_rope_bases_and_scales_follow_llama_cpp() {
+        let c = ModelConfig::from_metadata(Meta(&gemma3(&[])), 262_144).unwrap();
+        assert_eq!(
+            c.windowed_layers,
+            [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16]
+        );
+        assert_eq!(c.layer_window(4), Some(512));
+        assert_eq!(c.layer_window(5), None);
+        assert_eq!((c.rope_theta, c.rope_theta_swa), (1e6, 10_000.0));
+        assert_eq!(c.attention_scale, 1.0 / 16.0);
+        assert_eq!(c.embedding_scale, 640f32.sqrt());
+        // Linear RoPE scaling (Gemma 3 4B and up) applies to the global layers only.
+        let scaled = gemma3(&[
+            ("gemma3.rope.scaling.type", Value::String("linear".into())),
+            ("gemma3.rope.scaling.factor", Value::F32(8.0)),
+        ]);
+        let c = ModelConfig::from_metadata(Meta(&scaled), 262_144).unwrap();
+        assert_eq!(
+            (c.rope_position_scale, c.rope_position_scale_swa),
+            (0.125, 1.0)
+        );
+        // A pattern period from the file.
+        let period = gemma3(&[("gemma3.attention.sliding_window_pattern", Value::U32(3))]);
+        let c = ModelConfig::from_metadata(Meta(&period), 262_144).unwrap();
+        assert_eq!(c.windowed_layers, [0, 1, 3, 4, 6, 7, 9, 10, 12, 13, 15, 16]);
+    }
+
+    #[test]
+    fn windowed_layers_of_other_architectures_keep_the_global_scale() {
+        let m: HashMap<String, Value> = [
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.block_count", Value::U32(2)),
+            ("llama.embedding_length", Value::U32(64)),
+            ("llama.feed_forward_length", Value::U32(128)),
+            ("llama.attention.head_count", Value::U32(4)),
+            ("llama.context_length", Value::U32(4096)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+            ("llama.attention.sliding_window", Value::U32(1024)),
+            ("llama.rope.scaling.type", Value::String("linear".into())),
+            ("llama.rope.scaling.factor", Value::F32(4.0)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let c = ModelConfig::from_metadata(Meta(&m), 100).unwrap();
+        assert_eq!(c.windowed_layers, [0, 1]);
+        assert_eq!((c.rope_theta, c.rope_theta_swa), (10_000.0, 10_000.0));
+        assert_eq!(
+            (c.rope_position_scale, c.rope_position_scale_swa),
+            (0.25, 0.25)
+        );
+    }
 }

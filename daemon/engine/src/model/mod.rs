@@ -96,7 +96,8 @@ pub struct Model {
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
     head: Linear,
-    /// RoPE tables: the global base first, then the windowed layers' base when it differs.
+    /// RoPE tables: the global layers' first, then the windowed layers' when their base or
+    /// position scale differs.
     ropes: Vec<RopeTable>,
     /// Rows routed to each expert in the last step, summed over the layers (MoE models).
     last_expert_load: std::sync::Mutex<Vec<u64>>,
@@ -138,7 +139,8 @@ impl Model {
         } = config;
         let embedding = Embedding::load(file, "token_embd.weight", vocab, hidden)?;
         let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
-        let swa_rope = (config.rope_theta_swa != config.rope_theta
+        let swa_rope = ((config.rope_theta_swa != config.rope_theta
+            || config.rope_position_scale_swa != config.rope_position_scale)
             && !config.windowed_layers.is_empty()) as usize;
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
@@ -204,18 +206,18 @@ impl Model {
             None => None,
         };
         let n_experts = config.experts;
-        let table = |theta: f32| {
+        let table = |theta: f32, position_scale: f32| {
             RopeTable::new(
                 config.context_length,
                 config.rope_dim,
                 theta,
                 freq_factors.as_deref(),
-                config.rope_position_scale,
+                position_scale,
             )
         };
-        let mut ropes = vec![table(config.rope_theta)];
+        let mut ropes = vec![table(config.rope_theta, config.rope_position_scale)];
         if swa_rope == 1 {
-            ropes.push(table(config.rope_theta_swa));
+            ropes.push(table(config.rope_theta_swa, config.rope_position_scale_swa));
         }
         Ok(Self {
             config,
@@ -280,9 +282,26 @@ impl Model {
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(KvPages::new(&self.config, 0, 16))
     }
+
+    /// Sets the window of every windowed layer to `window` keys (tests: a short prompt then
+    /// crosses the window).
+    #[cfg(test)]
+    pub(crate) fn set_sliding_window(&mut self, window: usize) {
+        assert!(window > 0, "a window holds at least the query's own key");
+        self.config.sliding_window = Some(window);
+        for l in &mut self.layers {
+            if l.window.is_some() {
+                l.window = Some(window);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
+mod arch_oracle_tests;
+#[cfg(test)]
 mod load_tests;
+#[cfg(test)]
+mod moe_tests;
 #[cfg(test)]
 mod oracle_tests;

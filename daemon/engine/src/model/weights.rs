@@ -8,14 +8,17 @@
 //! BF16, the I-quants, ...) are dequantised to f32 and the loader logs which.
 //!
 //! [`LoadOptions::exact`] keeps a dense f32 copy of every weight instead and runs every
-//! product in f32: the reference mode for checking the quantized products.
+//! product in f32: the reference mode for checking the quantized products. Dense products compute
+//! each output as one fixed-order dot product of an input row with a weight row, so they too are
+//! independent of the batch, and a decode row costs one pass over the weights.
 
 use super::error::{ModelError, Result};
 use super::gguf::GgufFile;
 use agentd_kernels::matmul::{act_kinds, matmul_many, QMatrix};
 use agentd_kernels::quant::{QuantType, QuantizedRows};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// How to hold weights in memory.
@@ -48,7 +51,12 @@ fn quant_type(dtype: GgmlDType) -> Option<QuantType> {
 /// A weight as loaded: packed when a kernel exists for the format, else dense f32.
 enum Loaded {
     Quant(QMatrix),
-    Dense(Tensor),
+    Dense(Vec<f32>),
+}
+
+/// `qt` dequantised to a flat row-major f32 vector.
+fn dequantize_flat(qt: &QTensor) -> candle_core::Result<Vec<f32>> {
+    qt.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()
 }
 
 fn load_matrix(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Result<Loaded> {
@@ -71,8 +79,7 @@ fn load_matrix(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Res
                 "no quantized kernel for this format: held as dense f32"
             );
             Ok(Loaded::Dense(
-                qt.dequantize(&Device::Cpu)
-                    .map_err(|e| bad(e.to_string()))?,
+                dequantize_flat(&qt).map_err(|e| bad(e.to_string()))?,
             ))
         }
     }
@@ -103,8 +110,9 @@ pub struct Linear {
 enum Weight {
     /// Packed panels; every row goes through the quantized product.
     Quant(Arc<QMatrix>),
-    /// Dense f32 (a format without a kernel, or [`LoadOptions::exact`]).
-    Dense(Tensor),
+    /// Dense f32, row-major `[rows, cols]` (a format without a kernel, or
+    /// [`LoadOptions::exact`]); shared with the embedding when the head is tied to it.
+    Dense(Arc<Vec<f32>>),
 }
 
 impl Linear {
@@ -117,9 +125,9 @@ impl Linear {
         opts: LoadOptions,
     ) -> Result<Self> {
         let weight = match load_matrix(file, name, rows, cols)? {
-            Loaded::Quant(q) if opts.exact => Weight::Dense(dense_of(&q)?),
+            Loaded::Quant(q) if opts.exact => Weight::Dense(dense_of(&q)),
             Loaded::Quant(q) => Weight::Quant(Arc::new(q)),
-            Loaded::Dense(t) => Weight::Dense(t),
+            Loaded::Dense(t) => Weight::Dense(Arc::new(t)),
         };
         Ok(Self {
             rows,
@@ -159,7 +167,7 @@ impl Linear {
                         let q = QMatrix::new(ty, rows, cols, &bytes[e * per..(e + 1) * per])
                             .map_err(|err| bad(format!("expert {e}: {err}")))?;
                         Ok(layer(if opts.exact {
-                            Weight::Dense(dense_of(&q)?)
+                            Weight::Dense(dense_of(&q))
                         } else {
                             Weight::Quant(Arc::new(q))
                         }))
@@ -172,19 +180,13 @@ impl Linear {
                     format = ?qt.dtype(),
                     "no quantized kernel for this format: held as dense f32"
                 );
-                let all = qt
-                    .dequantize(&Device::Cpu)
-                    .map_err(|e| bad(e.to_string()))?;
-                (0..n)
-                    .map(|e| Ok(layer(Weight::Dense(all.get(e)?.contiguous()?))))
-                    .collect()
+                let all = dequantize_flat(&qt).map_err(|e| bad(e.to_string()))?;
+                Ok(all
+                    .chunks_exact(rows * cols)
+                    .map(|m| layer(Weight::Dense(Arc::new(m.to_vec()))))
+                    .collect())
             }
         }
-    }
-
-    /// Output rows (the product's width).
-    pub fn rows(&self) -> usize {
-        self.rows
     }
 
     /// Input columns.
@@ -195,9 +197,9 @@ impl Linear {
     /// A layer that shares the embedding's matrix (tied output head).
     pub(super) fn tied(embedding: &Embedding, opts: LoadOptions) -> Result<Self> {
         let weight = match &embedding.table {
-            Table::Quant(q) if opts.exact => Weight::Dense(dense_of(q)?),
+            Table::Quant(q) if opts.exact => Weight::Dense(dense_of(q)),
             Table::Quant(q) => Weight::Quant(q.clone()),
-            Table::Dense(t, _) => Weight::Dense(t.clone()),
+            Table::Dense(t) => Weight::Dense(t.clone()),
         };
         let (rows, cols) = (embedding.rows, embedding.cols);
         // Only the f32 reference mode makes a copy of its own.
@@ -217,7 +219,7 @@ impl Linear {
         }
         match &self.weight {
             Weight::Quant(q) => q.size_bytes(),
-            Weight::Dense(d) => d.elem_count() * 4,
+            Weight::Dense(d) => d.len() * std::mem::size_of::<f32>(),
         }
     }
 
@@ -233,34 +235,156 @@ impl Linear {
     }
 }
 
-fn dense_of(q: &QMatrix) -> Result<Tensor> {
-    Ok(Tensor::from_vec(
-        q.dequantize(),
-        (q.rows(), q.cols()),
-        &Device::Cpu,
-    )?)
+fn dense_of(q: &QMatrix) -> Arc<Vec<f32>> {
+    Arc::new(q.dequantize())
 }
 
-/// Rows in every dense product (the f32 reference mode and formats without a kernel). The last
-/// block is padded with zero rows, so each product has exactly this shape and a row's result
-/// never depends on how many rows came with it: candle's gemm picks its blocking, and with it
-/// the order of its sums, from the matrix sizes.
-const DENSE_ROWS: usize = 64;
+/// Weight rows per parallel task of [`matmul_dense`].
+const DENSE_TASK_ROWS: usize = 32;
+/// Input rows per tile of [`matmul_dense`] (their block of weight rows stays in cache while
+/// they pass).
+const DENSE_TILE_ROWS: usize = 16;
+/// Accumulator lanes of [`dot1_body`] and [`dot4_body`].
+const DOT_LANES: usize = 16;
 
-fn matmul_dense(x: &[f32], n: usize, cols: usize, w: &Tensor, out: &mut [f32]) -> Result<()> {
-    let out_cols = out.len() / n.max(1);
-    let wt = w.t()?;
-    let mut block = vec![0f32; DENSE_ROWS * cols];
-    for (b, rows) in x.chunks(DENSE_ROWS * cols).enumerate() {
-        let n_rows = rows.len() / cols;
-        block[..rows.len()].copy_from_slice(rows);
-        block[rows.len()..].fill(0.0);
-        let xt = Tensor::from_slice(&block, (DENSE_ROWS, cols), &Device::Cpu)?;
-        let y = xt.matmul(&wt)?.flatten_all()?.to_vec1::<f32>()?;
-        out[b * DENSE_ROWS * out_cols..][..n_rows * out_cols]
-            .copy_from_slice(&y[..n_rows * out_cols]);
+/// The end of every dot product of [`dot1_body`] and [`dot4_body`]: a pairwise reduction of
+/// the 16 lanes, plus the tail.
+#[inline(always)]
+fn reduce_lanes(mut a: [f32; DOT_LANES], tail: f32) -> f32 {
+    let mut width = DOT_LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            a[i] += a[i + width];
+        }
+        width /= 2;
     }
-    Ok(())
+    a[0] + tail
+}
+
+/// `x · w`: 16 lane accumulators updated by fused multiply-adds over the 16-element chunks, a
+/// fused tail, then [`reduce_lanes`]. A fused multiply-add is exactly rounded on every instruction
+/// set (and in software), so the result does not depend on which body runs either.
+#[inline(always)]
+fn dot1_body(x: &[f32], w: &[f32]) -> f32 {
+    let n = w.len();
+    let chunks = n / DOT_LANES * DOT_LANES;
+    let mut a = [0f32; DOT_LANES];
+    for (wc, xc) in w[..chunks]
+        .chunks_exact(DOT_LANES)
+        .zip(x[..chunks].chunks_exact(DOT_LANES))
+    {
+        for l in 0..DOT_LANES {
+            a[l] = xc[l].mul_add(wc[l], a[l]);
+        }
+    }
+    let mut tail = 0f32;
+    for i in chunks..n {
+        tail = x[i].mul_add(w[i], tail);
+    }
+    reduce_lanes(a, tail)
+}
+
+/// `[x0 · w, x1 · w, x2 · w, x3 · w]`, each summed exactly as [`dot1_body`] sums it (one pass
+/// over `w` for four rows).
+#[inline(always)]
+fn dot4_body(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let n = w.len();
+    let chunks = n / DOT_LANES * DOT_LANES;
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        [0f32; DOT_LANES],
+        [0f32; DOT_LANES],
+        [0f32; DOT_LANES],
+        [0f32; DOT_LANES],
+    );
+    for c in (0..chunks).step_by(DOT_LANES) {
+        let wc = &w[c..c + DOT_LANES];
+        let (c0, c1, c2, c3) = (
+            &x[0][c..c + DOT_LANES],
+            &x[1][c..c + DOT_LANES],
+            &x[2][c..c + DOT_LANES],
+            &x[3][c..c + DOT_LANES],
+        );
+        for l in 0..DOT_LANES {
+            a0[l] = c0[l].mul_add(wc[l], a0[l]);
+            a1[l] = c1[l].mul_add(wc[l], a1[l]);
+            a2[l] = c2[l].mul_add(wc[l], a2[l]);
+            a3[l] = c3[l].mul_add(wc[l], a3[l]);
+        }
+    }
+    let tail = |x: &[f32]| {
+        let mut t = 0f32;
+        for i in chunks..n {
+            t = x[i].mul_add(w[i], t);
+        }
+        t
+    };
+    [
+        reduce_lanes(a0, tail(x[0])),
+        reduce_lanes(a1, tail(x[1])),
+        reduce_lanes(a2, tail(x[2])),
+        reduce_lanes(a3, tail(x[3])),
+    ]
+}
+
+/// One task of [`matmul_dense`]: weight rows `j0..` against every input row, into `dst`
+/// (`[weight row - j0][input row]`), four input rows per pass over a weight row.
+#[inline(always)]
+fn dense_task_body(x: &[f32], n: usize, cols: usize, w: &[f32], j0: usize, dst: &mut [f32]) {
+    let row = |i: usize| &x[i * cols..][..cols];
+    for i0 in (0..n).step_by(DENSE_TILE_ROWS) {
+        let i1 = (i0 + DENSE_TILE_ROWS).min(n);
+        for (jj, d) in dst.chunks_exact_mut(n).enumerate() {
+            let wr = &w[(j0 + jj) * cols..][..cols];
+            let mut i = i0;
+            while i + 4 <= i1 {
+                let four = dot4_body([row(i), row(i + 1), row(i + 2), row(i + 3)], wr);
+                d[i..i + 4].copy_from_slice(&four);
+                i += 4;
+            }
+            for (i, d) in d.iter_mut().enumerate().take(i1).skip(i) {
+                *d = dot1_body(row(i), wr);
+            }
+        }
+    }
+}
+
+/// [`dense_task_body`], compiled for AVX2 and FMA when the CPU has them.
+fn dense_task(x: &[f32], n: usize, cols: usize, w: &[f32], j0: usize, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fast(x: &[f32], n: usize, cols: usize, w: &[f32], j0: usize, dst: &mut [f32]) {
+            dense_task_body(x, n, cols, w, j0, dst)
+        }
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { fast(x, n, cols, w, j0, dst) };
+    }
+    dense_task_body(x, n, cols, w, j0, dst)
+}
+
+/// `out[i][j] = x[i] · w[j]` for the `n` rows of `x` and every row of the row-major `w` (`cols`
+/// columns). Each output is summed in one fixed order that depends only on `cols` (see
+/// [`dot1_body`]), so a row's result never depends on how many rows came with it.
+fn matmul_dense(x: &[f32], n: usize, cols: usize, w: &[f32], out: &mut [f32]) {
+    let rows = w.len() / cols;
+    debug_assert_eq!(out.len(), n * rows);
+    let task = |b: usize, d: &mut [f32]| dense_task(x, n, cols, w, b * DENSE_TASK_ROWS, d);
+    if n == 1 {
+        // A decode row: the transposed layout is the output's.
+        out.par_chunks_mut(DENSE_TASK_ROWS)
+            .enumerate()
+            .for_each(|(b, d)| task(b, d));
+        return;
+    }
+    let mut t = vec![0f32; rows * n];
+    t.par_chunks_mut(DENSE_TASK_ROWS * n)
+        .enumerate()
+        .for_each(|(b, d)| task(b, d));
+    for (i, o) in out.chunks_exact_mut(rows).enumerate() {
+        for (j, o) in o.iter_mut().enumerate() {
+            *o = t[j * n + i];
+        }
+    }
 }
 
 /// The token embedding table, looked up one row per token.
@@ -272,8 +396,8 @@ pub struct Embedding {
 
 enum Table {
     Quant(Arc<QMatrix>),
-    /// The tensor (shared with a tied head) and its rows as a flat vector for look-ups.
-    Dense(Tensor, Vec<f32>),
+    /// Row-major f32 rows (shared with a tied head).
+    Dense(Arc<Vec<f32>>),
 }
 
 impl Embedding {
@@ -286,10 +410,7 @@ impl Embedding {
     ) -> Result<Self> {
         let table = match load_matrix(file, name, vocab, hidden)? {
             Loaded::Quant(q) => Table::Quant(Arc::new(q)),
-            Loaded::Dense(t) => {
-                let flat = t.flatten_all()?.to_vec1::<f32>()?;
-                Table::Dense(t, flat)
-            }
+            Loaded::Dense(t) => Table::Dense(Arc::new(t)),
         };
         Ok(Self {
             rows: vocab,
@@ -302,7 +423,7 @@ impl Embedding {
     pub fn lookup(&self, id: usize, out: &mut [f32]) {
         match &self.table {
             Table::Quant(q) => q.dequantize_row_into(id, out),
-            Table::Dense(_, d) => out.copy_from_slice(&d[id * self.cols..(id + 1) * self.cols]),
+            Table::Dense(d) => out.copy_from_slice(&d[id * self.cols..(id + 1) * self.cols]),
         }
     }
 
@@ -310,8 +431,7 @@ impl Embedding {
     pub fn size_bytes(&self) -> usize {
         match &self.table {
             Table::Quant(q) => q.size_bytes(),
-            // The f32 tensor plus the flat copy used for look-ups.
-            Table::Dense(_, d) => 2 * d.len() * std::mem::size_of::<f32>(),
+            Table::Dense(d) => d.len() * std::mem::size_of::<f32>(),
         }
     }
 }
@@ -371,7 +491,7 @@ pub fn forward_shared(
     let Some(mats) = quantized else {
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             match &w.weight {
-                Weight::Dense(d) => matmul_dense(x, n, cols, d, out)?,
+                Weight::Dense(d) => matmul_dense(x, n, cols, d, out),
                 Weight::Quant(q) => {
                     let mut one = MatScratch::default();
                     forward_quant(&[&**q], x, n, cols, &mut [&mut out[..]], &mut one)?
@@ -409,4 +529,46 @@ fn forward_quant(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matmul_dense;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// Every row of a dense product gives the same bits alone as in a batch of any size (four
+    /// rows per pass or the one-row remainder), and is the dot product to f32 accuracy.
+    #[test]
+    fn dense_rows_do_not_depend_on_the_batch() {
+        let (rows, cols) = (37, 70); // 70: four 16-lane chunks and a tail of 6
+        let w = values(rows * cols, 1);
+        let x = values(11 * cols, 2);
+        let mut alone = vec![0f32; 11 * rows];
+        for i in 0..11 {
+            let xi = &x[i * cols..(i + 1) * cols];
+            matmul_dense(xi, 1, cols, &w, &mut alone[i * rows..(i + 1) * rows]);
+            for j in 0..rows {
+                let exact: f64 = xi
+                    .iter()
+                    .zip(&w[j * cols..(j + 1) * cols])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                assert!((alone[i * rows + j] as f64 - exact).abs() < 1e-4);
+            }
+        }
+        for n in 1..=11 {
+            let mut out = vec![0f32; n * rows];
+            matmul_dense(&x[..n * cols], n, cols, &w, &mut out);
+            let same = out
+                .iter()
+                .zip(&alone)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{n} rows");
+        }
+    }
 }
