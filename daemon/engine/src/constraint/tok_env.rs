@@ -105,3 +105,95 @@ impl TokenizerEnv for GgufTokEnv {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::quantized::gguf_file::Value;
+
+    use super::*;
+    use crate::constraint::{ConstraintFactory, ConstraintSpec};
+
+    /// A tiny SentencePiece tokenizer: `<unk> <s> </s>`, 256 byte tokens (3…258), then
+    /// `▁` 259, `hi` 260, `▁there` 261, the control `<ctrl>` 262, the user-defined `<tag>` 263
+    /// and `  ` 264.
+    fn tiny_spm() -> Arc<GgufTokenizer> {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2, 3, 3];
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        types.extend([6; 256]);
+        for (text, kind) in [
+            ("▁", 1),
+            ("hi", 1),
+            ("▁there", 1),
+            ("<ctrl>", 3),
+            ("<tag>", 4),
+            ("  ", 4),
+        ] {
+            tokens.push(text.into());
+            types.push(kind);
+        }
+        let md = HashMap::from([
+            ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(tokens.into_iter().map(Value::String).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            ("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)),
+        ]);
+        Arc::new(GgufTokenizer::from_metadata(&md).expect("tokenizer"))
+    }
+
+    #[test]
+    fn trie_holds_sentencepiece_bytes_and_marks_special_tokens() {
+        let env = tok_env(tiny_spm(), 268).expect("token environment");
+        let trie = env.tok_trie();
+        assert_eq!(trie.vocab_size(), 268);
+        assert_eq!(trie.token(3 + u32::from(b'A')), b"A");
+        assert_eq!(trie.token(259), b" ");
+        assert_eq!(trie.token(261), b" there");
+        assert_eq!(trie.token(262), b"\xFF<ctrl>");
+        assert_eq!(trie.token(263), b"\xFF<tag>");
+        assert_eq!(trie.token(264), b"  ");
+        assert_eq!(trie.token(0), b"\xFF<unk>");
+        // Embedding rows past the vocabulary are placeholders.
+        assert_eq!(trie.token(266), b"\xFF<[266]>");
+        assert_eq!(trie.eos_token(), 2);
+        // Forced text is tokenized by the model's tokenizer ("  " is a user-defined piece).
+        assert_eq!(env.tokenize_bytes(b"hi  hi"), [260, 264, 260]);
+        assert!(tok_env(tiny_spm(), 100).is_err());
+    }
+
+    #[test]
+    fn constraints_work_on_a_sentencepiece_vocabulary() {
+        let tokenizer = tiny_spm();
+        let factory = ConstraintFactory::new(tokenizer.clone(), 268).expect("factory");
+        let spec = ConstraintSpec::Lark("start: \"hi  there\"".into());
+        let mut constraint = factory.constraint(&spec).expect("constraint");
+        // Greedy generation under the constraint: always the first allowed token.
+        let mut out = Vec::new();
+        while !constraint.is_stopped() && out.len() < 20 {
+            let mut logits = vec![0.0f32; 268];
+            constraint.mask(&mut logits).expect("mask");
+            let Some(next) = (0..268u32).find(|&i| logits[i as usize].is_finite()) else {
+                break;
+            };
+            if next == tokenizer.eos_token_id() {
+                break;
+            }
+            assert!(
+                next < 262 || next == 264,
+                "a special or padding token was allowed: {next}"
+            );
+            constraint.commit(next).expect("commit");
+            out.push(next);
+        }
+        assert_eq!(tokenizer.decode(&out, false).expect("decode"), "hi  there");
+        assert_eq!(out[..2], [260, 264], "{out:?}");
+    }
+}
