@@ -82,5 +82,8 @@ async fn gemma3_answers_and_runs_the_calculator_agent() {
     let text = answer_twice(&c, "The capital of France is").await;
     assert!(!text.trim().is_empty(), "{text:?}");
     let run = calculator_run(&c, "What is 12 times 7?").await;
-    assert!(run.contains("<tool_response>") || run.contains("84"), "{run}");
+    assert!(
+        run.contains("<tool_response>") || run.contains("84"),
+        "{run}"
+    );
 }

@@ -2,10 +2,9 @@
 //! tokenize the text a grammar forces.
 //!
 //! Built from [`GgufTokenizer::token_bytes`], so it works the same for byte-level BPE and
-//! SentencePiece vocabularies. The bytes are what `toktrie_hf_tokenizers` gives for a Hugging
-//! Face tokenizer: a token that is not text (control and unknown tokens, and user-defined ones
-//! spelled `<…>`) gets the `0xFF` special-token marker before its text, so grammars can name it
-//! but never produce it as text; unused slots have no bytes and are never allowed; rows of the
+//! SentencePiece vocabularies. As `toktrie_hf_tokenizers` does for a Hugging Face tokenizer, a
+//! token that is not text (control and unknown tokens) gets the `0xFF` special-token marker
+//! before its text, so grammars can name it but never produce it as text; unused slots have no bytes and are never allowed; rows of the
 //! embedding past the vocabulary are marked special placeholders.
 
 use std::sync::Arc;
@@ -39,7 +38,7 @@ pub(super) fn tok_env(
     let mut words = Vec::with_capacity(vocab);
     for id in 0..vocab_u32 {
         let word = match (tokenizer.token_kind(id), tokenizer.token_text(id)) {
-            (Some(kind), Some(text)) if is_special(kind, text) => {
+            (Some(kind), Some(text)) if is_special(kind) => {
                 match text {
                     "<|end|>" | "<|eot_id|>" | "<|im_end|>" => info.tok_end_of_turn = Some(id),
                     "<unk>" | "<|unk|>" => info.tok_unk = Some(id),
@@ -58,13 +57,14 @@ pub(super) fn tok_env(
     Ok(Arc::new(GgufTokEnv { tokenizer, trie }))
 }
 
-/// Whether llguidance should see the token as special rather than text: as
-/// `toktrie_hf_tokenizers` decides for a Hugging Face added token (special, or spelled `<…>`).
-fn is_special(kind: TokenKind, text: &str) -> bool {
+/// Whether llguidance should see the token as special rather than text: control and unknown
+/// tokens. User-defined tokens are text the model writes as one token — Qwen2.5's
+/// `<tool_call>` and `</tool_call>` are — so they keep their bytes: a grammar that forces the
+/// text `<tool_call>` then accepts the model's own token for it, whose bytes are that text.
+fn is_special(kind: TokenKind) -> bool {
     match kind {
         TokenKind::Control | TokenKind::Unknown => true,
-        TokenKind::UserDefined => text.starts_with('<') && text.ends_with('>'),
-        TokenKind::Normal | TokenKind::Byte | TokenKind::Unused => false,
+        TokenKind::UserDefined | TokenKind::Normal | TokenKind::Byte | TokenKind::Unused => false,
     }
 }
 
@@ -158,7 +158,8 @@ mod tests {
         assert_eq!(trie.token(259), b" ");
         assert_eq!(trie.token(261), b" there");
         assert_eq!(trie.token(262), b"\xFF<ctrl>");
-        assert_eq!(trie.token(263), b"\xFF<tag>");
+        // A user-defined token is text (Qwen2.5's `<tool_call>` is one).
+        assert_eq!(trie.token(263), b"<tag>");
         assert_eq!(trie.token(264), b"  ");
         assert_eq!(trie.token(0), b"\xFF<unk>");
         // Embedding rows past the vocabulary are placeholders.
@@ -187,7 +188,7 @@ mod tests {
                 break;
             }
             assert!(
-                next < 262 || next == 264,
+                next < 262 || next == 263 || next == 264,
                 "a special or padding token was allowed: {next}"
             );
             constraint.commit(next).expect("commit");
