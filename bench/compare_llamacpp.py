@@ -108,7 +108,9 @@ class Agentd:
         return rc == 0
 
     def engine(self, model):
-        _, out, _ = run(self.cmd(model, "bench", "engine", "--decode-batches", "1"))
+        _, out, _ = run(self.cmd(model, "bench", "engine", "--decode-batches", "1",
+                                 "--prefill", ",".join(map(str, PREFILL)),
+                                 "--decode-contexts", ",".join(map(str, DECODE))))
         rep = parse_json(out)
         if rep is None:
             raise RuntimeError("agentd bench engine printed no JSON object")
@@ -448,6 +450,7 @@ def markdown(report):
 
 
 def main():
+    global PREFILL, DECODE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agentd", default=os.path.join(HERE, "..", "target", "release", "agentd"))
     ap.add_argument("--llamacpp-bin", default="/work/llamacpp-bin")
@@ -461,7 +464,13 @@ def main():
     ap.add_argument("--ttft-message", default="Name three primary colors, briefly.")
     ap.add_argument("--skip-engine", action="store_true", help="no throughput comparison")
     ap.add_argument("--json-out")
+    ap.add_argument("--prefill", default=",".join(map(str, PREFILL)),
+                    help="prompt lengths for prefill, comma-separated (default 128,512,2048)")
+    ap.add_argument("--decode-contexts", default=",".join(map(str, DECODE)),
+                    help="contexts for decode, comma-separated (default 0,512,2048)")
     args = ap.parse_args()
+    PREFILL = tuple(int(x) for x in args.prefill.split(","))
+    DECODE = tuple(int(x) for x in args.decode_contexts.split(","))
 
     agentd = Agentd(os.path.abspath(args.agentd), args.threads)
     llama = LlamaCpp(args.llamacpp_bin, args.threads)

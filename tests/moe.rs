@@ -103,7 +103,10 @@ async fn an_upcycled_mixture_of_experts_serves_and_reports_expert_load() {
     // Every computed row went to USED experts in every layer.
     let rows =
         usage.prompt_tokens as u64 - usage.cached_tokens as u64 + usage.generated_tokens as u64;
-    assert!(total > 0 && total % (USED * layers) as u64 == 0, "{st:?}");
+    assert!(
+        total > 0 && total.is_multiple_of((USED * layers) as u64),
+        "{st:?}"
+    );
     assert!(
         total >= (rows - 1) * (USED * layers) as u64,
         "{total} for {rows} rows"

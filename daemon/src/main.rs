@@ -98,8 +98,8 @@ struct ServeArgs {
     /// Seconds running streams may go on after SIGTERM/SIGINT before they are cancelled.
     #[arg(long, default_value_t = 10)]
     grace_seconds: u64,
-    /// Where cached prefixes are kept on disk across restarts (default: kv-cache in the data
-    /// directory).
+    /// Where cached prefixes are kept on disk across restarts (default: kv-cache/<model file>
+    /// in the data directory, one folder per model).
     #[arg(long, env = "AGENTD_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
     /// Disk budget for cached prefixes, e.g. 2GiB; 0 keeps nothing on disk.
@@ -676,17 +676,18 @@ fn serve(
         None => None,
     };
     let disk_cache = choose(sm, "disk_cache", args.disk_cache, file_disk);
-    let cache_dir = match choose(
+    let cache_dir: Option<PathBuf> = choose(
         sm,
         "cache_dir",
         args.cache_dir,
         file.cache_dir.clone().map(Some),
-    ) {
-        Some(d) => d,
-        None => model_files::data_dir()?.join("kv-cache"),
-    };
+    );
     let mut sched_cfg = sched.config();
     let engine = Arc::new(load(model, opts)?);
+    let cache_dir = match cache_dir {
+        Some(d) => d,
+        None => model_files::default_cache_dir(&engine.path)?,
+    };
     if disk_cache > 0 {
         sched_cfg.store = Some(disk_tier(&engine, cache_dir, disk_cache)?);
     }

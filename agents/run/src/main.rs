@@ -179,7 +179,7 @@ async fn start_local(
     engine: Arc<LoadedModel>,
 ) -> Result<(Client, SchedulerHandle, agentd_service::serve::LocalServer)> {
     let store = agentd_store::StoreConfig {
-        dir: agentd_engine::model_files::data_dir()?.join("kv-cache"),
+        dir: agentd_engine::model_files::default_cache_dir(&engine.path)?,
         budget: 2 << 30,
     };
     let cfg = SchedulerConfig {

@@ -407,7 +407,7 @@ mod tests {
         let one = Message::tool("<tool_response>\n{\"a\": 1}\n</tool_response>");
         check(
             source,
-            &[one.clone()],
+            std::slice::from_ref(&one),
             false,
             "<tool_response>\n{\"a\": 1}\n</tool_response>|",
         );
@@ -417,19 +417,19 @@ mod tests {
         );
         check(
             source,
-            &[two.clone()],
+            std::slice::from_ref(&two),
             false,
             &format!("<tool_response>\n{}\n</tool_response>|", two.content),
         );
         let user = Message::user("<tool_response>\nx\n</tool_response>");
         check(
             source,
-            &[user.clone()],
+            std::slice::from_ref(&user),
             false,
             &format!("{}|", user.content),
         );
         // A template that does not speak Hermes sees the content unchanged.
-        check(SMOLLM2_TEMPLATE, &[one.clone()], false, &format!("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>tool\n{}<|im_end|>\n", one.content));
+        check(SMOLLM2_TEMPLATE, std::slice::from_ref(&one), false, &format!("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>tool\n{}<|im_end|>\n", one.content));
     }
 
     #[test]

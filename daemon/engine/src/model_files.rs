@@ -71,6 +71,16 @@ pub fn ensure_default_model(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     crate::catalog::ensure_catalog_model(crate::catalog::DEFAULT_MODEL, progress)
 }
 
+/// The disk tier's default folder for the model file at `model`: `kv-cache/<file name>` under
+/// the data directory, one per model, so that serving another model never discards this one's
+/// cached prefixes (a tier refuses records written for another model).
+pub fn default_cache_dir(model: &Path) -> Result<PathBuf> {
+    let name = model
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    Ok(data_dir()?.join("kv-cache").join(name))
+}
+
 /// Makes a rename inside `dir` durable. A no-op where directories cannot be opened as files.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
