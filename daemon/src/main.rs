@@ -67,6 +67,9 @@ enum Command {
     Prefix(cli::admin::PrefixCommand),
     /// Answer one question, streaming the reply to stdout (one session through the scheduler).
     Generate(GenerateArgs),
+    /// Run one of the bundled agents on a task: `agentd run calculator "What is 12 times 7?"`
+    /// (the `agentd-run` program installed beside this one; see `agentd run --help`).
+    Run(cli::run::RunArgs),
     /// Measure performance and print JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -413,6 +416,7 @@ fn main() -> Result<()> {
         Command::Status(args) => cli::admin::status(args),
         Command::Prefix(cmd) => cli::admin::prefix(cmd),
         Command::Generate(args) => generate(load(cli.model, opts)?, args),
+        Command::Run(args) => cli::run::run(args, cli.model),
         Command::Bench(BenchCommand::Engine {
             prefill,
             decode_contexts,

@@ -7,4 +7,5 @@ pub mod admin;
 pub mod catalog;
 pub mod connect;
 pub mod model;
+pub mod run;
 pub mod tokenize;
