@@ -11,6 +11,7 @@
 //!   [`LoadOptions::exact`] engine computes the same thing (dense f32 products) and is held
 //!   tightly to it; the default engine (8-bit activations) loosely.
 
+use super::oracle_tests::argmax;
 use super::{GgufFile, LoadOptions, Model};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
@@ -44,16 +45,6 @@ fn model_file(name: &str) -> Option<PathBuf> {
 
 fn load(path: &Path, opts: LoadOptions) -> Model {
     Model::load(&mut GgufFile::open(path).unwrap(), opts).unwrap()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// max |ours − theirs| and the range of `theirs`.

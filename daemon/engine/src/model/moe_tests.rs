@@ -6,6 +6,7 @@
 //! `expert_count` experts of which 2 are used per token; the router (`ffn_gate_inp`) is F32, as
 //! llama.cpp's quantizer leaves it, the other matrices are in the format under test.
 
+use super::oracle_tests::argmax;
 use super::{GgufFile, KvPages, LoadOptions, Model, RowKind, SeqStep};
 use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -225,16 +226,6 @@ fn candle_logits(m: &mut quantized_llama::ModelWeights, tokens: &[u32], pos: usi
         .unwrap()
         .to_vec1::<f32>()
         .unwrap()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -183,7 +183,8 @@ impl Oracle for F32Oracle {
     }
 }
 
-fn argmax(v: &[f32]) -> u32 {
+/// The index of the largest value (the first of equals): the greedy token.
+pub(super) fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
         if x > v[best] {
