@@ -20,8 +20,6 @@ mod kv;
 mod weights;
 
 pub use config::ModelConfig;
-/// The old name of [`ModelConfig`], from when agentd ran Llama only.
-pub type LlamaConfig = ModelConfig;
 pub use error::{ModelError, Result};
 #[cfg(test)]
 pub use forward::KvCache;
