@@ -10,6 +10,8 @@
 //!   product follows (scalar twin, AVX2, AVX-VNNI, AVX-512 VNNI).
 //! - [`matmul`]: a quantized weight matrix times a batch of activation rows, decode and prompt
 //!   rows alike, tiled and parallel over weight rows; a row's result never depends on its batch.
+//! - [`dense`]: the f32 product (`--exact`, formats without a quantized kernel), one fixed sum
+//!   order per output, so its rows do not depend on the batch either.
 //! - [`vecops`]: f32 dot products, `axpy`, a fast vectorised `exp`, SiLU.
 //! - [`norm`], [`rope`]: RMSNorm and rotary position embeddings.
 //! - [`attention`]: causal grouped-query attention with an online softmax (FlashAttention-style
@@ -22,6 +24,7 @@
 
 pub mod attention;
 pub mod cpu;
+pub mod dense;
 pub mod matmul;
 pub mod norm;
 pub mod paged_attention;
