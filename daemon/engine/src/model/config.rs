@@ -411,4 +411,61 @@ mod tests {
             (0.25, 0.25)
         );
     }
+
+    /// Window, expert and architecture metadata that cannot work is refused with an error that
+    /// names the key (or the architecture), never a panic or a model that runs wrongly.
+    #[test]
+    fn bad_window_expert_and_architecture_metadata_name_the_key() {
+        let llama = |extra: &[(&str, Value)]| -> HashMap<String, Value> {
+            let mut m: HashMap<String, Value> = [
+                ("general.architecture", Value::String("llama".into())),
+                ("llama.block_count", Value::U32(2)),
+                ("llama.embedding_length", Value::U32(64)),
+                ("llama.feed_forward_length", Value::U32(128)),
+                ("llama.attention.head_count", Value::U32(4)),
+                ("llama.context_length", Value::U32(4096)),
+                ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+            for (k, v) in extra {
+                m.insert((*k).to_owned(), v.clone());
+            }
+            m
+        };
+        let err = |m: HashMap<String, Value>| {
+            ModelConfig::from_metadata(Meta(&m), 100)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "accepted".into())
+        };
+        let e = err(llama(&[("llama.attention.sliding_window", Value::U32(0))]));
+        assert!(e.contains("llama.attention.sliding_window"), "{e}");
+        let e = err(llama(&[("llama.expert_count", Value::U32(4))]));
+        assert!(e.contains("llama.expert_used_count"), "{e}");
+        let e = err(llama(&[
+            ("llama.expert_count", Value::U32(4)),
+            ("llama.expert_used_count", Value::U32(5)),
+        ]));
+        assert!(
+            e.contains("llama.expert_used_count") && e.contains("1..=4"),
+            "{e}"
+        );
+        let mut qwen = llama(&[]);
+        qwen.insert("general.architecture".into(), Value::String("qwen2".into()));
+        for (k, v) in llama(&[]) {
+            if let Some(rest) = k.strip_prefix("llama.") {
+                qwen.insert(format!("qwen2.{rest}"), v);
+            }
+        }
+        qwen.insert("qwen2.expert_count".into(), Value::U32(4));
+        qwen.insert("qwen2.expert_used_count".into(), Value::U32(2));
+        let e = err(qwen);
+        assert!(e.contains("experts are not supported for `qwen2`"), "{e}");
+        let mut other = llama(&[]);
+        other.insert("general.architecture".into(), Value::String("mamba".into()));
+        let e = err(other);
+        assert!(e.contains("mamba"), "{e}");
+    }
 }
