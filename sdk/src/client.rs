@@ -264,6 +264,7 @@ pub struct GenerateOptions {
     sampling: proto::Sampling,
     stop: Vec<String>,
     constraint: Option<proto::Constraint>,
+    ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
@@ -273,6 +274,7 @@ impl Default for GenerateOptions {
             sampling: agentd_wire::sampling_defaults::wire(),
             stop: Vec::new(),
             constraint: None,
+            ignore_eos: false,
         }
     }
 }
@@ -297,6 +299,12 @@ impl GenerateOptions {
     /// The most tokens to generate.
     pub fn max_tokens(mut self, n: u32) -> Self {
         self.max_tokens = n;
+        self
+    }
+    /// Generate exactly `max_tokens` tokens: end-of-sequence tokens are not sampled (unless a
+    /// constraint allows nothing else), for benchmarks.
+    pub fn ignore_eos(mut self, on: bool) -> Self {
+        self.ignore_eos = on;
         self
     }
     /// The most tokens a generation with these options produces.
@@ -483,6 +491,7 @@ impl Session {
             sampling: Some(opts.sampling),
             stop: opts.stop.clone(),
             constraint: opts.constraint.clone(),
+            ignore_eos: opts.ignore_eos,
         };
         let inner = self.client.rpc.clone().generate(req).await?.into_inner();
         Ok(GenerateStream { inner })

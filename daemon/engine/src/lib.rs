@@ -33,6 +33,6 @@ pub mod stop;
 mod test_model;
 pub mod tokenizer;
 
-pub use decoding::{Decoding, Detokenizer, Pushed};
+pub use decoding::{Decoding, Detokenizer, Pushed, TokenLogprob};
 pub use executor::{CpuExecutor, ExecError, Executor, FakeExecutor, KvLayout, ModelShape};
 pub use loaded::{EngineError, FinishReason, GenerateOptions, LoadedModel, ModelDigests};

@@ -90,6 +90,9 @@ pub struct GenerateOptions {
     /// Keep generating past end-of-sequence tokens until `max_tokens` (for benchmarks that need
     /// a fixed output length, as vLLM's `ignore_eos`).
     pub ignore_eos: bool,
+    /// Report each token's log-probability with this many most likely alternatives (at most
+    /// [`crate::decoding::MAX_TOP_LOGPROBS`]); `None`: none.
+    pub logprobs: Option<usize>,
     /// What the output must match (a JSON schema, a grammar, tool calls).
     pub constraint: Option<crate::constraint::ConstraintSpec>,
 }
@@ -101,6 +104,7 @@ impl Default for GenerateOptions {
             max_tokens: 256,
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
             constraint: None,
         }
     }

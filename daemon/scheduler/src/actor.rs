@@ -94,12 +94,14 @@ pub struct SchedulerHandle {
     tx: mpsc::Sender<Msg>,
     _alive: Arc<Alive>,
     shape: ModelShape,
+    limits: crate::TenantLimits,
 }
 
 impl SchedulerHandle {
     /// Builds the scheduler over `exec` (allocating the KV pool, opening the disk tier) and
     /// starts its thread.
     pub fn spawn(exec: Box<dyn Executor>, cfg: SchedulerConfig) -> Result<Self> {
+        let limits = cfg.limits;
         let mut sched = Scheduler::new(exec, cfg)?;
         let shape = sched.shape();
         let (tx, rx) = mpsc::channel::<Msg>();
@@ -138,12 +140,18 @@ impl SchedulerHandle {
             tx,
             _alive: alive,
             shape,
+            limits,
         })
     }
 
     /// The vocabulary and context length of the model behind the executor.
     pub fn shape(&self) -> ModelShape {
         self.shape
+    }
+
+    /// The per-tenant limits the scheduler enforces (so callers can pick defaults inside them).
+    pub fn limits(&self) -> crate::TenantLimits {
+        self.limits
     }
 
     /// Runs `f` on the scheduler thread between steps.

@@ -218,8 +218,10 @@ impl Scheduler {
             return false;
         }
         let mut runs = Vec::new();
+        let mut memory = 0;
         for ns in [Some(r.ns), r.published].into_iter().flatten() {
             let resident = self.tree.longest_prefix_len(ns, &r.tokens);
+            memory = memory.max(resident);
             let m = store.longest_match(ns, &r.tokens, resident);
             if m.tokens <= resident || m.pages.is_empty() {
                 continue;
@@ -249,6 +251,7 @@ impl Scheduler {
             return false;
         }
         r.loading = true;
+        r.memory_match = Some(memory);
         true
     }
 

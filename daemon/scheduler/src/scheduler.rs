@@ -73,6 +73,11 @@ pub(super) struct Request {
     pub first_token: Option<Instant>,
     /// Prompt tokens served from the cache at first admission.
     pub cached_tokens: Option<usize>,
+    /// When it was first admitted.
+    pub admitted: Option<Instant>,
+    /// The longest match resident in memory when the disk tier was asked for more (set only
+    /// when a disk load started): what `cached_tokens` holds beyond it came from disk.
+    pub memory_match: Option<usize>,
     pub preemptions: u32,
     /// The disk tier was consulted for this request's match.
     pub disk_checked: bool,
@@ -558,6 +563,8 @@ impl Scheduler {
             submitted: arrived,
             first_token: None,
             cached_tokens: None,
+            admitted: None,
+            memory_match: None,
             preemptions: 0,
             disk_checked: false,
             loading: false,
@@ -620,6 +627,8 @@ impl Scheduler {
             submitted: Instant::now(),
             first_token: None,
             cached_tokens: None,
+            admitted: None,
+            memory_match: None,
             preemptions: 0,
             disk_checked: false,
             loading: false,
@@ -800,6 +809,7 @@ impl Scheduler {
             }
         }
         req.cached_tokens.get_or_insert(kv_len);
+        req.admitted.get_or_insert_with(Instant::now);
         let t = self.stats.tenants.entry(req.tenant).or_default();
         t.cached_tokens += kv_len as u64;
         self.stats.cached_tokens += kv_len as u64;

@@ -27,6 +27,11 @@ fn usage(req: &Request, finish: FinishReason) -> Option<Usage> {
     Some(Usage {
         prompt_tokens: req.prompt_len,
         cached_tokens: req.cached_tokens.unwrap_or(0),
+        disk_cached_tokens: match (req.cached_tokens, req.memory_match) {
+            (Some(cached), Some(memory)) => cached.saturating_sub(memory),
+            _ => 0,
+        },
+        queue: req.admitted.unwrap_or(now) - req.submitted,
         generated_tokens: dec.tokens.len(),
         finish,
         ttft: req.first_token.unwrap_or(now) - req.submitted,
@@ -317,6 +322,7 @@ impl Scheduler {
             .send(Event::Token {
                 id: tok,
                 text: pushed.text,
+                logprob: dec.take_logprob().map(Box::new),
             })
             .is_err()
         {

@@ -123,6 +123,8 @@ pub enum Event {
         id: u32,
         /// Text to show.
         text: String,
+        /// Its log-probability, when the generation asked for them.
+        logprob: Option<Box<agentd_engine::TokenLogprob>>,
     },
     /// The generation ended; nothing follows.
     Done(Usage),
@@ -137,10 +139,15 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Prompt tokens whose KV came from the cache instead of being computed.
     pub cached_tokens: usize,
+    /// Of `cached_tokens`, those read back from the disk tier for this request.
+    pub disk_cached_tokens: usize,
     /// Tokens generated (an end-of-turn token is not counted).
     pub generated_tokens: usize,
     /// Why it ended.
     pub finish: FinishReason,
+    /// From submission to the first admission (waiting for a batch slot, memory or a disk
+    /// load).
+    pub queue: Duration,
     /// From submission to the first sampled token.
     pub ttft: Duration,
     /// From submission to the end.

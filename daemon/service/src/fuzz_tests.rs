@@ -101,6 +101,7 @@ proptest! {
             sampling: Some(proto::Sampling { temperature, top_p, ..Default::default() }),
             stop,
             constraint: Some(c),
+            ignore_eos: false,
         };
         if let Err(s) = check_generate(r) {
             refused_well(&s)?;

@@ -491,6 +491,7 @@ impl Agentd for AgentdService {
             max_tokens: r.max_tokens as usize,
             stop: r.stop,
             constraint: r.constraint.map(constraint_spec).transpose()?,
+            ignore_eos: r.ignore_eos,
             ..GenerateOptions::default()
         };
         // Checking the options and compiling the constraint (a large grammar takes a while)
@@ -505,7 +506,7 @@ impl Agentd for AgentdService {
         // Errors in the stream are logged in the call's span.
         let span = tracing::Span::current();
         let stream = UnboundedReceiverStream::new(rx).map(move |ev| match ev {
-            Event::Token { id, text } => Ok(proto::GenerateEvent {
+            Event::Token { id, text, .. } => Ok(proto::GenerateEvent {
                 event: Some(generate_event::Event::Token(proto::TokenEvent { id, text })),
             }),
             Event::Done(u) => {

@@ -147,6 +147,7 @@ async fn generate(
             sampling: greedy(),
             stop: Vec::new(),
             constraint,
+            ignore_eos: false,
         })
         .await?
         .into_inner();
