@@ -31,6 +31,12 @@
 //! listen = "127.0.0.1:7070"
 //! [tcp.tokens]        # token = tenant name (the same names as [tenants])
 //! "s3cret-token-of-alice" = "alice"
+//!
+//! [http]              # optional OpenAI-compatible HTTP API (bearer tokens: [tcp.tokens])
+//! listen = "127.0.0.1:8080"
+//! max_body = "8MiB"   # larger request bodies get 413
+//! public = false      # without tokens, refuse a non-loopback address unless true
+//! metrics_token = "a-long-random-scrape-token"  # needed for /metrics when tokens exist
 //! ```
 
 use serde::Deserialize;
@@ -92,6 +98,20 @@ pub struct TcpFile {
     pub tokens: BTreeMap<String, String>,
 }
 
+/// The optional HTTP listener (the OpenAI-compatible API and `/metrics`).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    /// Address to listen on, e.g. "127.0.0.1:8080".
+    pub listen: Option<String>,
+    /// The largest request body, e.g. "8MiB".
+    pub max_body: Option<String>,
+    /// Listen beyond loopback without bearer tokens.
+    pub public: Option<bool>,
+    /// The bearer token `/metrics` needs.
+    pub metrics_token: Option<String>,
+}
+
 /// The file's contents; every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,6 +140,9 @@ pub struct ConfigFile {
     /// The TCP listener and its bearer tokens.
     #[serde(default)]
     pub tcp: TcpFile,
+    /// The HTTP listener.
+    #[serde(default)]
+    pub http: HttpFile,
     /// Where cached prefixes are kept on disk.
     pub cache_dir: Option<PathBuf>,
     /// Disk budget for cached prefixes, e.g. "2GiB"; "0" keeps nothing on disk.
@@ -159,6 +182,14 @@ impl ConfigFile {
             .flat_map(|t| t.values())
             .chain(self.tcp.tokens.values())
             .map(|name| (name, tenant_id(name)))
+            .collect()
+    }
+
+    /// Tenant id → name, for every tenant the file names (metrics labels).
+    pub fn tenant_names(&self) -> HashMap<u64, String> {
+        self.tenant_ids()
+            .into_iter()
+            .map(|(name, id)| (id, name.clone()))
             .collect()
     }
 

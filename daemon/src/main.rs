@@ -98,6 +98,18 @@ struct ServeArgs {
     /// from the config file's [tcp.tokens].
     #[arg(long)]
     tcp: Option<String>,
+    /// Also serve the OpenAI-compatible HTTP API and /metrics at this address (e.g.
+    /// 127.0.0.1:8080). With [tcp.tokens] in the config, calls need a bearer token; without,
+    /// only a loopback address is accepted unless --http-public.
+    #[arg(long, env = "AGENTD_HTTP", value_name = "ADDR")]
+    http: Option<String>,
+    /// The largest HTTP request body (larger ones get 413), e.g. 8MiB.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    http_max_body: u64,
+    /// Let the HTTP API listen beyond loopback without bearer tokens (every caller is then
+    /// tenant 0).
+    #[arg(long)]
+    http_public: bool,
     /// Seconds running streams may go on after SIGTERM/SIGINT before they are cancelled.
     #[arg(long, default_value_t = 10)]
     grace_seconds: u64,
@@ -675,6 +687,41 @@ fn serve(
         }
         None => None,
     };
+    let http = match choose(sm, "http", args.http, file.http.listen.clone().map(Some)) {
+        Some(addr) => {
+            let file_body = match &file.http.max_body {
+                Some(s) => {
+                    Some(parse_size(s).map_err(|e| anyhow::anyhow!("config http.max_body: {e}"))?)
+                }
+                None => None,
+            };
+            let max_body = choose(sm, "http_max_body", args.http_max_body, file_body);
+            let public = choose(sm, "http_public", args.http_public, file.http.public);
+            let l = std::net::TcpListener::bind(&addr)
+                .with_context(|| format!("listening on HTTP {addr}"))?;
+            let local = l.local_addr()?;
+            if tokens.is_empty() {
+                anyhow::ensure!(
+                    local.ip().is_loopback() || public,
+                    "--http {addr}: without bearer tokens ([tcp.tokens] in the config) the HTTP API listens on a loopback address only; pass --http-public (http.public = true) to serve every caller as tenant 0 on {local}"
+                );
+                eprintln!(
+                    "agentd: HTTP API on http://{local} without bearer tokens: every caller is tenant 0{}",
+                    if local.ip().is_loopback() { " (loopback only)" } else { "" }
+                );
+            } else {
+                eprintln!("agentd: HTTP API on http://{local} (bearer tokens from [tcp.tokens])");
+            }
+            Some(agentd_service::serve::HttpListen {
+                listener: l,
+                options: agentd_service::http::HttpOptions {
+                    max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+                    metrics_token: file.http.metrics_token.clone(),
+                },
+            })
+        }
+        None => None,
+    };
     let file_disk = match &file.disk_cache {
         Some(s) => Some(parse_size(s).map_err(|e| anyhow::anyhow!("config disk_cache: {e}"))?),
         None => None,
@@ -687,7 +734,19 @@ fn serve(
         file.cache_dir.clone().map(Some),
     );
     let mut sched_cfg = sched.config();
+    // The name HTTP clients and metrics know the model by: the catalog name it was started
+    // with, else the file's stem.
+    let model_name = match &model {
+        Some(v) if !v.is_file() => v.to_string_lossy().into_owned(),
+        Some(_) => String::new(),
+        None => agentd_engine::catalog::DEFAULT_MODEL.to_owned(),
+    };
     let engine = Arc::new(load(model, opts)?);
+    let model_name = if model_name.is_empty() {
+        agentd_service::serve::model_stem(&engine)
+    } else {
+        model_name
+    };
     let cache_dir = match cache_dir {
         Some(d) => d,
         None => model_files::default_cache_dir(&engine.path)?,
@@ -703,6 +762,9 @@ fn serve(
         tcp,
         tokens,
         operators: file.operators.clone(),
+        http,
+        model_name,
+        tenant_names: file.tenant_names(),
     };
     eprintln!("agentd: listening on {}", socket.display());
     rt.block_on(serve(handle, engine, cfg, listener))?;

@@ -8,12 +8,16 @@
 //! - `request`: wire requests → the engine's types (messages, sampling, constraints), with
 //!   their checks.
 //! - `status`: scheduler errors → gRPC statuses.
+//! - [`http`]: the OpenAI-compatible HTTP API and `/metrics` on the same service.
+//! - [`metrics`]: Prometheus metrics, fed by both front ends.
 //! - `authority`: the Unix socket's connections rewritten so that any gRPC client's
 //!   `:authority` (grpc-core sends the socket path) is one h2 accepts.
 
 mod authority;
 #[cfg(test)]
 mod fuzz_tests;
+pub mod http;
+pub mod metrics;
 mod request;
 pub mod serve;
 mod status;
@@ -60,6 +64,10 @@ pub struct AgentdService {
     /// Bounds how many renderings and tokenizations run at once, leaving cores for the
     /// scheduler and the runtime's workers.
     heavy: Arc<tokio::sync::Semaphore>,
+    /// The names the model answers to over HTTP; the first is its id.
+    model_names: Vec<String>,
+    /// Request metrics, fed by every front end.
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// How many constraints may compile at once.
@@ -70,7 +78,10 @@ const MAX_TOKENIZE_BYTES: usize = 1 << 20;
 
 impl AgentdService {
     /// A service over the scheduler `sched` running `model`; `tokens` maps TCP bearer tokens
-    /// to tenants; `operators` are the Unix uids allowed the admin RPCs.
+    /// to tenants; `operators` are the Unix uids allowed the admin RPCs; `model_names` are the
+    /// names the model answers to over HTTP (the first is its id; the file's name and stem are
+    /// added); `metrics` records every request.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         sched: SchedulerHandle,
         model: Arc<LoadedModel>,
@@ -79,8 +90,26 @@ impl AgentdService {
         operators: std::collections::HashSet<u32>,
         page_size: usize,
         pool_pages: usize,
+        model_names: Vec<String>,
+        metrics: Arc<metrics::Metrics>,
     ) -> Self {
+        let mut names = model_names;
+        let file = model
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let stem = model
+            .path
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned());
+        for n in [file, stem].into_iter().flatten() {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
         Self {
+            model_names: names,
+            metrics,
             sched,
             model,
             tenancy,
@@ -505,11 +534,20 @@ impl Agentd for AgentdService {
             .map_err(to_status)?;
         // Errors in the stream are logged in the call's span.
         let span = tracing::Span::current();
+        let metrics = self.metrics.clone();
+        let mut last_token: Option<std::time::Instant> = None;
         let stream = UnboundedReceiverStream::new(rx).map(move |ev| match ev {
-            Event::Token { id, text, .. } => Ok(proto::GenerateEvent {
-                event: Some(generate_event::Event::Token(proto::TokenEvent { id, text })),
-            }),
+            Event::Token { id, text, .. } => {
+                let now = std::time::Instant::now();
+                if let Some(last) = last_token.replace(now) {
+                    metrics.observe_inter_token(now - last);
+                }
+                Ok(proto::GenerateEvent {
+                    event: Some(generate_event::Event::Token(proto::TokenEvent { id, text })),
+                })
+            }
             Event::Done(u) => {
+                metrics.observe_done(tenant, &u);
                 let (finish_reason, stop) = finish_fields(&u.finish);
                 Ok(proto::GenerateEvent {
                     event: Some(generate_event::Event::Done(proto::Usage {

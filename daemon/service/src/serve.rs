@@ -58,6 +58,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("server error: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// The HTTP server failed.
+    #[error("HTTP server error: {0}")]
+    Http(std::io::Error),
 }
 
 /// How to serve.
@@ -75,6 +78,22 @@ pub struct ServeConfig {
     pub tokens: std::collections::HashMap<String, agentd_scheduler::TenantId>,
     /// Unix uids allowed the admin RPCs (besides the daemon's own, which is always one).
     pub operators: Vec<u32>,
+    /// The OpenAI-compatible HTTP listener (bound by the caller), if any.
+    pub http: Option<HttpListen>,
+    /// The model's name for HTTP clients and metrics (the catalog name it was started by, or
+    /// the file's stem).
+    pub model_name: String,
+    /// Tenant names from the configuration, for the metrics' `tenant` label.
+    pub tenant_names: std::collections::HashMap<agentd_scheduler::TenantId, String>,
+}
+
+/// The HTTP listener and how it behaves.
+#[derive(Debug)]
+pub struct HttpListen {
+    /// Bound by the caller (so a busy port fails before the model loads).
+    pub listener: std::net::TcpListener,
+    /// Body limit, the metrics token.
+    pub options: crate::http::HttpOptions,
 }
 
 /// A server running in this process (see [`spawn_local`]).
@@ -107,9 +126,20 @@ pub fn spawn_local(
         tcp: None,
         tokens: Default::default(),
         operators: Vec::new(),
+        http: None,
+        model_name: model_stem(&model),
+        tenant_names: Default::default(),
     };
     let task = tokio::spawn(serve(sched, model, cfg, listener));
     Ok(LocalServer { socket, dir, task })
+}
+
+/// The model file's name without its extension.
+pub fn model_stem(model: &LoadedModel) -> String {
+    model
+        .path
+        .file_stem()
+        .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
 }
 
 /// The group the socket is given at start (`--socket-group`, the config's `socket_group`), so
@@ -236,6 +266,12 @@ pub async fn serve(
     let own_uid = unsafe { libc::geteuid() };
     let operators = cfg.operators.iter().copied().chain([own_uid]).collect();
     let flush = sched.clone();
+    let single = cfg.tenancy == Tenancy::Single && cfg.tokens.is_empty();
+    let metrics = Arc::new(crate::metrics::Metrics::new(
+        &cfg.model_name,
+        cfg.tenant_names.clone(),
+        single,
+    ));
     let service = std::sync::Arc::new(AgentdService::new(
         sched,
         model,
@@ -244,7 +280,10 @@ pub async fn serve(
         operators,
         stats.page_size,
         stats.pool_pages,
+        vec![cfg.model_name.clone()],
+        metrics,
     ));
+    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
     let mut rx = signalled_rx.clone();
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -262,6 +301,25 @@ pub async fn serve(
             UnixListenerStream::new(listener).map(|conn| conn.map(RewriteStream::new)),
             stopped(signalled_rx.clone()),
         );
+    let http = match cfg.http {
+        Some(h) => {
+            let err = |source| ServeError::Socket {
+                path: cfg.socket.clone(),
+                source,
+            };
+            h.listener.set_nonblocking(true).map_err(err)?;
+            let l = tokio::net::TcpListener::from_std(h.listener).map_err(err)?;
+            let state = Arc::new(crate::http::HttpState::new(
+                service.clone(),
+                h.options,
+                closing.clone(),
+            ));
+            let app = crate::http::router(state);
+            let server = axum::serve(l, app).with_graceful_shutdown(stopped(signalled_rx.clone()));
+            Some(async move { server.await.map_err(ServeError::Http) })
+        }
+        None => None,
+    };
     let tcp = match cfg.tcp {
         Some(l) => {
             l.set_nonblocking(true)
@@ -285,12 +343,20 @@ pub async fn serve(
     };
     tokio::spawn(async move {
         shutdown_signal().await;
+        closing.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = signalled_tx.send(true);
     });
     let server = async move {
-        match tcp {
-            Some(tcp) => tokio::try_join!(uds, tcp).map(|_| ()),
-            None => uds.await,
+        let grpc = async move {
+            match tcp {
+                Some(tcp) => tokio::try_join!(uds, tcp).map(|_| ()),
+                None => uds.await,
+            }
+            .map_err(ServeError::from)
+        };
+        match http {
+            Some(http) => tokio::try_join!(grpc, http).map(|_| ()),
+            None => grpc.await,
         }
     };
     let grace = cfg.grace;
@@ -303,7 +369,7 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
     };
     let result = tokio::select! {
-        r = server => r.map_err(ServeError::from),
+        r = server => r,
         () = grace_over => {
             tracing::warn!(?grace, "grace period over; cancelling the streams still running");
             Ok(())

@@ -3,9 +3,7 @@
 //! as `<tool_response>` blocks in a `tool` message.
 
 use super::tool::Tool;
-use agentd_wire::hermes::{
-    TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN,
-};
+use agentd_wire::hermes::{TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
 use std::sync::Arc;
 
 /// One call the model made.
@@ -20,29 +18,11 @@ pub struct ToolCall {
 /// The system prompt: `instructions`, then the tools' signatures. The same inputs always give
 /// the same bytes, so every session of an agent shares one cached prefix.
 pub fn system_prompt(instructions: &str, tools: &[Arc<dyn Tool>]) -> String {
-    if tools.is_empty() {
-        return instructions.to_owned();
-    }
     let sigs: Vec<String> = tools
         .iter()
-        .map(|t| {
-            serde_json::json!({
-                "type": "function",
-                "function": {
-                    "name": t.name(),
-                    "description": t.description(),
-                    "parameters": t.parameters(),
-                }
-            })
-            .to_string()
-        })
+        .map(|t| agentd_wire::hermes::signature(t.name(), t.description(), &t.parameters()))
         .collect();
-    format!(
-        "{instructions}\n\nYou may call functions. Their signatures are inside <tools></tools>:\n<tools>\n{}\n</tools>\n\
-         To call one, reply with <tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>. \
-         Results come back inside <tool_response></tool_response>. When you have the answer, reply with plain text.",
-        sigs.join("\n")
-    )
+    agentd_wire::hermes::system_prompt(instructions, &sigs)
 }
 
 /// The calls in a reply, in order, and the reply's text outside them (trimmed). A call is
@@ -85,8 +65,7 @@ pub fn parse_calls(reply: &str) -> (Vec<ToolCall>, String) {
 
 /// A tool result as the content of a `tool` message.
 pub fn tool_response(name: &str, content: &str) -> String {
-    let body = serde_json::json!({ "name": name, "content": content });
-    format!("{TOOL_RESPONSE_OPEN}\n{body}\n{TOOL_RESPONSE_CLOSE}")
+    agentd_wire::hermes::tool_response(name, content)
 }
 
 #[cfg(test)]

@@ -17,6 +17,48 @@ pub mod hermes {
     pub const TOOL_RESPONSE_OPEN: &str = "<tool_response>";
     /// Closes a tool result.
     pub const TOOL_RESPONSE_CLOSE: &str = "</tool_response>";
+
+    /// The system prompt for tool use: `instructions`, then the tools' signatures (each
+    /// `{"type": "function", "function": {"name", "description", "parameters"}}`, one JSON
+    /// line) and how to call them. The SDK's agents and the daemon's OpenAI-compatible API both
+    /// build it here, so the same instructions and tools give the same bytes, and the same
+    /// cached prefix.
+    pub fn system_prompt(instructions: &str, signatures: &[String]) -> String {
+        if signatures.is_empty() {
+            return instructions.to_owned();
+        }
+        let head = if instructions.is_empty() {
+            String::new()
+        } else {
+            format!("{instructions}\n\n")
+        };
+        format!(
+            "{head}You may call functions. Their signatures are inside <tools></tools>:\n<tools>\n{}\n</tools>\n\
+             To call one, reply with <tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>. \
+             Results come back inside <tool_response></tool_response>. When you have the answer, reply with plain text.",
+            signatures.join("\n")
+        )
+    }
+
+    /// One tool's signature line for [`system_prompt`].
+    pub fn signature(name: &str, description: &str, parameters: &serde_json::Value) -> String {
+        serde_json::json!({
+            "type": "function",
+            "function": {
+                "name": name,
+                "description": description,
+                "parameters": parameters,
+            }
+        })
+        .to_string()
+    }
+
+    /// A tool result as the content of a `tool` message: a `<tool_response>` block holding
+    /// `{"name", "content"}`.
+    pub fn tool_response(name: &str, content: &str) -> String {
+        let body = serde_json::json!({ "name": name, "content": content });
+        format!("{TOOL_RESPONSE_OPEN}\n{body}\n{TOOL_RESPONSE_CLOSE}")
+    }
 }
 
 /// agentd's sampling defaults, the one set used by the daemon when a request carries no
