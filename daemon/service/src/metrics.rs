@@ -9,6 +9,7 @@
 //! the configuration gives (`default` for a single-tenant daemon, `other` for tenants it does
 //! not name), so the number of series is bounded by the configuration.
 
+use agentd_engine::FinishReason;
 use agentd_scheduler::{SchedStats, TenantId, Usage};
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -22,6 +23,8 @@ pub struct Metrics {
     registry: Registry,
     tenant_names: HashMap<TenantId, String>,
     single_tenant: bool,
+    /// Whether a disk tier exists (the external-cache counters count only then).
+    disk_tier: bool,
     prompt_tokens: IntCounterVec,
     generation_tokens: IntCounterVec,
     prefix_cache_queries: IntCounterVec,
@@ -66,11 +69,13 @@ const TOKEN_BUCKETS: &[f64] = &[
 
 impl Metrics {
     /// The metrics of a daemon serving `model_name`; `tenant_names` labels the tenants the
-    /// configuration names; `single_tenant` says every caller is tenant 0 (`default`).
+    /// configuration names; `single_tenant` says every caller is tenant 0 (`default`);
+    /// `disk_tier` says prefixes are also looked up on disk.
     pub fn new(
         model_name: &str,
         tenant_names: HashMap<TenantId, String>,
         single_tenant: bool,
+        disk_tier: bool,
     ) -> Self {
         let registry = Registry::new();
         let opts = |name: &str, help: &str| {
@@ -117,6 +122,7 @@ impl Metrics {
         Self {
             tenant_names,
             single_tenant,
+            disk_tier,
             prompt_tokens: counter_vec(
                 "prompt_tokens_total",
                 "Prompt tokens of finished requests.",
@@ -228,13 +234,20 @@ impl Metrics {
         self.prefix_cache_hits
             .with_label_values(&[t])
             .inc_by(u.cached_tokens as u64);
-        let memory = u.cached_tokens - u.disk_cached_tokens.min(u.cached_tokens);
-        self.external_prefix_cache_queries
-            .inc_by(u.prompt_tokens.saturating_sub(memory) as u64);
-        self.external_prefix_cache_hits
-            .inc_by(u.disk_cached_tokens as u64);
-        let (reason, _) = crate::request::finish_fields(&u.finish);
-        self.request_success.with_label_values(&[&reason]).inc();
+        if self.disk_tier {
+            let memory = u.cached_tokens - u.disk_cached_tokens.min(u.cached_tokens);
+            self.external_prefix_cache_queries
+                .inc_by(u.prompt_tokens.saturating_sub(memory) as u64);
+            self.external_prefix_cache_hits
+                .inc_by(u.disk_cached_tokens as u64);
+        }
+        // vLLM's finish reasons.
+        let reason = match u.finish {
+            FinishReason::Eos | FinishReason::Stop(_) => "stop",
+            FinishReason::MaxTokens | FinishReason::ContextFull => "length",
+            FinishReason::Cancelled => "abort",
+        };
+        self.request_success.with_label_values(&[reason]).inc();
         self.time_to_first_token.observe(u.ttft.as_secs_f64());
         self.e2e_request_latency.observe(u.total.as_secs_f64());
         self.request_queue_time.observe(u.queue.as_secs_f64());
@@ -301,7 +314,6 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentd_engine::FinishReason;
     use std::time::Duration;
 
     fn usage(prompt: usize, cached: usize, disk: usize) -> Usage {
@@ -322,7 +334,7 @@ mod tests {
     #[test]
     fn counters_histograms_and_gauges_are_exposed_under_agentd_names() {
         let names = HashMap::from([(7, "alice".to_owned())]);
-        let m = Metrics::new("smollm2", names, false);
+        let m = Metrics::new("smollm2", names, false, true);
         m.observe_done(7, &usage(100, 60, 20));
         m.observe_done(9, &usage(10, 0, 0));
         m.observe_inter_token(Duration::from_millis(30));
@@ -342,7 +354,7 @@ mod tests {
             // Memory held 40 of the first prompt's 100 tokens; disk was asked for the rest.
             "agentd:external_prefix_cache_queries_total{model_name=\"smollm2\"} 70",
             "agentd:external_prefix_cache_hits_total{model_name=\"smollm2\"} 20",
-            "agentd:request_success_total{finished_reason=\"eos\",model_name=\"smollm2\"} 2",
+            "agentd:request_success_total{finished_reason=\"stop\",model_name=\"smollm2\"} 2",
             "agentd:time_to_first_token_seconds_count{model_name=\"smollm2\"} 2",
             "agentd:inter_token_latency_seconds_count{model_name=\"smollm2\"} 1",
             "agentd:num_requests_running{model_name=\"smollm2\",tenant=\"alice\"} 2",

@@ -271,6 +271,7 @@ pub async fn serve(
         &cfg.model_name,
         cfg.tenant_names.clone(),
         single,
+        stats.disk.is_some(),
     ));
     let service = std::sync::Arc::new(AgentdService::new(
         sched,
@@ -314,8 +315,12 @@ pub async fn serve(
                 h.options,
                 closing.clone(),
             ));
-            let app = crate::http::router(state);
-            let server = axum::serve(l, app).with_graceful_shutdown(stopped(signalled_rx.clone()));
+            let app = crate::http::router(state.clone());
+            let signal = stopped(signalled_rx.clone());
+            // After the signal the listener stays open, answering 503, until the HTTP
+            // generations in flight end (or the grace period cuts them off).
+            let server = axum::serve(l, app)
+                .with_graceful_shutdown(async move { state.drained(signal).await });
             Some(async move { server.await.map_err(ServeError::Http) })
         }
         None => None,

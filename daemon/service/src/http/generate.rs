@@ -46,10 +46,27 @@ impl Drop for SessionGuard {
     }
 }
 
+/// Counts a running HTTP generation (see [`HttpState::drained`]).
+struct Inflight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Inflight {
+    fn new(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// One running generation: its events, its session, and the metrics it feeds.
 struct Running {
     rx: UnboundedReceiver<Event>,
     _guard: SessionGuard,
+    _inflight: Inflight,
     st: Arc<HttpState>,
     tenant: TenantId,
     last_token: Option<Instant>,
@@ -147,6 +164,7 @@ async fn start(
     Ok(Running {
         rx,
         _guard: guard,
+        _inflight: Inflight::new(&st.inflight),
         st: st.clone(),
         tenant,
         last_token: None,

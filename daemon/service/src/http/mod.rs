@@ -62,6 +62,9 @@ pub struct HttpState {
     opts: HttpOptions,
     /// Set when the daemon starts shutting down: new requests get 503.
     closing: Arc<AtomicBool>,
+    /// Generations running for HTTP clients: after a shutdown signal, the listener stays
+    /// open (answering 503, so load balancers see the drain) until they end.
+    inflight: Arc<std::sync::atomic::AtomicUsize>,
     /// When the daemon started (the model's `created`).
     started: u64,
 }
@@ -73,7 +76,17 @@ impl HttpState {
             svc,
             opts,
             closing,
+            inflight: Default::default(),
             started: unix_now(),
+        }
+    }
+
+    /// Resolves once shutdown has started (`stopped`) and no HTTP generation is running: when
+    /// the listener may close.
+    pub async fn drained(&self, stopped: impl std::future::Future<Output = ()>) {
+        stopped.await;
+        while self.inflight.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
@@ -248,11 +261,10 @@ async fn metrics(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     match &st.opts.metrics_token {
-        Some(want) => {
-            if bearer(&headers)? != want {
-                return Err(ApiError::unauthorized("unknown bearer token for /metrics"));
-            }
+        Some(want) if bearer(&headers)? != want => {
+            return Err(ApiError::unauthorized("unknown bearer token for /metrics"));
         }
+        Some(_) => {}
         None if !st.svc.tokens.is_empty() => {
             return Err(ApiError::forbidden(
                 "this daemon has tenant tokens, so its metrics (every tenant's) need [http] metrics_token",

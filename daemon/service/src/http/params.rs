@@ -277,7 +277,7 @@ pub fn gen_params(o: &Obj<'_>, chat: bool) -> Result<GenParams, ApiError> {
         logprobs: None,
         stream,
         include_usage,
-        user: o.str("user")?.map(|u| crate::status::cap(u)),
+        user: o.str("user")?.map(crate::status::cap),
         model: o.str("model")?.map(str::to_owned),
     })
 }

@@ -202,27 +202,49 @@ impl ToolCallParser {
         out
     }
 
-    /// The reply ended: what was held back. A call cut off (by `max_tokens`) keeps the
-    /// arguments streamed so far; one whose name was never seen is content.
+    /// The reply ended: what was held back. A call cut off (by `max_tokens`) is kept with the
+    /// arguments written so far (not whole JSON); one cut off before its name, or a tag cut
+    /// off, is dropped.
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
         match std::mem::replace(&mut self.state, State::AfterCall) {
-            State::Text { pending } => push_content(&mut out, &pending),
-            State::Call { body, args: None } => {
-                push_content(&mut out, &format!("{TOOL_CALL_OPEN}{body}"))
+            // The tool-call constraint allows `<` only as the start of a call: a held-back
+            // tail is an unfinished tag, and a call cut off before its name is no call. Neither
+            // is content.
+            State::Text { pending } => {
+                if !pending.starts_with('<') {
+                    push_content(&mut out, &pending)
+                }
             }
+            State::Call { args: None, .. } => {}
             State::Call {
                 body,
-                args: Some((_, start, sent)),
+                args: Some((id, start, sent)),
             } => {
                 let tail = &body[start..];
-                let end = tail.find('\n').unwrap_or(tail.len());
-                if end > sent {
+                let tail = tail[..tail.find('\n').unwrap_or(tail.len())].trim_end();
+                // The held-back character is the call's closing brace when what precedes it
+                // is whole JSON; otherwise it is part of the (cut-off) arguments.
+                let arguments = match tail.strip_suffix('}') {
+                    Some(inner) if serde_json::from_str::<serde_json::Value>(inner).is_ok() => {
+                        inner
+                    }
+                    _ => tail,
+                };
+                if let Some(more) = arguments.get(sent..).filter(|m| !m.is_empty()) {
                     out.push(Piece::CallArgs {
                         index: self.calls.len(),
-                        text: tail[sent..end].to_owned(),
+                        text: more.to_owned(),
                     });
                 }
+                let name = name_and_args_start(&body)
+                    .map(|(n, _)| n)
+                    .unwrap_or_default();
+                self.calls.push(Call {
+                    id,
+                    name,
+                    arguments: arguments.to_owned(),
+                });
             }
             State::AfterCall => {}
         }
@@ -371,6 +393,8 @@ mod tests {
         let (pieces, calls) = run(&["a < b", " and <tool", "_ca", "x> done"]);
         assert!(calls.is_empty());
         assert_eq!(assemble(&pieces).0, "a < b and <tool_cax> done");
+        let (pieces, _) = run(&["a <", "b"]);
+        assert_eq!(assemble(&pieces).0, "a <b");
         // A call that never parses (no constraint) is content.
         let (pieces, calls) = run(&["<tool_call>\nnot json\n</tool_call>\nok"]);
         assert!(calls.is_empty());
@@ -380,14 +404,26 @@ mod tests {
     #[test]
     fn a_call_cut_off_keeps_its_streamed_start() {
         let (pieces, calls) = run(&["<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1"]);
-        assert!(calls.is_empty());
         let (content, streamed) = assemble(&pieces);
         assert_eq!(content, "");
-        assert_eq!(streamed[0].1, "f");
-        assert_eq!(streamed[0].2, "{\"a\": 1");
-        // Cut off before the name: content.
-        let (pieces, _) = run(&["<tool_call>\n{\"na"]);
-        assert_eq!(assemble(&pieces).0, "<tool_call>\n{\"na");
+        assert_eq!(
+            (streamed[0].1.as_str(), streamed[0].2.as_str()),
+            ("f", "{\"a\": 1")
+        );
+        assert_eq!(
+            (calls[0].name.as_str(), calls[0].arguments.as_str()),
+            ("f", "{\"a\": 1")
+        );
+        // Cut off right after the call's own closing brace: that brace is not arguments.
+        let (pieces, calls) = run(&["<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": {}}}"]);
+        assert_eq!(assemble(&pieces).1[0].2, "{\"a\": {}}");
+        assert_eq!(calls[0].arguments, "{\"a\": {}}");
+        // Cut off before the name, or inside the tag: neither content nor a call.
+        for cut in ["Hi <tool_call>\n{\"na", "Hi <tool_"] {
+            let (pieces, calls) = run(&[cut]);
+            assert_eq!(assemble(&pieces).0, "Hi ");
+            assert!(calls.is_empty());
+        }
     }
 
     proptest! {
