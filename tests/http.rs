@@ -667,3 +667,23 @@ async fn the_official_openai_python_client_works() {
     );
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
+
+/// `agentd bench http` prints both front ends' overhead as JSON.
+#[test]
+fn bench_http_reports_http_and_grpc_overhead() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("--model")
+        .arg(common::model())
+        .args(["bench", "http", "--iterations", "5"])
+        .output()
+        .unwrap();
+    let json: Value = serde_json::from_slice(&common::success_stdout(&out).into_bytes()).unwrap();
+    for side in ["http_chat", "grpc_generate"] {
+        assert_eq!(json[side]["iterations"], 5, "{json}");
+        let (trip, engine) = (
+            json[side]["round_trip_p50_ms"].as_f64().unwrap(),
+            json[side]["engine_p50_ms"].as_f64().unwrap(),
+        );
+        assert!(trip > 0.0 && engine > 0.0, "{json}");
+    }
+}

@@ -82,6 +82,17 @@ async fn serve_generates_and_shares_prefixes_over_the_socket() {
         parent_log.len() - 1,
         "{usage:?}"
     );
+    // ignore_eos: exactly max_tokens tokens, end-of-turn never sampled.
+    let (_, usage) = run(f
+        .generate(&GenerateOptions::greedy().max_tokens(40).ignore_eos(true))
+        .await
+        .unwrap())
+    .await;
+    assert_eq!(
+        (usage.generated_tokens, &usage.finish),
+        (40, &FinishReason::MaxTokens),
+        "{usage:?}"
+    );
     let stats = c.stats().await.unwrap();
     assert!(stats.hit_rate > 0.5, "{stats:?}");
     assert_eq!(stats.sessions, 9);

@@ -206,6 +206,13 @@ enum BenchCommand {
         #[arg(long)]
         max_chunks: Option<usize>,
     },
+    /// The HTTP API's own overhead per 1-token chat completion (round trip minus the engine's
+    /// time, from the reply's Server-Timing header), next to the gRPC figure of `bench serve`.
+    Http {
+        /// Requests to measure per front end.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+    },
     /// The daemon's own overhead: 1-token generations over the socket minus the engine's time.
     Serve {
         /// Generations to measure.
@@ -468,6 +475,14 @@ fn main() -> Result<()> {
                 engine,
                 sched.config(),
                 &prefix_tokens,
+            ))
+        }
+        Command::Bench(BenchCommand::Http { iterations }) => {
+            let engine = Arc::new(load(cli.model, opts)?);
+            print_report(bench::http::run_http_bench(
+                engine,
+                SchedulerConfig::default(),
+                iterations,
             ))
         }
         Command::Bench(BenchCommand::Serve { iterations }) => {

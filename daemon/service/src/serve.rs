@@ -113,6 +113,15 @@ pub fn spawn_local(
     sched: SchedulerHandle,
     model: Arc<LoadedModel>,
 ) -> Result<LocalServer, ServeError> {
+    spawn_local_with(sched, model, None)
+}
+
+/// [`spawn_local`], also serving the HTTP API on `http` (for `agentd bench http`).
+pub fn spawn_local_with(
+    sched: SchedulerHandle,
+    model: Arc<LoadedModel>,
+    http: Option<HttpListen>,
+) -> Result<LocalServer, ServeError> {
     let dir = tempfile::tempdir().map_err(|source| ServeError::Socket {
         path: std::env::temp_dir(),
         source,
@@ -126,7 +135,7 @@ pub fn spawn_local(
         tcp: None,
         tokens: Default::default(),
         operators: Vec::new(),
-        http: None,
+        http,
         model_name: model_stem(&model),
         tenant_names: Default::default(),
     };

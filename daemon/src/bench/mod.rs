@@ -1,6 +1,7 @@
 //! `agentd bench …`: measurements that print JSON (never asserted as times in tests).
 //!
 //! - `engine`: prefill and decode throughput of the CPU executor.
+//! - `http`: the HTTP API's per-request overhead next to the gRPC figure.
 //! - `latency`: inter-token latency of running streams while a prefix loads from disk and while
 //!   a large grammar compiles; session-call latency while sessions prefill.
 //! - `perplexity`: the model's perplexity on a text file, as llama.cpp's `llama-perplexity`.
@@ -15,6 +16,7 @@
 
 pub mod child;
 pub mod engine;
+pub mod http;
 pub mod latency;
 pub mod memory;
 pub mod perplexity;

@@ -43,7 +43,16 @@ pub async fn run_serve_bench(
 ) -> Result<ServeBenchReport, Box<dyn std::error::Error + Send + Sync>> {
     let handle = SchedulerHandle::spawn(Box::new(engine.cpu_executor()), sched)?;
     let local = spawn_local(handle, engine)?;
-    let (socket, server) = (&local.socket, &local.task);
+    let report = measure(&local.socket, iterations).await;
+    local.task.abort();
+    report
+}
+
+/// The measurement against a server already listening on `socket`.
+pub async fn measure(
+    socket: &std::path::Path,
+    iterations: usize,
+) -> Result<ServeBenchReport, Box<dyn std::error::Error + Send + Sync>> {
     let mut client = connect(socket).await?;
     let prompt = client
         .tokenize(proto::TokenizeRequest {
@@ -86,7 +95,6 @@ pub async fn run_serve_bench(
             over.push((rt - e) * 1e3);
         }
     }
-    server.abort();
     Ok(ServeBenchReport {
         iterations,
         round_trip_p50_ms: pct(&mut trip, 0.5),

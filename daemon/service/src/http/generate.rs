@@ -291,7 +291,8 @@ async fn chat_inner(
     if req.gen.stream {
         Ok(stream_chat(run, reply, req.gen.include_usage).into_response())
     } else {
-        Ok(Json(collect_chat(run, reply).await?).into_response())
+        let (body, usage) = collect_chat(run, reply).await?;
+        Ok(with_timing(Json(body).into_response(), &usage))
     }
 }
 
@@ -360,7 +361,7 @@ fn delta(p: &Piece) -> Value {
     }
 }
 
-async fn collect_chat(mut run: Running, mut reply: ChatReply) -> Result<Value, ApiError> {
+async fn collect_chat(mut run: Running, mut reply: ChatReply) -> Result<(Value, Usage), ApiError> {
     let mut content = String::new();
     let mut logprobs = Vec::new();
     let usage = loop {
@@ -413,7 +414,7 @@ async fn collect_chat(mut run: Running, mut reply: ChatReply) -> Result<Value, A
     } else {
         message["content"] = json!(content);
     }
-    Ok(json!({
+    let body = json!({
         "id": reply.id,
         "object": "chat.completion",
         "created": reply.created,
@@ -426,7 +427,25 @@ async fn collect_chat(mut run: Running, mut reply: ChatReply) -> Result<Value, A
             "finish_reason": finish_reason(&usage.finish, called),
         }],
         "usage": usage_json(&usage),
-    }))
+    });
+    Ok((body, usage))
+}
+
+/// A `Server-Timing` header (W3C) on a whole reply: `queue` (arrival to admission, request
+/// preparation included), `ttft`, `engine` (admission to end) and `total`, in milliseconds.
+fn with_timing(mut r: Response, u: &Usage) -> Response {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let value = format!(
+        "queue;dur={:.3}, ttft;dur={:.3}, engine;dur={:.3}, total;dur={:.3}",
+        ms(u.queue),
+        ms(u.ttft),
+        ms(u.total.saturating_sub(u.queue)),
+        ms(u.total)
+    );
+    if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+        r.headers_mut().insert("server-timing", v);
+    }
+    r
 }
 
 /// Server-sent events, ending with `data: [DONE]`.
@@ -599,7 +618,8 @@ async fn completions_inner(
     if req.gen.stream {
         Ok(stream_text(run, reply, echo, req.gen.include_usage).into_response())
     } else {
-        Ok(Json(collect_text(run, reply, echo).await?).into_response())
+        let (body, usage) = collect_text(run, reply, echo).await?;
+        Ok(with_timing(Json(body).into_response(), &usage))
     }
 }
 
@@ -664,7 +684,7 @@ async fn collect_text(
     mut run: Running,
     reply: TextReply,
     echo: Option<String>,
-) -> Result<Value, ApiError> {
+) -> Result<(Value, Usage), ApiError> {
     let mut text = echo.unwrap_or_default();
     let mut lps = TextLogprobs::default();
     let usage = loop {
@@ -694,7 +714,7 @@ async fn collect_text(
         Some(finish_reason(&usage.finish, false)),
     );
     body["usage"] = usage_json(&usage);
-    Ok(body)
+    Ok((body, usage))
 }
 
 fn stream_text(
