@@ -206,6 +206,19 @@ enum BenchCommand {
         #[arg(long)]
         max_chunks: Option<usize>,
     },
+    /// Decode tokens/s with and without speculative decoding (prompt-lookup drafts) at batch 1
+    /// and 8, on an agent workload (tool results quoted back and edited) and on free chat.
+    Spec {
+        /// Tokens generated per sequence.
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        /// Rounds (configurations alternated); the best of each is reported.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batches: Vec<usize>,
+    },
     /// The HTTP API's own overhead per 1-token chat completion (round trip minus the engine's
     /// time, from the reply's Server-Timing header), next to the gRPC figure of `bench serve`.
     Http {
@@ -339,6 +352,13 @@ struct SchedArgs {
     /// Most KV pages one request may need; default: no limit beyond the pool.
     #[arg(long)]
     max_request_pages: Option<usize>,
+    /// Speculative decoding from each sequence's own tokens (prompt lookup): on by default;
+    /// it adapts per sequence and stays off while many sequences decode.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    speculate: String,
+    /// The longest speculative draft, in tokens.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=32))]
+    max_draft: u64,
 }
 
 impl SchedArgs {
@@ -356,6 +376,11 @@ impl SchedArgs {
                 request_pages: self.max_request_pages.unwrap_or(usize::MAX),
             },
             store: None,
+            speculation: agentd_scheduler::SpecConfig {
+                enabled: self.speculate == "on",
+                max_draft: self.max_draft as usize,
+                ..agentd_scheduler::SpecConfig::default()
+            },
         }
     }
 }
@@ -475,6 +500,16 @@ fn main() -> Result<()> {
                 engine,
                 sched.config(),
                 &prefix_tokens,
+            ))
+        }
+        Command::Bench(BenchCommand::Spec {
+            gen_tokens,
+            rounds,
+            batches,
+        }) => {
+            let engine = Arc::new(load(cli.model, opts)?);
+            print_report(bench::spec::run_spec_bench(
+                engine, gen_tokens, rounds, &batches,
             ))
         }
         Command::Bench(BenchCommand::Http { iterations }) => {
@@ -654,6 +689,8 @@ fn serve(
             a.max_request_pages,
             file.limits.request_pages.map(Some),
         ),
+        speculate: a.speculate.clone(),
+        max_draft: a.max_draft,
     };
     anyhow::ensure!(
         sched.page_size > 0 && sched.max_batch > 0 && sched.step_tokens > 0,

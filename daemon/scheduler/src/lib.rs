@@ -30,6 +30,7 @@ pub mod cache;
 mod persist;
 #[allow(clippy::module_inception)]
 mod scheduler;
+pub mod spec;
 mod step;
 mod types;
 
@@ -37,6 +38,7 @@ pub use actor::SchedulerHandle;
 pub use admin::PrefixEntry;
 pub use persist::fingerprint;
 pub use scheduler::{PrefixInfo, Scheduler};
+pub use spec::SpecConfig;
 pub use types::*;
 
 pub(crate) use agentd_store::common_len;
@@ -45,5 +47,7 @@ pub(crate) use agentd_store::common_len;
 mod persist_tests;
 #[cfg(test)]
 mod prop_tests;
+#[cfg(test)]
+mod spec_tests;
 #[cfg(test)]
 mod tests;

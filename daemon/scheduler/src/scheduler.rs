@@ -127,6 +127,8 @@ pub(super) struct Seq {
     pub admitted: u64,
     /// Whether the next token is a sampled one (a decode row).
     pub decoding: bool,
+    /// Its speculative-decoding state.
+    pub spec: crate::spec::SpecState,
 }
 
 /// The scheduler: drives an [`Executor`] (which owns the KV pages) and owns the page
@@ -822,6 +824,7 @@ impl Scheduler {
             node,
             admitted: self.admit_clock,
             decoding: false,
+            spec: Default::default(),
         });
     }
 }

@@ -10,11 +10,14 @@ use agentd_engine::{ExecError, Executor, FinishReason};
 use std::time::Instant;
 
 /// One sequence's share of a step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Planned {
     seq: usize,
+    /// Rows: the tokens the step computes (a decode row's draft included).
     tokens: usize,
     kind: RowKind,
+    /// Draft tokens after a decode row's token, verified by this step ([`crate::spec`]).
+    draft: Vec<u32>,
 }
 
 /// The usage reported when a generation ends now, for `finish` (`None` for a prefix
@@ -49,7 +52,7 @@ pub(super) struct OwnedStep {
     pos0: usize,
     table: Vec<u32>,
     kind: RowKind,
-    logits: bool,
+    logits: usize,
 }
 
 /// What a forward pass returns: per sequence, its logits when asked for.
@@ -128,13 +131,18 @@ impl Scheduler {
             .iter()
             .map(|p| {
                 let s = &self.running[p.seq];
+                let own = p.tokens - p.draft.len();
+                let mut tokens = s.req.tokens[s.kv_len..s.kv_len + own].to_vec();
+                tokens.extend_from_slice(&p.draft);
+                let last = s.kv_len + own == s.req.tokens.len()
+                    && matches!(s.req.work, Work::Generate { .. });
                 OwnedStep {
-                    tokens: s.req.tokens[s.kv_len..s.kv_len + p.tokens].to_vec(),
+                    tokens,
                     pos0: s.kv_len,
                     table: s.page_table(),
                     kind: p.kind,
-                    logits: s.kv_len + p.tokens == s.req.tokens.len()
-                        && matches!(s.req.work, Work::Generate { .. }),
+                    // The last token's logits, and each draft row's.
+                    logits: if last { 1 + p.draft.len() } else { 0 },
                 }
             })
             .collect();
@@ -172,8 +180,17 @@ impl Scheduler {
         };
         let mut done: Vec<(usize, Option<FinishReason>)> = Vec::new();
         for (p, logits) in plan.iter().zip(logits) {
+            if !p.draft.is_empty() {
+                if let Some(finish) = self.verify(p, logits) {
+                    done.push((p.seq, finish));
+                }
+                continue;
+            }
             let seq = &mut self.running[p.seq];
             seq.kv_len += p.tokens;
+            if p.kind == RowKind::Decode {
+                seq.spec.tick();
+            }
             if p.kind == RowKind::Prompt {
                 let t = self.stats.tenants.entry(seq.req.tenant).or_default();
                 t.prefill_tokens += p.tokens as u64;
@@ -203,19 +220,108 @@ impl Scheduler {
         computed
     }
 
-    /// The batch: every decoding sequence gets its one token, then prefill chunks in admission
-    /// order while the step's token budget lasts (at least one chunk per step).
+    /// Verifies running sequence `p.seq`'s draft: samples each row's token in order, keeping
+    /// a draft token only when it is the token sampled, until a mismatch or the end of the
+    /// generation. The KV of the kept positions stays; pages holding only rejected positions
+    /// go back to the pool. Returns `Some(finish)` when the generation is over.
+    fn verify(&mut self, p: &Planned, logits: Option<Vec<f32>>) -> Option<Option<FinishReason>> {
+        let Some(mut logits) = logits else {
+            // Not sampled (cannot happen for a decode row): the draft is dropped.
+            self.running[p.seq].kv_len += 1;
+            return None;
+        };
+        let k = p.draft.len();
+        let vocab = logits.len() / (k + 1);
+        // The fed token's KV is kept; each accepted draft token adds its own.
+        self.running[p.seq].kv_len += 1;
+        let mut accepted = 0;
+        let mut finish = None;
+        for (j, row) in logits.chunks_exact_mut(vocab).enumerate() {
+            if let Some(f) = self.sample(p.seq, row) {
+                finish = Some(f);
+                break;
+            }
+            let picked = self.running[p.seq].req.tokens.last().copied();
+            if j == k || picked != Some(p.draft[j]) {
+                break;
+            }
+            self.running[p.seq].kv_len += 1;
+            accepted += 1;
+        }
+        let st = &mut self.stats;
+        st.spec_drafted += k as u64;
+        st.spec_accepted += accepted as u64;
+        let max = self.cfg.speculation.max_draft.max(k);
+        st.spec_drafted_at.resize(max, 0);
+        st.spec_accepted_at.resize(max, 0);
+        for j in 0..k {
+            st.spec_drafted_at[j] += 1;
+            if j < accepted {
+                st.spec_accepted_at[j] += 1;
+            }
+        }
+        let cfg = self.cfg.speculation;
+        let ps = self.cfg.page_size;
+        let seq = &mut self.running[p.seq];
+        seq.spec.update(&cfg, k, accepted);
+        // Keep the pages up to the one the next token is written to.
+        let keep = (seq.kv_len / ps + 1).saturating_sub(seq.released);
+        if seq.pages.len() > keep {
+            seq.pages.truncate(keep);
+        }
+        self.release_behind_window(p.seq);
+        finish
+    }
+
+    /// Draft tokens for decoding sequence `i` this step (see [`crate::spec`]), at most
+    /// `budget`: none when its state says so, or where the context or its `max_tokens` end
+    /// within the draft.
+    fn draft(&self, i: usize, budget: usize) -> Vec<u32> {
+        let s = &self.running[i];
+        let Work::Generate { dec, .. } = &s.req.work else {
+            return Vec::new();
+        };
+        let cfg = &self.cfg.speculation;
+        // Positions kv_len (the fed token) and kv_len + 1.. (the draft) must fit the context;
+        // tokens past max_tokens would be dropped anyway.
+        let context_room = self.context_limit().saturating_sub(s.kv_len + 2);
+        let output_room = dec.max_tokens().saturating_sub(dec.tokens.len() + 1);
+        let room = context_room.min(output_room).min(budget);
+        let want = s.spec.want(cfg, room);
+        if want == 0 {
+            return Vec::new();
+        }
+        // What an earlier sequence produced after this very context, else prompt lookup.
+        let from_tree = [Some(s.req.ns), s.req.published]
+            .into_iter()
+            .flatten()
+            .map(|ns| self.tree.continuation(ns, &s.req.tokens, want))
+            .find(|d| !d.is_empty());
+        from_tree.unwrap_or_else(|| crate::spec::lookup_draft(&s.req.tokens, cfg, want))
+    }
+
+    /// The batch: every decoding sequence gets its one token (and, while few sequences decode,
+    /// a draft to verify), then prefill chunks in admission order while the step's token budget
+    /// lasts (at least one chunk per step).
     fn plan(&self) -> Vec<Planned> {
         let mut plan = Vec::new();
         let mut budget = self.cfg.step_tokens;
+        let decoding = self.running.iter().filter(|s| s.decoding).count();
+        let speculate = self.cfg.speculation.enabled && decoding <= self.cfg.speculation.max_batch;
         for (i, s) in self.running.iter().enumerate() {
             if s.decoding {
+                let draft = if speculate {
+                    self.draft(i, budget.saturating_sub(decoding))
+                } else {
+                    Vec::new()
+                };
+                budget = budget.saturating_sub(1 + draft.len());
                 plan.push(Planned {
                     seq: i,
-                    tokens: 1,
+                    tokens: 1 + draft.len(),
                     kind: RowKind::Decode,
+                    draft,
                 });
-                budget = budget.saturating_sub(1);
             }
         }
         let mut prefills: Vec<usize> = (0..self.running.len())
@@ -240,6 +346,7 @@ impl Scheduler {
                 seq: i,
                 tokens: n,
                 kind,
+                draft: Vec::new(),
             });
             budget -= n.min(budget);
         }

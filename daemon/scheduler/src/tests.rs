@@ -50,7 +50,12 @@ pub(super) fn greedy(max_tokens: usize) -> GenerateOptions {
 
 /// The output state for `opts`, as the service builds it.
 pub(super) fn dec(opts: GenerateOptions) -> Decoding {
-    Decoding::new(&opts, vec![EOS], None, Arc::new(IdText)).expect("valid options")
+    dec_with(opts, vec![EOS])
+}
+
+/// [`dec`] with the end tokens `stop`.
+pub(super) fn dec_with(opts: GenerateOptions, stop: Vec<u32>) -> Decoding {
+    Decoding::new(&opts, stop, None, Arc::new(IdText)).expect("valid options")
 }
 
 /// What a correct scheduler streams after `log` with greedy sampling: each token the argmax of

@@ -63,6 +63,8 @@ pub struct SchedulerConfig {
     pub limits: TenantLimits,
     /// The disk tier, if any: cached prefixes survive restarts.
     pub store: Option<DiskTierConfig>,
+    /// Speculative decoding from the sequence's own tokens ([`crate::spec`]).
+    pub speculation: crate::SpecConfig,
 }
 
 /// Where the disk tier lives and what the KV in it was computed by.
@@ -109,6 +111,7 @@ impl Default for SchedulerConfig {
             cache: true,
             limits: TenantLimits::default(),
             store: None,
+            speculation: crate::SpecConfig::default(),
         }
     }
 }
@@ -208,6 +211,14 @@ pub struct SchedStats {
     /// Pages running sequences let go of because every layer's sliding window had left them
     /// behind.
     pub window_released_pages: u64,
+    /// Speculative decoding: draft tokens verified.
+    pub spec_drafted: u64,
+    /// Draft tokens accepted.
+    pub spec_accepted: u64,
+    /// Draft tokens verified at each position of a draft (0 = its first token).
+    pub spec_drafted_at: Vec<u64>,
+    /// Draft tokens accepted at each position of a draft.
+    pub spec_accepted_at: Vec<u64>,
     /// Per tenant.
     pub tenants: BTreeMap<TenantId, TenantStats>,
     /// Prompt tokens whose KV was read back from disk.

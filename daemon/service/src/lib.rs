@@ -671,6 +671,10 @@ impl Agentd for AgentdService {
             disk_loaded_tokens: s.disk_loaded_tokens,
             expert_load_last_step: Vec::new(),
             expert_load_total: Vec::new(),
+            spec_drafted: s.spec_drafted,
+            spec_accepted: s.spec_accepted,
+            spec_drafted_at: s.spec_drafted_at.clone(),
+            spec_accepted_at: s.spec_accepted_at.clone(),
         };
         if self.model.model.config().experts > 0 {
             let load = self.model.model.expert_load();
@@ -692,6 +696,10 @@ impl Agentd for AgentdService {
                 disk_loaded_tokens: 0,
                 expert_load_last_step: Vec::new(),
                 expert_load_total: Vec::new(),
+                spec_drafted: 0,
+                spec_accepted: 0,
+                spec_drafted_at: Vec::new(),
+                spec_accepted_at: Vec::new(),
                 ..reply
             };
         }

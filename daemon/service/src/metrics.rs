@@ -47,6 +47,9 @@ pub struct Metrics {
     disk_cache_bytes: IntGauge,
     disk_cache_records: IntGauge,
     num_preemptions: IntCounter,
+    spec_draft_tokens: IntCounter,
+    spec_accepted_tokens: IntCounter,
+    spec_accepted_per_pos: IntCounterVec,
     /// Serialises scrapes: the preemption counter follows the scheduler's total by deltas.
     scrape: Mutex<()>,
 }
@@ -205,6 +208,19 @@ impl Metrics {
                 "num_preemptions_total",
                 "Requests preempted (KV dropped, recomputed later) for lack of memory.",
             ),
+            spec_draft_tokens: counter(
+                "spec_decode_num_draft_tokens_total",
+                "Speculative draft tokens verified.",
+            ),
+            spec_accepted_tokens: counter(
+                "spec_decode_num_accepted_tokens_total",
+                "Speculative draft tokens accepted.",
+            ),
+            spec_accepted_per_pos: counter_vec(
+                "spec_decode_num_accepted_tokens_per_pos_total",
+                "Speculative draft tokens accepted, by position in the draft.",
+                "position",
+            ),
             registry,
             scrape: Mutex::new(()),
         }
@@ -297,14 +313,29 @@ impl Metrics {
             self.disk_cache_bytes.set(d.bytes as i64);
             self.disk_cache_records.set(d.records as i64);
         }
-        let seen = self.num_preemptions.get();
-        if stats.preemptions > seen {
-            self.num_preemptions.inc_by(stats.preemptions - seen);
+        follow(&self.num_preemptions, stats.preemptions);
+        follow(&self.spec_draft_tokens, stats.spec_drafted);
+        follow(&self.spec_accepted_tokens, stats.spec_accepted);
+        for (pos, &n) in stats.spec_accepted_at.iter().enumerate() {
+            follow(
+                &self
+                    .spec_accepted_per_pos
+                    .with_label_values(&[&pos.to_string()]),
+                n,
+            );
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for metrics the registry accepted.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Moves `counter` up to `total`, a count the scheduler keeps.
+fn follow(counter: &IntCounter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
     }
 }
 

@@ -153,7 +153,7 @@ impl Single {
             } else {
                 RowKind::Prompt
             },
-            logits: true,
+            logits: 1,
         };
         let out = self.exec.forward(&[step]).map_err(exec_err)?;
         self.len += tokens.len();
@@ -299,7 +299,7 @@ fn batched_decode_bench(
             pos0: k * cfg.prefill_chunk,
             page_table: &shared,
             kind: RowKind::Prompt,
-            logits: false,
+            logits: 0,
         };
         kv.forward(&[step]).map_err(exec_err)?;
     }
@@ -326,7 +326,7 @@ fn batched_decode_bench(
                 pos0: ctx + i,
                 page_table: table,
                 kind: RowKind::Decode,
-                logits: true,
+                logits: 1,
             })
             .collect();
         let out = kv.forward(&seqs).map_err(exec_err)?;

@@ -9,6 +9,7 @@
 //! - `prefix`: many sessions sharing one system prompt, cache off and on.
 //! - `restart`: first-request TTFT on a persisted prefix after a restart.
 //! - `serve`: the daemon's own per-request overhead over the socket.
+//! - `spec`: decode speed with and without speculative decoding, agent and chat workloads.
 //! - `soak`: many sessions in multi-turn loops for minutes: errors, turn latency, RSS per minute.
 //!
 //! `soak` and `memory` run the daemon as a child process (`child`), so the RSS they read is the
@@ -24,3 +25,4 @@ pub mod prefix;
 pub mod restart;
 pub mod serve;
 pub mod soak;
+pub mod spec;

@@ -126,7 +126,7 @@ pub fn run_perplexity_bench(
                 pos0: b0,
                 page_table: &table,
                 kind: RowKind::Prompt,
-                logits: false,
+                logits: 0,
             };
             if b1 <= first {
                 model.forward_batch(&[step], &mut kv)?;

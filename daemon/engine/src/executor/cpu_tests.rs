@@ -26,7 +26,7 @@ fn full_logits(engine: &LoadedModel, prompt: &[u32]) -> Vec<f32> {
         pos0: 0,
         page_table: &table,
         kind: RowKind::Prompt,
-        logits: true,
+        logits: 1,
     };
     kv.forward(&[step]).unwrap()[0].take().unwrap()
 }
@@ -71,7 +71,7 @@ fn logits_after_a_cache_hit_equal_a_full_recompute() {
             pos0: 0,
             page_table: &prefix_table,
             kind: RowKind::Prompt,
-            logits: false,
+            logits: 0,
         };
         kv.forward(&[step]).unwrap();
         // The new request shares the full pages and copies the partial one.
@@ -92,7 +92,7 @@ fn logits_after_a_cache_hit_equal_a_full_recompute() {
             pos0: split,
             page_table: &table,
             kind: RowKind::Prompt,
-            logits: true,
+            logits: 1,
         };
         let got = kv.forward(&[step]).unwrap()[0].take().unwrap();
         let range = want.iter().fold(f32::MIN, |a, &b| a.max(b))
@@ -128,7 +128,7 @@ fn batched_decode_equals_one_at_a_time() {
             pos0: 0,
             page_table: t,
             kind: RowKind::Prompt,
-            logits: false,
+            logits: 0,
         };
         kv.forward(&[step]).unwrap();
     }
@@ -140,7 +140,7 @@ fn batched_decode_equals_one_at_a_time() {
             pos0: p.len() - 1,
             page_table: t,
             kind: RowKind::Decode,
-            logits: true,
+            logits: 1,
         })
         .collect();
     let batched = kv.forward(&steps).unwrap();

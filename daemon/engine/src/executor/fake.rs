@@ -191,13 +191,18 @@ impl Executor for FakeExecutor {
                     }
                 })?,
             };
+            let mut logits = Vec::new();
+            let first_wanted = s.tokens.len().saturating_sub(s.logits);
             for (j, &t) in s.tokens.iter().enumerate() {
                 let pos = s.pos0 + j;
                 state = mix(state, t, pos);
                 let at = self.slot(s.page_table, pos);
                 self.slots[at] = Some(state);
+                if j >= first_wanted {
+                    logits.extend(logits_for(state, self.shape.vocab));
+                }
             }
-            out.push(s.logits.then(|| logits_for(state, self.shape.vocab)));
+            out.push((s.logits > 0).then_some(logits));
         }
         Ok(out)
     }
@@ -259,7 +264,7 @@ mod tests {
                 pos0: 0,
                 page_table: &table,
                 kind: RowKind::Prompt,
-                logits: true,
+                logits: 1,
             }])
             .unwrap();
         assert_eq!(
@@ -272,7 +277,7 @@ mod tests {
                 pos0: 6,
                 page_table: &table,
                 kind: RowKind::Prompt,
-                logits: true,
+                logits: 1,
             }])
             .unwrap();
         assert_eq!(
@@ -292,7 +297,7 @@ mod tests {
                 pos0,
                 page_table: table,
                 kind: RowKind::Prompt,
-                logits: true,
+                logits: 1,
             }])
         };
         run(&mut ex, &[1, 2, 3, 4, 5], 0, &[0, 1]).unwrap();

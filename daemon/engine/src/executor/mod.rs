@@ -36,8 +36,9 @@ pub struct SeqStep<'a> {
     pub page_table: &'a [u32],
     /// How the rows are computed.
     pub kind: RowKind,
-    /// Whether to return the logits of the last new token.
-    pub logits: bool,
+    /// How many of the new tokens, counted back from the last, to return logits for (0: none;
+    /// 1: the last token's, for sampling; more: the rows that verify draft tokens).
+    pub logits: usize,
 }
 
 /// What the scheduler needs to know about the model behind an executor.

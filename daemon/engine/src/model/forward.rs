@@ -107,7 +107,7 @@ impl Model {
             pos0: cache.len,
             page_table: &cache.table,
             kind,
-            logits: true,
+            logits: 1,
         };
         let logits = if all {
             self.forward_all_logits(step, &mut cache.pages)?
@@ -159,8 +159,8 @@ impl Model {
     /// One forward step over a batch of sequences: every sequence's new tokens run through the
     /// network together (every row, decode or prompt, in one quantized product per shared input),
     /// each sequence's keys and values go into its pages in `kv`, and attention
-    /// reads them back from the pages. Returns, per sequence in order, the logits of its last new
-    /// token when it asked for them.
+    /// reads them back from the pages. Returns, per sequence in order, the logits of its last
+    /// `logits` new tokens (row after row, `logits × vocab` values) when it asked for any.
     pub fn forward_batch(
         &self,
         seqs: &[SeqStep<'_>],
@@ -177,7 +177,7 @@ impl Model {
     /// equals what `forward_batch` returns for the same step.
     pub fn forward_all_logits(&self, step: SeqStep<'_>, kv: &mut KvPages) -> Result<Vec<f32>> {
         let step = SeqStep {
-            logits: true,
+            logits: step.tokens.len(),
             ..step
         };
         let mut out = self.run_batch(&[step], kv, true)?;
@@ -358,10 +358,14 @@ impl Model {
         // batch. `wanted[j]` is a sequence
         // and the range of its rows whose logits it gets.
         let wanted: Vec<(usize, std::ops::Range<usize>)> = (0..seqs.len())
-            .filter(|&i| seqs[i].logits)
+            .filter(|&i| seqs[i].logits > 0)
             .map(|i| {
                 let end = row0[i] + seqs[i].tokens.len();
-                let start = if all_rows { row0[i] } else { end - 1 };
+                let start = if all_rows {
+                    row0[i]
+                } else {
+                    end - seqs[i].logits.min(seqs[i].tokens.len())
+                };
                 (i, start..end)
             })
             .collect();

@@ -453,7 +453,7 @@ fn together(model: &Model, seqs: &[Seq]) -> Vec<Vec<f32>> {
                 pos0: 0,
                 page_table: table,
                 kind: kind(&s.history),
-                logits: false,
+                logits: 0,
             };
             model.forward_batch(&[step], &mut kv).unwrap();
         }
@@ -466,7 +466,7 @@ fn together(model: &Model, seqs: &[Seq]) -> Vec<Vec<f32>> {
             pos0: s.history.len(),
             page_table: table,
             kind: kind(&s.new),
-            logits: true,
+            logits: 1,
         })
         .collect();
     model

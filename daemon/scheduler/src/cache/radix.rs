@@ -178,6 +178,40 @@ impl RadixTree {
         path
     }
 
+    /// What the tree holds after the whole of `tokens` in `ns` (what an earlier sequence
+    /// computed after the same context), following the most recently used branch, at most
+    /// `max` tokens; empty unless all of `tokens` is cached. LRU order is not touched.
+    pub fn continuation(&self, ns: Namespace, tokens: &[u32], max: usize) -> Vec<u32> {
+        let path = self.walk(ns, tokens);
+        if max == 0 || path.iter().map(|&(_, c)| c).sum::<usize>() != tokens.len() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut cur = match path.last() {
+            Some(&(node, c)) => {
+                let n = self.node(node);
+                out.extend_from_slice(&n.tokens[c..]);
+                node
+            }
+            None => return Vec::new(),
+        };
+        while out.len() < max {
+            let next = self
+                .node(cur)
+                .children
+                .values()
+                .copied()
+                .max_by_key(|&c| self.node(c).last_access);
+            let Some(next) = next else {
+                break;
+            };
+            out.extend_from_slice(&self.node(next).tokens);
+            cur = next;
+        }
+        out.truncate(max);
+        out
+    }
+
     /// The length of the longest cached prefix of `tokens` in `ns`, without touching LRU order.
     pub fn longest_prefix_len(&self, ns: Namespace, tokens: &[u32]) -> usize {
         self.walk(ns, tokens).iter().map(|&(_, c)| c).sum()

@@ -1,0 +1,123 @@
+//! Speculative decoding on the fake executor: with a three-token vocabulary, prompt-lookup
+//! drafts are proposed at almost every step and accepted about a third of the time, so both
+//! the accepting and the rejecting paths run constantly. Every streamed token must still be the
+//! reference greedy token, for several sequences sharing a prefix at once, with the pages
+//! accounted for afterwards.
+
+use super::tests::{dec_with, page_bytes};
+use super::*;
+use agentd_engine::sampling::SamplingParams;
+use agentd_engine::{FakeExecutor, GenerateOptions};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const VOCAB: usize = 3;
+
+/// Greedy tokens after `log` by the fake's reference logits (no end token).
+fn reference(log: &[u32], max: usize) -> Vec<u32> {
+    let mut seq = log.to_vec();
+    let mut out = Vec::new();
+    while out.len() < max {
+        let l = FakeExecutor::reference_logits(&seq, VOCAB);
+        let t = (0..l.len())
+            .max_by(|&i, &j| l[i].total_cmp(&l[j]).then(j.cmp(&i)))
+            .expect("vocab") as u32;
+        out.push(t);
+        seq.push(t);
+    }
+    out
+}
+
+async fn outputs(
+    spec: SpecConfig,
+    prompts: &[Vec<u32>],
+    max: usize,
+) -> (Vec<Vec<u32>>, SchedStats) {
+    let cfg = SchedulerConfig {
+        page_size: 4,
+        kv_memory: 256 * page_bytes(4),
+        speculation: spec,
+        ..SchedulerConfig::default()
+    };
+    let h = SchedulerHandle::spawn(Box::new(FakeExecutor::new(VOCAB, 8192)), cfg).unwrap();
+    let opts = GenerateOptions {
+        sampling: SamplingParams::greedy(),
+        max_tokens: max,
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    for p in prompts {
+        let (h, p, opts) = (h.clone(), p.clone(), opts.clone());
+        tasks.push(tokio::spawn(async move {
+            let sid = h.create_session(0, None, p).await.unwrap();
+            let mut rx = h.generate(0, sid, dec_with(opts, vec![])).await.unwrap();
+            let mut ids = Vec::new();
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Token { id, .. } => ids.push(id),
+                    Event::Done(u) => {
+                        assert_eq!(u.generated_tokens, ids.len());
+                        break;
+                    }
+                    Event::Error(e) => panic!("{e}"),
+                }
+            }
+            h.close(0, sid).await.unwrap();
+            ids
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    h.check_invariants().await.unwrap().unwrap();
+    let stats = h.stats().await.unwrap();
+    (out, stats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drafts_are_verified_exactly_and_rejected_positions_leak_nothing() {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let shared: Vec<u32> = (0..23).map(|_| rng.random_range(0..VOCAB as u32)).collect();
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| {
+            let mut p = shared.clone();
+            p.extend((0..5 + i).map(|_| rng.random_range(0..VOCAB as u32)));
+            p
+        })
+        .collect();
+    let max = 150;
+    let (with, stats) = outputs(SpecConfig::default(), &prompts, max).await;
+    for (p, out) in prompts.iter().zip(&with) {
+        assert_eq!(out, &reference(p, max));
+    }
+    assert!(stats.spec_drafted > 100, "{stats:?}");
+    assert!(
+        stats.spec_accepted > 0 && stats.spec_accepted < stats.spec_drafted,
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.spec_drafted,
+        stats.spec_drafted_at.iter().sum::<u64>(),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.spec_accepted,
+        stats.spec_accepted_at.iter().sum::<u64>(),
+        "{stats:?}"
+    );
+    // A position is accepted only after every one before it.
+    for j in 1..stats.spec_drafted_at.len() {
+        assert!(
+            stats.spec_accepted_at[j] <= stats.spec_accepted_at[j - 1],
+            "{stats:?}"
+        );
+        assert!(
+            stats.spec_accepted_at[j] <= stats.spec_drafted_at[j],
+            "{stats:?}"
+        );
+    }
+    let (without, stats) = outputs(SpecConfig::off(), &prompts, max).await;
+    assert_eq!(with, without);
+    assert_eq!(stats.spec_drafted, 0);
+}

@@ -1,0 +1,263 @@
+//! `agentd bench spec`: decode speed with and without speculative decoding (prompt-lookup
+//! drafts, [`agentd_scheduler::spec`]), at batch 1 and batch 8, on two workloads:
+//!
+//! - `agent`: tool results quoted back and edited (a file the model is asked to re-emit with a
+//!   rename, a JSON record to repeat with one field changed): the workload drafts pay on;
+//! - `chat`: free-form writing, where drafts rarely match and speculation must cost nothing.
+//!
+//! Both configurations run greedy on the same prompts, alternated, best of `rounds`; the report
+//! says whether their outputs are token-identical (they must be), the decode tokens/s of each
+//! (each sequence's tokens after the first over the time from its first token to its last,
+//! summed over the batch; prompts are computed beforehand), the drafts verified and accepted,
+//! and acceptance by position in the draft.
+
+use agentd_engine::sampling::SamplingParams;
+use agentd_engine::{GenerateOptions, LoadedModel};
+use agentd_scheduler::{Event, SchedulerConfig, SchedulerHandle, SpecConfig};
+use agentd_wire::Message;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One configuration's figures on one workload and batch.
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct Run {
+    /// Decode tokens per second over the batch.
+    pub decode_tokens_per_s: f64,
+    /// Tokens generated over the batch.
+    pub generated_tokens: usize,
+    /// Draft tokens verified.
+    pub drafted: u64,
+    /// Draft tokens accepted.
+    pub accepted: u64,
+    /// Accepted over drafted.
+    pub acceptance: f64,
+    /// Acceptance at each position of a draft (accepted / verified there).
+    pub acceptance_by_position: Vec<f64>,
+}
+
+/// A workload at one batch size.
+#[derive(Debug, Serialize)]
+pub struct Case {
+    /// `agent` or `chat`.
+    pub workload: &'static str,
+    /// Sequences decoding at once.
+    pub batch: usize,
+    /// Without speculation.
+    pub off: Run,
+    /// With speculation.
+    pub on: Run,
+    /// `on` tokens/s over `off` tokens/s.
+    pub speedup: f64,
+    /// Whether both produced the same tokens for every sequence.
+    pub identical: bool,
+}
+
+/// The report.
+#[derive(Debug, Serialize)]
+pub struct SpecBenchReport {
+    /// Tokens generated per sequence.
+    pub gen_tokens: usize,
+    /// Every workload and batch size.
+    pub cases: Vec<Case>,
+}
+
+const CODE: &str = r#"def load_config(path):
+    with open(path) as f:
+        raw = json.load(f)
+    config = {}
+    for key, value in raw.items():
+        if key.startswith("_"):
+            continue
+        config[key.lower()] = value
+    return config
+
+
+def save_config(config, path):
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+"#;
+
+const RECORD: &str = r#"{"id": 4182, "name": "Ada Lovelace", "email": "ada@example.org", "role": "engineer", "team": "compilers", "location": "London", "active": true, "projects": ["analytical-engine", "notes-g", "bernoulli"]}"#;
+
+/// Conversations for the `agent` workload (variant `i` differs in its request).
+fn agent_messages(i: usize) -> Vec<Message> {
+    let system = Message::system("You are a coding agent. Tool results are shown to you verbatim; when asked to edit something, reply with the complete edited text and nothing else.");
+    let (call, result, ask) = if i.is_multiple_of(2) {
+        (
+            "read_file(\"config.py\")",
+            CODE,
+            format!("Rename load_config to read_config_{i} and reply with the whole file."),
+        )
+    } else {
+        (
+            "get_user(4182)",
+            RECORD,
+            format!("Repeat this JSON record exactly, but with \"team\" set to \"runtime-{i}\"."),
+        )
+    };
+    vec![
+        system,
+        Message::user("Please help me with the task."),
+        Message::assistant(format!("<tool_call>\n{call}\n</tool_call>")),
+        Message::tool(format!("<tool_response>\n{result}\n</tool_response>")),
+        Message::user(ask),
+    ]
+}
+
+/// Conversations for the `chat` workload.
+fn chat_messages(i: usize) -> Vec<Message> {
+    const TOPICS: [&str; 8] = [
+        "a lighthouse keeper who finds a strange map",
+        "the first day of a new school in a small village",
+        "a robot learning to paint",
+        "a storm at sea",
+        "a market in an old city at dawn",
+        "a fox and a crow who become friends",
+        "a journey through a desert",
+        "a garden that grows in winter",
+    ];
+    vec![Message::user(format!(
+        "Write a short story about {}.",
+        TOPICS[i % TOPICS.len()]
+    ))]
+}
+
+/// Runs `prompts` at once on a scheduler with `spec`; returns the tokens of each and the run's
+/// figures.
+async fn run(
+    engine: &Arc<LoadedModel>,
+    spec: SpecConfig,
+    prompts: &[Vec<u32>],
+    gen_tokens: usize,
+) -> Result<(Vec<Vec<u32>>, Run), BoxError> {
+    let cfg = SchedulerConfig {
+        speculation: spec,
+        ..SchedulerConfig::default()
+    };
+    let h = SchedulerHandle::spawn(Box::new(engine.cpu_executor()), cfg)?;
+    let opts = GenerateOptions {
+        sampling: SamplingParams::greedy(),
+        max_tokens: gen_tokens,
+        ..Default::default()
+    };
+    // Prefill every prompt first (a one-token generation each: the prompt stays cached), so
+    // the batch then starts decoding at once and the measurement is decode alone.
+    let mut sessions = Vec::new();
+    let warm = GenerateOptions {
+        max_tokens: 1,
+        ..opts.clone()
+    };
+    for p in prompts {
+        let sid = h.create_session(0, None, p.clone()).await?;
+        let mut rx = h.generate(0, sid, engine.decoding(&warm)?).await?;
+        while let Some(ev) = rx.recv().await {
+            if let Event::Error(e) = ev {
+                return Err(e.into());
+            }
+        }
+        sessions.push(sid);
+    }
+    let mut tasks = Vec::new();
+    for &sid in &sessions {
+        let (h, dec) = (h.clone(), engine.decoding(&opts)?);
+        tasks.push(tokio::spawn(async move {
+            let mut rx = h.generate(0, sid, dec).await?;
+            let (mut first, mut last, mut toks) = (None, Instant::now(), Vec::new());
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Token { id, .. } => {
+                        first.get_or_insert_with(Instant::now);
+                        last = Instant::now();
+                        toks.push(id);
+                    }
+                    Event::Done(_) => break,
+                    Event::Error(e) => return Err(BoxError::from(e)),
+                }
+            }
+            Ok::<_, BoxError>((first.unwrap_or(last), last, toks))
+        }));
+    }
+    let mut outs = Vec::new();
+    let mut rate = 0.0;
+    for t in tasks {
+        let (first, last, toks) = t.await??;
+        let secs = (last - first).as_secs_f64();
+        if secs > 0.0 {
+            rate += (toks.len() - 1) as f64 / secs;
+        }
+        outs.push(toks);
+    }
+    let stats = h.stats().await?;
+    let generated: usize = outs.iter().map(Vec::len).sum();
+    let by_pos = stats
+        .spec_drafted_at
+        .iter()
+        .zip(&stats.spec_accepted_at)
+        .map(|(&d, &a)| if d == 0 { 0.0 } else { a as f64 / d as f64 })
+        .collect();
+    Ok((
+        outs,
+        Run {
+            decode_tokens_per_s: rate,
+            generated_tokens: generated,
+            drafted: stats.spec_drafted,
+            accepted: stats.spec_accepted,
+            acceptance: if stats.spec_drafted == 0 {
+                0.0
+            } else {
+                stats.spec_accepted as f64 / stats.spec_drafted as f64
+            },
+            acceptance_by_position: by_pos,
+        },
+    ))
+}
+
+/// Runs every workload at batch 1 and 8, speculation off and on alternated, best of `rounds`.
+pub async fn run_spec_bench(
+    engine: Arc<LoadedModel>,
+    gen_tokens: usize,
+    rounds: usize,
+    batches: &[usize],
+) -> Result<SpecBenchReport, BoxError> {
+    let mut cases = Vec::new();
+    for (workload, make) in [
+        ("agent", agent_messages as fn(usize) -> Vec<Message>),
+        ("chat", chat_messages),
+    ] {
+        for &batch in batches {
+            let prompts = (0..batch)
+                .map(|i| engine.chat_prompt(&make(i)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (mut off, mut on) = (Run::default(), Run::default());
+            let mut identical = true;
+            for _ in 0..rounds.max(1) {
+                let (a, r_off) = run(&engine, SpecConfig::off(), &prompts, gen_tokens).await?;
+                let (b, r_on) = run(&engine, SpecConfig::default(), &prompts, gen_tokens).await?;
+                identical &= a == b;
+                if r_off.decode_tokens_per_s > off.decode_tokens_per_s {
+                    off = r_off;
+                }
+                if r_on.decode_tokens_per_s > on.decode_tokens_per_s {
+                    on = r_on;
+                }
+            }
+            let speedup = if off.decode_tokens_per_s > 0.0 {
+                on.decode_tokens_per_s / off.decode_tokens_per_s
+            } else {
+                0.0
+            };
+            cases.push(Case {
+                workload,
+                batch,
+                off,
+                on,
+                speedup,
+                identical,
+            });
+        }
+    }
+    Ok(SpecBenchReport { gen_tokens, cases })
+}
