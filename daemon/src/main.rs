@@ -213,7 +213,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 128)]
         gen_tokens: usize,
         /// Rounds (configurations alternated); the best of each is reported.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Batch sizes.
         #[arg(long, value_delimiter = ',', default_value = "1,8")]

@@ -17,11 +17,13 @@
 //!
 //! Adaptive: each sequence's draft length doubles after a fully accepted draft and shrinks to
 //! one more than what was accepted otherwise; after a run of drafts with nothing accepted the
-//! sequence stops drafting for a while; no drafts at all while more sequences decode than
-//! [`SpecConfig::max_batch`] (extra rows then cost more than they save).
+//! sequence stops drafting for a while. In a busy batch (more than [`SpecConfig::small_batch`]
+//! sequences decoding) a draft row costs about as much as a real one, so only sequences whose
+//! recent acceptance is high draft (an estimate that recovers slowly while they do not, so they
+//! are tried again); above [`SpecConfig::max_batch`] nobody drafts.
 
 /// How the scheduler speculates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SpecConfig {
     /// Draft at all.
     pub enabled: bool,
@@ -33,6 +35,12 @@ pub struct SpecConfig {
     pub max_match: usize,
     /// No drafts while more sequences than this decode in a step.
     pub max_batch: usize,
+    /// Up to this many decoding sequences, any sequence drafts; above it (the extra rows then
+    /// cost about as much as real ones), only sequences whose recent acceptance is at least
+    /// [`SpecConfig::busy_acceptance`].
+    pub small_batch: usize,
+    /// The acceptance a sequence needs to draft in a batch above `small_batch`.
+    pub busy_acceptance: f32,
 }
 
 impl Default for SpecConfig {
@@ -42,7 +50,9 @@ impl Default for SpecConfig {
             max_draft: 8,
             min_match: 2,
             max_match: 6,
-            max_batch: 8,
+            max_batch: 16,
+            small_batch: 2,
+            busy_acceptance: 0.75,
         }
     }
 }
@@ -66,7 +76,15 @@ pub struct SpecState {
     pub misses: u32,
     /// Steps left before drafting again after too many misses.
     pub cooldown: u32,
+    /// Recent acceptance (accepted over drafted, a moving average); `None` before any draft.
+    pub rate: Option<f32>,
 }
+
+/// The moving average's weight for the newest draft.
+const RATE_WEIGHT: f32 = 0.3;
+/// How much a sequence's acceptance recovers per step without a draft, so one shut out of a
+/// busy batch is tried again now and then.
+const RATE_RECOVERY: f32 = 0.02;
 
 /// Drafts in a row with nothing accepted before a sequence pauses drafting.
 const MISSES_BEFORE_PAUSE: u32 = 3;
@@ -74,9 +92,12 @@ const MISSES_BEFORE_PAUSE: u32 = 3;
 const PAUSE_STEPS: u32 = 16;
 
 impl SpecState {
-    /// How many tokens to draft now (0: none), at most `room`.
-    pub fn want(&self, cfg: &SpecConfig, room: usize) -> usize {
-        if !cfg.enabled || room == 0 || self.cooldown > 0 {
+    /// How many tokens to draft now (0: none), at most `room`, while `batch` sequences decode.
+    pub fn want(&self, cfg: &SpecConfig, room: usize, batch: usize) -> usize {
+        if !cfg.enabled || room == 0 || self.cooldown > 0 || batch > cfg.max_batch {
+            return 0;
+        }
+        if batch > cfg.small_batch && self.rate.unwrap_or(0.0) < cfg.busy_acceptance {
             return 0;
         }
         let next = if self.next == 0 {
@@ -87,9 +108,14 @@ impl SpecState {
         next.min(cfg.max_draft).min(room)
     }
 
-    /// A decode step ran without a draft (a paused sequence counts down).
-    pub fn tick(&mut self) {
+    /// A decode step ran without a draft (a paused sequence counts down; the acceptance
+    /// estimate recovers a little, up to what a busy batch needs).
+    pub fn tick(&mut self, cfg: &SpecConfig) {
         self.cooldown = self.cooldown.saturating_sub(1);
+        let r = self.rate.get_or_insert(0.0);
+        if *r < cfg.busy_acceptance {
+            *r = (*r + RATE_RECOVERY).min(cfg.busy_acceptance);
+        }
     }
 
     /// Learns from a verified draft of `drafted` tokens of which `accepted` were kept.
@@ -97,7 +123,16 @@ impl SpecState {
         if drafted == 0 {
             return;
         }
-        let current = self.want(cfg, usize::MAX).max(1);
+        let current = if self.next == 0 {
+            (cfg.max_draft / 2).max(1)
+        } else {
+            self.next
+        };
+        let rate = accepted as f32 / drafted as f32;
+        self.rate = Some(match self.rate {
+            Some(r) => r + RATE_WEIGHT * (rate - r),
+            None => rate,
+        });
         if accepted == drafted {
             self.next = (current * 2).clamp(1, cfg.max_draft);
         } else {
@@ -160,20 +195,41 @@ mod tests {
     fn draft_length_adapts_and_pauses_after_misses() {
         let cfg = SpecConfig::default();
         let mut s = SpecState::default();
-        assert_eq!(s.want(&cfg, 100), 4);
+        assert_eq!(s.want(&cfg, 100, 1), 4);
         s.update(&cfg, 4, 4);
-        assert_eq!(s.want(&cfg, 100), 8);
-        assert_eq!(s.want(&cfg, 3), 3);
+        assert_eq!(s.want(&cfg, 100, 1), 8);
+        assert_eq!(s.want(&cfg, 3, 1), 3);
         s.update(&cfg, 8, 2);
-        assert_eq!(s.want(&cfg, 100), 3);
+        assert_eq!(s.want(&cfg, 100, 1), 3);
         for _ in 0..3 {
             s.update(&cfg, 3, 0);
         }
         for _ in 0..PAUSE_STEPS {
-            assert_eq!(s.want(&cfg, 100), 0);
-            s.tick();
+            assert_eq!(s.want(&cfg, 100, 1), 0);
+            s.tick(&cfg);
         }
-        assert_eq!(s.want(&cfg, 100), 1);
-        assert_eq!(SpecState::default().want(&SpecConfig::off(), 100), 0);
+        assert_eq!(s.want(&cfg, 100, 1), 1);
+        assert_eq!(SpecState::default().want(&SpecConfig::off(), 100, 1), 0);
+        assert_eq!(s.want(&cfg, 100, cfg.max_batch + 1), 0);
+    }
+
+    #[test]
+    fn a_busy_batch_drafts_only_for_sequences_that_accept_well() {
+        let cfg = SpecConfig::default();
+        let busy = cfg.small_batch + 1;
+        let mut good = SpecState::default();
+        good.update(&cfg, 4, 4);
+        assert!(good.want(&cfg, 100, busy) > 0);
+        let mut poor = SpecState::default();
+        poor.update(&cfg, 4, 1);
+        assert_eq!(poor.want(&cfg, 100, busy), 0);
+        assert!(poor.want(&cfg, 100, 1) > 0);
+        // Shut out of the busy batch, it is tried again after a while.
+        let mut steps = 0;
+        while poor.want(&cfg, 100, busy) == 0 {
+            poor.tick(&cfg);
+            steps += 1;
+            assert!(steps < 100);
+        }
     }
 }

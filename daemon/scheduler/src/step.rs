@@ -189,7 +189,7 @@ impl Scheduler {
             let seq = &mut self.running[p.seq];
             seq.kv_len += p.tokens;
             if p.kind == RowKind::Decode {
-                seq.spec.tick();
+                seq.spec.tick(&self.cfg.speculation);
             }
             if p.kind == RowKind::Prompt {
                 let t = self.stats.tenants.entry(seq.req.tenant).or_default();
@@ -276,7 +276,7 @@ impl Scheduler {
     /// Draft tokens for decoding sequence `i` this step (see [`crate::spec`]), at most
     /// `budget`: none when its state says so, or where the context or its `max_tokens` end
     /// within the draft.
-    fn draft(&self, i: usize, budget: usize) -> Vec<u32> {
+    fn draft(&self, i: usize, budget: usize, batch: usize) -> Vec<u32> {
         let s = &self.running[i];
         let Work::Generate { dec, .. } = &s.req.work else {
             return Vec::new();
@@ -287,7 +287,7 @@ impl Scheduler {
         let context_room = self.context_limit().saturating_sub(s.kv_len + 2);
         let output_room = dec.max_tokens().saturating_sub(dec.tokens.len() + 1);
         let room = context_room.min(output_room).min(budget);
-        let want = s.spec.want(cfg, room);
+        let want = s.spec.want(cfg, room, batch);
         if want == 0 {
             return Vec::new();
         }
@@ -307,14 +307,9 @@ impl Scheduler {
         let mut plan = Vec::new();
         let mut budget = self.cfg.step_tokens;
         let decoding = self.running.iter().filter(|s| s.decoding).count();
-        let speculate = self.cfg.speculation.enabled && decoding <= self.cfg.speculation.max_batch;
         for (i, s) in self.running.iter().enumerate() {
             if s.decoding {
-                let draft = if speculate {
-                    self.draft(i, budget.saturating_sub(decoding))
-                } else {
-                    Vec::new()
-                };
+                let draft = self.draft(i, budget.saturating_sub(decoding), decoding);
                 budget = budget.saturating_sub(1 + draft.len());
                 plan.push(Planned {
                     seq: i,

@@ -2,7 +2,8 @@
 //! drafts, [`agentd_scheduler::spec`]), at batch 1 and batch 8, on two workloads:
 //!
 //! - `agent`: tool results quoted back and edited (a file the model is asked to re-emit with a
-//!   rename, a JSON record to repeat with one field changed): the workload drafts pay on;
+//!   rename, a JSON record to repeat with one field changed; the reply already begun, as an
+//!   agent's edit is once it starts): the workload drafts pay on;
 //! - `chat`: free-form writing, where drafts rarely match and speculation must cost nothing.
 //!
 //! Both configurations run greedy on the same prompts, alternated, best of `rounds`; the report
@@ -81,6 +82,25 @@ def save_config(config, path):
 "#;
 
 const RECORD: &str = r#"{"id": 4182, "name": "Ada Lovelace", "email": "ada@example.org", "role": "engineer", "team": "compilers", "location": "London", "active": true, "projects": ["analytical-engine", "notes-g", "bernoulli"]}"#;
+
+/// The `agent` workload's prompt `i`: a conversation in which a tool result came back and the
+/// user asked for it edited, with the assistant's reply begun (as an agent re-emitting an
+/// edited file or record has begun it).
+fn agent_prompt(engine: &LoadedModel, i: usize) -> Result<Vec<u32>, BoxError> {
+    let mut tokens = engine.chat_prompt(&agent_messages(i))?;
+    let begun = if i.is_multiple_of(2) {
+        format!("```python\ndef read_config_{i}(path):\n    with open(path) as f:\n")
+    } else {
+        "{\"id\": 4182, \"name\": \"Ada Lovelace\", ".to_owned()
+    };
+    tokens.extend(engine.tokenizer.encode(&begun, false)?);
+    Ok(tokens)
+}
+
+/// The `chat` workload's prompt `i`.
+fn chat_prompt(engine: &LoadedModel, i: usize) -> Result<Vec<u32>, BoxError> {
+    Ok(engine.chat_prompt(&chat_messages(i))?)
+}
 
 /// Conversations for the `agent` workload (variant `i` differs in its request).
 fn agent_messages(i: usize) -> Vec<Message> {
@@ -223,13 +243,11 @@ pub async fn run_spec_bench(
     batches: &[usize],
 ) -> Result<SpecBenchReport, BoxError> {
     let mut cases = Vec::new();
-    for (workload, make) in [
-        ("agent", agent_messages as fn(usize) -> Vec<Message>),
-        ("chat", chat_messages),
-    ] {
+    type MakePrompt = fn(&LoadedModel, usize) -> Result<Vec<u32>, BoxError>;
+    for (workload, make) in [("agent", agent_prompt as MakePrompt), ("chat", chat_prompt)] {
         for &batch in batches {
             let prompts = (0..batch)
-                .map(|i| engine.chat_prompt(&make(i)))
+                .map(|i| make(&engine, i))
                 .collect::<Result<Vec<_>, _>>()?;
             let (mut off, mut on) = (Run::default(), Run::default());
             let mut identical = true;
