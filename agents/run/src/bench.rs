@@ -27,6 +27,8 @@ pub struct AgentBenchConfig {
 pub struct AgentBenchRun {
     /// Whether the daemon constrained the replies.
     pub constrained: bool,
+    /// Whether the daemon speculated (prompt-lookup drafts).
+    pub speculation: bool,
     /// Generations run.
     pub turns: usize,
     /// Prompt tokens computed.
@@ -64,7 +66,7 @@ pub struct AgentBenchReport {
     pub sessions: usize,
     /// Turns per session.
     pub turns: usize,
-    /// With the constraint, then without.
+    /// With the constraint, then without; for each speculation setting asked for.
     pub runs: Vec<AgentBenchRun>,
 }
 
@@ -198,14 +200,27 @@ pub async fn run_agent_bench(
     engine: Arc<LoadedModel>,
     sched: SchedulerConfig,
     cfg: &AgentBenchConfig,
+    speculation: &[bool],
 ) -> Result<AgentBenchReport, Box<dyn std::error::Error + Send + Sync>> {
-    let handle = SchedulerHandle::spawn(Box::new(engine.cpu_executor()), sched)?;
-    let local = spawn_local(handle, engine)?;
-    let socket = &local.socket;
-    let client = Client::connect(&socket).await?;
     let mut runs = Vec::new();
-    for constrained in [true, false] {
-        runs.push(run_mode(&client, cfg, constrained).await);
+    for &spec in speculation {
+        // A fresh daemon per setting, so neither inherits the other's cache.
+        let sched = SchedulerConfig {
+            speculation: agentd_scheduler::SpecConfig {
+                enabled: spec,
+                ..sched.speculation
+            },
+            ..sched.clone()
+        };
+        let handle = SchedulerHandle::spawn(Box::new(engine.cpu_executor()), sched)?;
+        let local = spawn_local(handle, engine.clone())?;
+        let client = Client::connect(&local.socket).await?;
+        for constrained in [true, false] {
+            let mut run = run_mode(&client, cfg, constrained).await;
+            run.speculation = spec;
+            runs.push(run);
+        }
+        local.task.abort();
     }
     Ok(AgentBenchReport {
         sessions: cfg.sessions,

@@ -52,6 +52,9 @@ enum Command {
         /// Tokens per generation at most.
         #[arg(long, default_value_t = 64)]
         max_tokens: u32,
+        /// Speculative decoding: on, off, or both (each on its own daemon).
+        #[arg(long, default_value = "both", value_parser = ["on", "off", "both"])]
+        speculate: String,
     },
 }
 
@@ -111,7 +114,13 @@ fn main() -> Result<()> {
             sessions,
             turns,
             max_tokens,
+            speculate,
         }) => {
+            let speculation: &[bool] = match speculate.as_str() {
+                "on" => &[true],
+                "off" => &[false],
+                _ => &[false, true],
+            };
             let engine = Arc::new(load()?);
             let cfg = bench::AgentBenchConfig {
                 sessions,
@@ -123,6 +132,7 @@ fn main() -> Result<()> {
                     engine,
                     SchedulerConfig::default(),
                     &cfg,
+                    speculation,
                 ))
                 .map_err(|e| anyhow::anyhow!(e))?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -33,6 +33,19 @@ async fn outputs(
     prompts: &[Vec<u32>],
     max: usize,
 ) -> (Vec<Vec<u32>>, SchedStats) {
+    let opts = GenerateOptions {
+        sampling: SamplingParams::greedy(),
+        max_tokens: max,
+        ..Default::default()
+    };
+    outputs_with(spec, prompts, opts).await
+}
+
+async fn outputs_with(
+    spec: SpecConfig,
+    prompts: &[Vec<u32>],
+    opts: GenerateOptions,
+) -> (Vec<Vec<u32>>, SchedStats) {
     let cfg = SchedulerConfig {
         page_size: 4,
         kv_memory: 256 * page_bytes(4),
@@ -40,11 +53,6 @@ async fn outputs(
         ..SchedulerConfig::default()
     };
     let h = SchedulerHandle::spawn(Box::new(FakeExecutor::new(VOCAB, 8192)), cfg).unwrap();
-    let opts = GenerateOptions {
-        sampling: SamplingParams::greedy(),
-        max_tokens: max,
-        ..Default::default()
-    };
     let mut tasks = Vec::new();
     for p in prompts {
         let (h, p, opts) = (h.clone(), p.clone(), opts.clone());
@@ -125,4 +133,46 @@ async fn drafts_are_verified_exactly_and_rejected_positions_leak_nothing() {
     let (without, stats) = outputs(SpecConfig::off(), &prompts, max).await;
     assert_eq!(with, without);
     assert_eq!(stats.spec_drafted, 0);
+}
+
+/// Sampling: each row's token is drawn by the sequence's own sampler from that row's logits
+/// (the same logits and random stream as without speculation), so with a seed the outputs are
+/// the same tokens, and a draft token is kept exactly when it is the token drawn — the
+/// speculative-sampling rule for a one-token draft distribution. Over many seeds, drafts are
+/// both accepted and rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_sampling_draws_the_same_tokens_with_and_without_speculation() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let prompts: Vec<Vec<u32>> = (0..3)
+        .map(|_| (0..20).map(|_| rng.random_range(0..VOCAB as u32)).collect())
+        .collect();
+    let spec = SpecConfig {
+        small_batch: 8,
+        ..SpecConfig::default()
+    };
+    let (mut drafted, mut accepted) = (0, 0);
+    for seed in 0..8 {
+        let opts = GenerateOptions {
+            sampling: SamplingParams {
+                temperature: 0.9,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                repetition_penalty: 1.0,
+                seed: Some(seed),
+                ..SamplingParams::default()
+            },
+            max_tokens: 60,
+            ..Default::default()
+        };
+        let (with, stats) = outputs_with(spec, &prompts, opts.clone()).await;
+        let (without, _) = outputs_with(SpecConfig::off(), &prompts, opts).await;
+        assert_eq!(with, without, "seed {seed}");
+        drafted += stats.spec_drafted;
+        accepted += stats.spec_accepted;
+    }
+    assert!(
+        drafted > 0 && accepted > 0 && accepted < drafted,
+        "{accepted} of {drafted}"
+    );
 }
