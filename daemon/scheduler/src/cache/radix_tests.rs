@@ -23,6 +23,26 @@ fn put(t: &mut RadixTree, ns: Namespace, tokens: &[u32]) -> Inserted {
 }
 
 #[test]
+fn continuations_follow_the_most_recent_branch_within_the_namespace() {
+    let mut t = tree(32, 4);
+    put(&mut t, A, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    put(&mut t, A, &[1, 2, 3, 9, 9]);
+    // The second branch was used last.
+    assert_eq!(t.continuation(A, &[1, 2], 10), vec![3, 9, 9]);
+    t.match_prefix(A, &[1, 2, 3, 4]);
+    assert_eq!(t.continuation(A, &[1, 2], 10), vec![3, 4, 5, 6, 7, 8]);
+    assert_eq!(t.continuation(A, &[1, 2], 2), vec![3, 4]);
+    assert_eq!(
+        t.continuation(A, &[1, 2, 3, 4, 5, 6, 7, 8], 4),
+        Vec::<u32>::new()
+    );
+    // Only when the whole context is cached, and never across namespaces.
+    assert!(t.continuation(A, &[1, 7], 4).is_empty());
+    assert!(t.continuation(B, &[1, 2], 4).is_empty());
+    assert!(t.continuation(A, &[1, 2], 0).is_empty());
+}
+
+#[test]
 fn split_inside_a_page_shares_the_page() {
     let mut t = tree(16, 4);
     put(&mut t, A, &[1, 2, 3, 4, 5, 6, 7]); // pages P0 [1..4], P1 [5,6,7]
