@@ -869,3 +869,91 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Random JSON values, biased towards the fields the parsers read.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,12}".prop_map(Value::String),
+            prop_oneof![
+                Just("user"),
+                Just("assistant"),
+                Just("tool"),
+                Just("system"),
+                Just("function"),
+                Just("none"),
+                Just("auto"),
+                Just("required"),
+                Just("json_object"),
+                Just("json_schema"),
+                Just("text"),
+                Just("object"),
+            ]
+            .prop_map(|s| Value::String(s.to_owned())),
+        ];
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            let key = prop_oneof![
+                Just("messages"),
+                Just("role"),
+                Just("content"),
+                Just("tools"),
+                Just("function"),
+                Just("name"),
+                Just("parameters"),
+                Just("tool_choice"),
+                Just("tool_calls"),
+                Just("arguments"),
+                Just("tool_call_id"),
+                Just("response_format"),
+                Just("type"),
+                Just("json_schema"),
+                Just("schema"),
+                Just("max_tokens"),
+                Just("temperature"),
+                Just("stop"),
+                Just("stream"),
+                Just("stream_options"),
+                Just("include_usage"),
+                Just("logprobs"),
+                Just("top_logprobs"),
+                Just("n"),
+                Just("prompt"),
+                Just("echo"),
+                Just("seed"),
+                Just("text"),
+                Just("id"),
+                Just("top_p"),
+                Just("top_k"),
+            ]
+            .prop_map(str::to_owned);
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(key, inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        /// No body makes either parser panic; every refusal is a 400 with a short message.
+        #[test]
+        fn hostile_bodies_are_refused_cleanly(body in value()) {
+            for result in [chat_request(&body).map(|_| ()), completion_request(&body).map(|_| ())] {
+                if let Err(e) = result {
+                    prop_assert_eq!(e.status.as_u16(), 400, "{}", e.message);
+                    prop_assert!(!e.message.is_empty() && e.message.len() <= 4096);
+                }
+            }
+        }
+    }
+}
