@@ -148,6 +148,16 @@ async fn chat_completions_stream_tools_formats_and_the_prefix_cache() {
     let h = Http::start(&["--disk-cache", "0"]).await;
     let (status, health) = h.get("/health").await;
     assert_eq!(status, 200, "{health}");
+    // HTTP/2 (cleartext, prior knowledge) on the same port.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(h.url("/health")).send().await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, reqwest::Version::HTTP_2)
+    );
 
     // The model's id, which requests may name.
     let (status, models) = h.get("/v1/models").await;
