@@ -306,6 +306,57 @@ async fn chat_completions_stream_tools_formats_and_the_prefix_cache() {
         assert!(content.starts_with('{'), "{content}");
     }
 
+    // n choices: forks of one session; the prompt counted once.
+    let mut three = chat("Name a colour.", 6);
+    three["n"] = json!(3);
+    three["temperature"] = json!(0.9);
+    three["seed"] = json!(5);
+    let (status, reply) = h.post("/v1/chat/completions", &three).await;
+    assert_eq!(status, 200, "{reply}");
+    let choices = reply["choices"].as_array().unwrap();
+    assert_eq!(
+        choices
+            .iter()
+            .map(|c| c["index"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    let (_, one) = h
+        .post("/v1/chat/completions", &chat("Name a colour.", 6))
+        .await;
+    assert_eq!(
+        reply["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+    let mut st3 = three.clone();
+    st3["stream"] = json!(true);
+    st3["stream_options"] = json!({"include_usage": true});
+    let chunks = h.stream("/v1/chat/completions", &st3).await;
+    let mut texts = [String::new(), String::new(), String::new()];
+    let mut finished = 0;
+    for c in &chunks {
+        if let Some(ch) = c["choices"].get(0) {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            texts[i] += ch["delta"]["content"].as_str().unwrap_or("");
+            finished += usize::from(!ch["finish_reason"].is_null());
+        }
+    }
+    assert_eq!(finished, 3);
+    // The same seed: the same three replies, streamed or not.
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(
+            t,
+            choices[i]["message"]["content"].as_str().unwrap(),
+            "choice {i}"
+        );
+    }
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        reply["usage"]["completion_tokens"]
+    );
+
     // Log-probabilities: the sampled token first among the alternatives (greedy).
     let mut lp = chat("Hi", 4);
     lp["logprobs"] = json!(true);
@@ -410,7 +461,7 @@ async fn completions_ignore_eos_errors_metrics_and_disconnects() {
             "temperature",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "x"}], "n": 2}),
+            json!({"messages": [{"role": "user", "content": "x"}], "n": 17}),
             "n",
         ),
         (

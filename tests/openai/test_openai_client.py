@@ -420,8 +420,23 @@ def check_error_unknown_model(ctx):
 
 @check
 def check_error_n(ctx):
-    e = expect_error(openai.BadRequestError, "n", model=ctx.model, n=2)
+    e = expect_error(openai.BadRequestError, "n", model=ctx.model, n=17)
     assert e.param == "n", e.param
+
+
+@check
+def check_n_choices(ctx):
+    r = ctx.client.chat.completions.create(
+        model=ctx.model,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        n=3,
+        temperature=0.9,
+        seed=11,
+        max_tokens=8,
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2], r.choices
+    assert all(isinstance(c.message.content, str) for c in r.choices)
+    assert r.usage.completion_tokens >= 3, r.usage
 
 
 @check

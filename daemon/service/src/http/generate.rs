@@ -96,7 +96,9 @@ impl Running {
     }
 }
 
-/// Starts generating after `tokens`.
+/// Starts `gen.n` generations after `tokens`: one session, forked for every further choice
+/// (the forks share its tokens, and its KV once computed, so the prompt is computed once).
+/// With a seed, choice `i` samples with seed + `i`.
 async fn start(
     st: &Arc<HttpState>,
     tenant: TenantId,
@@ -104,7 +106,7 @@ async fn start(
     gen: &GenParams,
     constraint: Option<ConstraintSpec>,
     arrived: Instant,
-) -> Result<Running, ApiError> {
+) -> Result<Vec<Running>, ApiError> {
     let ctx = st.svc.model.model.config().context_length;
     let n = tokens.len();
     if n == 0 {
@@ -138,37 +140,66 @@ async fn start(
         // Up to the context, within the tenant's tokens-per-request limit.
         None => room.min(st.svc.sched.limits().request_tokens.saturating_sub(n).max(1)),
     };
-    let opts = GenerateOptions {
-        sampling: gen.sampling.clone(),
-        max_tokens,
-        stop: gen.stop.clone(),
-        ignore_eos: gen.ignore_eos,
-        logprobs: gen.logprobs,
-        constraint,
-    };
-    let dec = st.svc.decoding(opts).await?;
+    let mut decs = Vec::with_capacity(gen.n);
+    for i in 0..gen.n {
+        let mut sampling = gen.sampling.clone();
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+        let opts = GenerateOptions {
+            sampling,
+            max_tokens,
+            stop: gen.stop.clone(),
+            ignore_eos: gen.ignore_eos,
+            logprobs: gen.logprobs,
+            constraint: constraint.clone(),
+        };
+        decs.push(st.svc.decoding(opts).await?);
+    }
     let sched = st.svc.sched.clone();
-    let id = sched
+    let first = sched
         .create_session(tenant, None, tokens)
         .await
         .map_err(to_status)?;
-    let guard = SessionGuard {
+    let mut guards = vec![SessionGuard {
         sched: sched.clone(),
         tenant,
-        id,
-    };
-    let rx = sched
-        .generate_at(tenant, id, dec, arrived)
-        .await
-        .map_err(to_status)?;
-    Ok(Running {
-        rx,
-        _guard: guard,
-        _inflight: Inflight::new(&st.inflight),
-        st: st.clone(),
-        tenant,
-        last_token: None,
-        stop_ids: st.svc.model.tokenizer.stop_token_ids().to_vec(),
+        id: first,
+    }];
+    for _ in 1..gen.n {
+        let id = sched.fork(tenant, first).await.map_err(to_status)?;
+        guards.push(SessionGuard {
+            sched: sched.clone(),
+            tenant,
+            id,
+        });
+    }
+    let mut runs = Vec::with_capacity(gen.n);
+    for (guard, dec) in guards.into_iter().zip(decs) {
+        let rx = sched
+            .generate_at(tenant, guard.id, dec, arrived)
+            .await
+            .map_err(to_status)?;
+        runs.push(Running {
+            rx,
+            _guard: guard,
+            _inflight: Inflight::new(&st.inflight),
+            st: st.clone(),
+            tenant,
+            last_token: None,
+            stop_ids: st.svc.model.tokenizer.stop_token_ids().to_vec(),
+        });
+    }
+    Ok(runs)
+}
+
+/// The usage of `n` choices of one prompt: the prompt counted once, the outputs summed.
+fn total_usage(usages: &[Usage]) -> Value {
+    let first = &usages[0];
+    let completion: usize = usages.iter().map(|u| u.generated_tokens).sum();
+    json!({
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     })
 }
 
@@ -180,15 +211,6 @@ fn finish_reason(f: &FinishReason, called: bool) -> &'static str {
         FinishReason::MaxTokens | FinishReason::ContextFull => "length",
         FinishReason::Cancelled => "abort",
     }
-}
-
-fn usage_json(u: &Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.generated_tokens,
-        "total_tokens": u.prompt_tokens + u.generated_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
 }
 
 fn fresh_id(prefix: &str) -> String {
@@ -280,24 +302,60 @@ async fn chat_inner(
                 .map_err(crate::status::invalid)
         })
         .await?;
-    let run = start(&st, tenant, tokens, &req.gen, req.constraint, arrived).await?;
-    let reply = ChatReply {
-        id: fresh_id("chatcmpl"),
-        created: super::unix_now(),
+    let runs = start(&st, tenant, tokens, &req.gen, req.constraint, arrived).await?;
+    let (id, created) = (fresh_id("chatcmpl"), super::unix_now());
+    let reply = |index| ChatReply {
+        index,
+        id: id.clone(),
+        created,
         model: st.model_id().to_owned(),
         parser: (req.tools != ToolMode::Off).then(ToolCallParser::new),
         logprobs: req.gen.logprobs.is_some(),
     };
     if req.gen.stream {
-        Ok(stream_chat(run, reply, req.gen.include_usage).into_response())
+        let include_usage = req.gen.include_usage;
+        let streams = runs
+            .into_iter()
+            .enumerate()
+            .map(|(i, run)| chat_choice_stream(run, reply(i), include_usage).boxed())
+            .collect();
+        let last = reply(0);
+        let usage_chunk = move |usage: Value| {
+            let mut v = last.chunk(json!({}), None, None);
+            v["choices"] = json!([]);
+            v["usage"] = usage;
+            v
+        };
+        Ok(sse_response(merge_choices(streams, include_usage, usage_chunk)).into_response())
     } else {
-        let (body, usage) = collect_chat(run, reply).await?;
-        Ok(with_timing(Json(body).into_response(), &usage))
+        let results = futures_util::future::join_all(
+            runs.into_iter()
+                .enumerate()
+                .map(|(i, run)| collect_chat(run, reply(i))),
+        )
+        .await;
+        let (choices, usages): (Vec<Value>, Vec<Usage>) = results
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        let body = json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": st.model_id(),
+            "system_fingerprint": fingerprint(),
+            "choices": choices,
+            "usage": total_usage(&usages),
+        });
+        Ok(with_timing(Json(body).into_response(), &usages[0]))
     }
 }
 
-/// What a chat reply's chunks and body share.
+/// What a chat choice's chunks and body share.
 struct ChatReply {
+    /// The choice's index.
+    index: usize,
     id: String,
     created: u64,
     model: String,
@@ -334,7 +392,7 @@ impl ChatReply {
             "model": self.model,
             "system_fingerprint": fingerprint(),
             "choices": [{
-                "index": 0,
+                "index": self.index,
                 "delta": delta,
                 "logprobs": logprobs.map(|c| json!({"content": c})),
                 "finish_reason": finish,
@@ -414,21 +472,13 @@ async fn collect_chat(mut run: Running, mut reply: ChatReply) -> Result<(Value, 
     } else {
         message["content"] = json!(content);
     }
-    let body = json!({
-        "id": reply.id,
-        "object": "chat.completion",
-        "created": reply.created,
-        "model": reply.model,
-        "system_fingerprint": fingerprint(),
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": reply.logprobs.then(|| json!({"content": logprobs})),
-            "finish_reason": finish_reason(&usage.finish, called),
-        }],
-        "usage": usage_json(&usage),
+    let choice = json!({
+        "index": reply.index,
+        "message": message,
+        "logprobs": reply.logprobs.then(|| json!({"content": logprobs})),
+        "finish_reason": finish_reason(&usage.finish, called),
     });
-    Ok((body, usage))
+    Ok((choice, usage))
 }
 
 /// A `Server-Timing` header (W3C) on a whole reply: `queue` (arrival to admission, request
@@ -464,11 +514,61 @@ fn stream_error(e: ApiError) -> Value {
     e.body()
 }
 
-fn stream_chat(run: Running, reply: ChatReply, include_usage: bool) -> Response {
+/// What one choice's stream yields before the choices are merged.
+enum Out {
+    /// A chunk to send.
+    Chunk(Value),
+    /// The choice ended with this usage (its last chunks were sent before).
+    Done(Usage),
+    /// The choice failed: the error event, after which the whole stream ends.
+    Error(Value),
+}
+
+/// The choices' streams interleaved as their chunks come; when every choice is done, a usage
+/// chunk (`usage_chunk` of the summed usage) if asked for; an error ends the stream.
+fn merge_choices(
+    streams: Vec<futures_util::stream::BoxStream<'static, Out>>,
+    include_usage: bool,
+    usage_chunk: impl Fn(Value) -> Value + Send + 'static,
+) -> impl futures_util::Stream<Item = Value> + Send + 'static {
+    let n = streams.len();
+    stream::select_all(streams)
+        .scan(
+            (Vec::<Usage>::new(), false),
+            move |(usages, failed), out| {
+                if *failed {
+                    return std::future::ready(None);
+                }
+                let items = match out {
+                    Out::Chunk(v) => vec![v],
+                    Out::Done(u) => {
+                        usages.push(u);
+                        if usages.len() == n && include_usage {
+                            vec![usage_chunk(total_usage(usages))]
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                    Out::Error(v) => {
+                        *failed = true;
+                        vec![v]
+                    }
+                };
+                std::future::ready(Some(items))
+            },
+        )
+        .flat_map(stream::iter)
+}
+
+/// One chat choice as chunks: the role first, then the pieces as tokens come, the finish.
+fn chat_choice_stream(
+    run: Running,
+    reply: ChatReply,
+    include_usage: bool,
+) -> impl futures_util::Stream<Item = Out> + Send + 'static {
     struct S {
         run: Running,
         reply: ChatReply,
-        include_usage: bool,
         started: bool,
         done: bool,
     }
@@ -476,16 +576,15 @@ fn stream_chat(run: Running, reply: ChatReply, include_usage: bool) -> Response 
         if include_usage {
             v["usage"] = Value::Null;
         }
-        v
+        Out::Chunk(v)
     };
     let state = S {
         run,
         reply,
-        include_usage,
         started: false,
         done: false,
     };
-    let events = stream::unfold(state, move |mut s| async move {
+    stream::unfold(state, move |mut s| async move {
         if s.done {
             return None;
         }
@@ -521,34 +620,23 @@ fn stream_chat(run: Running, reply: ChatReply, include_usage: bool) -> Response 
                 }
                 let reason = finish_reason(&u.finish, s.reply.called());
                 out.push(with_usage(s.reply.chunk(json!({}), None, Some(reason))));
-                if s.include_usage {
-                    out.push(json!({
-                        "id": s.reply.id,
-                        "object": "chat.completion.chunk",
-                        "created": s.reply.created,
-                        "model": s.reply.model,
-                        "system_fingerprint": fingerprint(),
-                        "choices": [],
-                        "usage": usage_json(&u),
-                    }));
-                }
+                out.push(Out::Done(u));
                 s.done = true;
             }
             Some(Event::Error(e)) => {
-                out.push(stream_error(to_status(e).into()));
+                out.push(Out::Error(stream_error(to_status(e).into())));
                 s.done = true;
             }
             None => {
-                out.push(stream_error(ApiError::from_status(
+                out.push(Out::Error(stream_error(ApiError::from_status(
                     &crate::status::internal("the generation ended without a result".into()),
-                )));
+                ))));
                 s.done = true;
             }
         }
         Some((out, s))
     })
-    .flat_map(stream::iter);
-    sse_response(events)
+    .flat_map(stream::iter)
 }
 
 /// `POST /v1/completions`.
@@ -608,22 +696,53 @@ async fn completions_inner(
                 .await?
         }
     };
-    let run = start(&st, tenant, tokens, &req.gen, None, arrived).await?;
-    let reply = TextReply {
-        id: fresh_id("cmpl"),
-        created: super::unix_now(),
+    let runs = start(&st, tenant, tokens, &req.gen, None, arrived).await?;
+    let (id, created) = (fresh_id("cmpl"), super::unix_now());
+    let reply = |index| TextReply {
+        index,
+        id: id.clone(),
+        created,
         model: st.model_id().to_owned(),
         logprobs: req.gen.logprobs.is_some(),
     };
     if req.gen.stream {
-        Ok(stream_text(run, reply, echo, req.gen.include_usage).into_response())
+        let include_usage = req.gen.include_usage;
+        let streams = runs
+            .into_iter()
+            .enumerate()
+            .map(|(i, run)| text_choice_stream(run, reply(i), echo.clone(), include_usage).boxed())
+            .collect();
+        let last = reply(0);
+        let usage_chunk = move |usage: Value| {
+            let mut v = last.body("", None, None);
+            v["choices"] = json!([]);
+            v["usage"] = usage;
+            v
+        };
+        Ok(sse_response(merge_choices(streams, include_usage, usage_chunk)).into_response())
     } else {
-        let (body, usage) = collect_text(run, reply, echo).await?;
-        Ok(with_timing(Json(body).into_response(), &usage))
+        let results = futures_util::future::join_all(
+            runs.into_iter()
+                .enumerate()
+                .map(|(i, run)| collect_text(run, reply(i), echo.clone())),
+        )
+        .await;
+        let (choices, usages): (Vec<Value>, Vec<Usage>) = results
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        let mut body = reply(0).body("", None, None);
+        body["choices"] = Value::Array(choices);
+        body["usage"] = total_usage(&usages);
+        Ok(with_timing(Json(body).into_response(), &usages[0]))
     }
 }
 
+/// What a text choice's chunks and body share.
 struct TextReply {
+    /// The choice's index.
+    index: usize,
     id: String,
     created: u64,
     model: String,
@@ -671,7 +790,7 @@ impl TextReply {
             "model": self.model,
             "system_fingerprint": fingerprint(),
             "choices": [{
-                "index": 0,
+                "index": self.index,
                 "text": text,
                 "logprobs": logprobs,
                 "finish_reason": finish,
@@ -708,21 +827,23 @@ async fn collect_text(
             }
         }
     };
-    let mut body = reply.body(
-        &text,
-        reply.logprobs.then(|| lps.json()),
-        Some(finish_reason(&usage.finish, false)),
-    );
-    body["usage"] = usage_json(&usage);
-    Ok((body, usage))
+    let choice = json!({
+        "index": reply.index,
+        "text": text,
+        "logprobs": reply.logprobs.then(|| lps.json()),
+        "finish_reason": finish_reason(&usage.finish, false),
+    });
+    Ok((choice, usage))
 }
 
-fn stream_text(
+/// One text choice as chunks: the echoed prompt first if asked, the text as tokens come, the
+/// finish.
+fn text_choice_stream(
     run: Running,
     reply: TextReply,
     echo: Option<String>,
     include_usage: bool,
-) -> Response {
+) -> impl futures_util::Stream<Item = Out> + Send + 'static {
     struct S {
         run: Running,
         reply: TextReply,
@@ -734,7 +855,7 @@ fn stream_text(
         if include_usage {
             v["usage"] = Value::Null;
         }
-        v
+        Out::Chunk(v)
     };
     let state = S {
         run,
@@ -743,7 +864,7 @@ fn stream_text(
         offset: 0,
         done: false,
     };
-    let events = stream::unfold(state, move |mut s| async move {
+    stream::unfold(state, move |mut s| async move {
         if s.done {
             return None;
         }
@@ -774,27 +895,21 @@ fn stream_text(
                     None,
                     Some(finish_reason(&u.finish, false)),
                 )));
-                if include_usage {
-                    let mut last = s.reply.body("", None, None);
-                    last["choices"] = json!([]);
-                    last["usage"] = usage_json(&u);
-                    out.push(last);
-                }
+                out.push(Out::Done(u));
                 s.done = true;
             }
             Some(Event::Error(e)) => {
-                out.push(stream_error(to_status(e).into()));
+                out.push(Out::Error(stream_error(to_status(e).into())));
                 s.done = true;
             }
             None => {
-                out.push(stream_error(ApiError::from_status(
+                out.push(Out::Error(stream_error(ApiError::from_status(
                     &crate::status::internal("the generation ended without a result".into()),
-                )));
+                ))));
                 s.done = true;
             }
         }
         Some((out, s))
     })
-    .flat_map(stream::iter);
-    sse_response(events)
+    .flat_map(stream::iter)
 }

@@ -20,6 +20,8 @@ pub const MAX_STOP: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
 /// The most tools a request may declare.
 pub const MAX_TOOLS: usize = 128;
+/// The most choices (`n`) one request may ask for.
+pub const MAX_CHOICES: usize = 16;
 
 /// A JSON object being read, with the path that names its fields in errors.
 pub struct Obj<'a> {
@@ -159,6 +161,8 @@ pub struct GenParams {
     pub user: Option<String>,
     /// The model named, if any.
     pub model: Option<String>,
+    /// Choices (`n`): the prompt's session forked for each further one.
+    pub n: usize,
 }
 
 /// The parameters common to chat and completions; `logprobs` is read by the caller (its
@@ -172,14 +176,7 @@ pub fn gen_params(o: &Obj<'_>, chat: bool) -> Result<GenParams, ApiError> {
     } else {
         o.int("max_tokens", 1, u32::MAX as i64)?
     };
-    if let Some(n) = o.int("n", 1, 128)? {
-        if n != 1 {
-            return Err(ApiError::param(
-                "n",
-                "only n = 1 is supported; send one request per choice (they share the cached prompt)",
-            ));
-        }
-    }
+    let n = o.int("n", 1, MAX_CHOICES as i64)?.unwrap_or(1) as usize;
     if o.int("best_of", 1, 128)?.is_some_and(|b| b != 1) {
         return Err(ApiError::param("best_of", "only best_of = 1 is supported"));
     }
@@ -279,6 +276,7 @@ pub fn gen_params(o: &Obj<'_>, chat: bool) -> Result<GenParams, ApiError> {
         include_usage,
         user: o.str("user")?.map(crate::status::cap),
         model: o.str("model")?.map(str::to_owned),
+        n,
     })
 }
 
@@ -765,7 +763,8 @@ mod tests {
                 "temperature",
             ),
             (json!({"messages": msgs, "max_tokens": 0}), "max_tokens"),
-            (json!({"messages": msgs, "n": 2}), "n"),
+            (json!({"messages": msgs, "n": 17}), "n"),
+            (json!({"messages": msgs, "n": 0}), "n"),
             (json!({"messages": msgs, "stop": [1]}), "stop"),
             (json!({"messages": msgs, "top_logprobs": 3}), "top_logprobs"),
             (
