@@ -112,6 +112,17 @@ async fn speculation_changes_no_token_and_keeps_constrained_output_valid() {
         stats.spec_accepted,
         stats.spec_accepted_at.iter().sum::<u64>()
     );
+    // `agentd status` shows them too.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .args(["status", "--socket"])
+        .arg(&on.socket)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&common::success_stdout(&status)).unwrap();
+    assert_eq!(
+        json["speculation"]["accepted"], stats.spec_accepted,
+        "{json}"
+    );
     let mut raw_off = raw_client(&off.socket).await;
     let stats = raw_off
         .stats(agentd_sdk::proto::StatsRequest { all_tenants: false })

@@ -195,6 +195,14 @@ pub struct Stats {
     pub expert_load_last_step: Vec<u64>,
     /// The same since the model was loaded.
     pub expert_load_total: Vec<u64>,
+    /// Speculative decoding (operators only): draft tokens verified.
+    pub spec_drafted: u64,
+    /// Draft tokens accepted.
+    pub spec_accepted: u64,
+    /// Draft tokens verified at each position of a draft (0 = its first token).
+    pub spec_drafted_at: Vec<u64>,
+    /// Draft tokens accepted at each position of a draft.
+    pub spec_accepted_at: Vec<u64>,
 }
 
 impl Stats {
@@ -223,6 +231,10 @@ impl Stats {
             disk_loaded_tokens: s.disk_loaded_tokens,
             expert_load_last_step: s.expert_load_last_step,
             expert_load_total: s.expert_load_total,
+            spec_drafted: s.spec_drafted,
+            spec_accepted: s.spec_accepted,
+            spec_drafted_at: s.spec_drafted_at,
+            spec_accepted_at: s.spec_accepted_at,
         }
     }
 }

@@ -138,6 +138,17 @@ pub fn status(args: StatusArgs) -> Result<()> {
             "hit_rate": s.hit_rate,
         },
         "engine": { "steps": s.steps, "preemptions": s.preemptions },
+        "speculation": {
+            "drafted": s.spec_drafted,
+            "accepted": s.spec_accepted,
+            "acceptance": if s.spec_drafted == 0 {
+                0.0
+            } else {
+                s.spec_accepted as f64 / s.spec_drafted as f64
+            },
+            "drafted_by_position": s.spec_drafted_at,
+            "accepted_by_position": s.spec_accepted_at,
+        },
         "disk": {
             "records": s.disk_records,
             "bytes": s.disk_bytes,
