@@ -32,7 +32,8 @@
 //! [tcp.tokens]        # token = tenant name (the same names as [tenants])
 //! "s3cret-token-of-alice" = "alice"
 //!
-//! [http]              # optional OpenAI-compatible HTTP API (bearer tokens: [tcp.tokens])
+//! [http]              # optional OpenAI-compatible HTTP API (bearer tokens: [tcp.tokens]);
+//!                     # `http = "127.0.0.1:8080"` alone is the short form
 //! listen = "127.0.0.1:8080"
 //! max_body = "8MiB"   # larger request bodies get 413
 //! public = false      # without tokens, refuse a non-loopback address unless true
@@ -112,6 +113,17 @@ pub struct HttpFile {
     pub metrics_token: Option<String>,
 }
 
+/// `http` as an address alone or as a table.
+fn http_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HttpFile, D::Error> {
+    match toml::Value::deserialize(d)? {
+        toml::Value::String(listen) => Ok(HttpFile {
+            listen: Some(listen),
+            ..HttpFile::default()
+        }),
+        table => HttpFile::deserialize(table).map_err(serde::de::Error::custom),
+    }
+}
+
 /// The file's contents; every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,8 +152,8 @@ pub struct ConfigFile {
     /// The TCP listener and its bearer tokens.
     #[serde(default)]
     pub tcp: TcpFile,
-    /// The HTTP listener.
-    #[serde(default)]
+    /// The HTTP listener: `http = "ADDR"`, or an `[http]` table.
+    #[serde(default, deserialize_with = "http_key")]
     pub http: HttpFile,
     /// Where cached prefixes are kept on disk.
     pub cache_dir: Option<PathBuf>,
@@ -263,6 +275,23 @@ mod tests {
         let c = ConfigFile::load(&p).unwrap();
         assert_eq!(c.token_map()["a-long-enough-token-1"], tenant_id("a"));
         assert_eq!(c.uid_map().unwrap().unwrap()[&0], tenant_id("b"));
+        // `http` as an address or as a table; a wrong key inside the table is named.
+        std::fs::write(&p, "http = \"127.0.0.1:8080\"\n").unwrap();
+        let c = ConfigFile::load(&p).unwrap();
+        assert_eq!(c.http.listen.as_deref(), Some("127.0.0.1:8080"));
+        std::fs::write(
+            &p,
+            "[http]\nlisten = \"127.0.0.1:9\"\nmax_body = \"1MiB\"\n",
+        )
+        .unwrap();
+        let c = ConfigFile::load(&p).unwrap();
+        assert_eq!(
+            (c.http.listen.as_deref(), c.http.max_body.as_deref()),
+            (Some("127.0.0.1:9"), Some("1MiB"))
+        );
+        std::fs::write(&p, "[http]\nlisen = \"127.0.0.1:9\"\n").unwrap();
+        let e = ConfigFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("lisen"), "{e}");
         let e = ConfigFile::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(e.to_string().contains("missing.toml"), "{e}");
     }
