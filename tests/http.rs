@@ -650,7 +650,7 @@ async fn bearer_tokens_name_tenants_and_guard_metrics() {
 #[tokio::test]
 async fn shutdown_drains_streams_and_refuses_new_requests_with_503() {
     let h = Http::start(&["--disk-cache", "0", "--grace-seconds", "60"]).await;
-    let long = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 48, "ignore_eos": true, "temperature": 0, "stream": true});
+    let long = json!({"prompt": "Count: 1, 2, 3,", "max_tokens": 200, "ignore_eos": true, "temperature": 0, "stream": true});
     let r = h
         .client
         .post(h.url("/v1/completions"))
