@@ -4,7 +4,7 @@
 //! reference greedy token, for several sequences sharing a prefix at once, with the pages
 //! accounted for afterwards.
 
-use super::tests::{dec_with, page_bytes};
+use super::tests::{dec_with, page_bytes, reference_greedy_until};
 use super::*;
 use agentd_engine::sampling::SamplingParams;
 use agentd_engine::{FakeExecutor, GenerateOptions};
@@ -15,17 +15,7 @@ const VOCAB: usize = 3;
 
 /// Greedy tokens after `log` by the fake's reference logits (no end token).
 fn reference(log: &[u32], max: usize) -> Vec<u32> {
-    let mut seq = log.to_vec();
-    let mut out = Vec::new();
-    while out.len() < max {
-        let l = FakeExecutor::reference_logits(&seq, VOCAB);
-        let t = (0..l.len())
-            .max_by(|&i, &j| l[i].total_cmp(&l[j]).then(j.cmp(&i)))
-            .expect("vocab") as u32;
-        out.push(t);
-        seq.push(t);
-    }
-    out
+    reference_greedy_until(log, max, VOCAB, None)
 }
 
 async fn outputs(

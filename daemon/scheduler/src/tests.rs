@@ -61,6 +61,16 @@ pub(super) fn dec_with(opts: GenerateOptions, stop: Vec<u32>) -> Decoding {
 /// What a correct scheduler streams after `log` with greedy sampling: each token the argmax of
 /// the reference logits of everything before it, up to `max` tokens or the end of sequence.
 pub(super) fn reference_greedy(log: &[u32], max: usize, vocab: usize) -> Vec<u32> {
+    reference_greedy_until(log, max, vocab, Some(EOS))
+}
+
+/// [`reference_greedy`] ending at `eos` (never, with `None`).
+pub(super) fn reference_greedy_until(
+    log: &[u32],
+    max: usize,
+    vocab: usize,
+    eos: Option<u32>,
+) -> Vec<u32> {
     let mut seq = log.to_vec();
     let mut out = Vec::new();
     while out.len() < max {
@@ -70,7 +80,7 @@ pub(super) fn reference_greedy(log: &[u32], max: usize, vocab: usize) -> Vec<u32
             .expect("vocab") as u32;
         out.push(t);
         seq.push(t);
-        if t == EOS {
+        if Some(t) == eos {
             break;
         }
     }

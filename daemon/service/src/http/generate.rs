@@ -203,6 +203,13 @@ fn total_usage(usages: &[Usage]) -> Value {
     })
 }
 
+/// A generation whose event stream closed before its usage (logged as an internal error).
+fn ended_without_result() -> ApiError {
+    ApiError::from_status(&crate::status::internal(
+        "the generation ended without a result".into(),
+    ))
+}
+
 /// OpenAI's finish reason; `called` says the reply made tool calls.
 fn finish_reason(f: &FinishReason, called: bool) -> &'static str {
     match f {
@@ -436,11 +443,7 @@ async fn collect_chat(mut run: Running, mut reply: ChatReply) -> Result<(Value, 
             }
             Some(Event::Done(u)) => break u,
             Some(Event::Error(e)) => return Err(to_status(e).into()),
-            None => {
-                return Err(ApiError::from_status(&crate::status::internal(
-                    "the generation ended without a result".into(),
-                )))
-            }
+            None => return Err(ended_without_result()),
         }
     };
     for p in reply.flush() {
@@ -628,9 +631,7 @@ fn chat_choice_stream(
                 s.done = true;
             }
             None => {
-                out.push(Out::Error(stream_error(ApiError::from_status(
-                    &crate::status::internal("the generation ended without a result".into()),
-                ))));
+                out.push(Out::Error(stream_error(ended_without_result())));
                 s.done = true;
             }
         }
@@ -820,11 +821,7 @@ async fn collect_text(
             }
             Some(Event::Done(u)) => break u,
             Some(Event::Error(e)) => return Err(to_status(e).into()),
-            None => {
-                return Err(ApiError::from_status(&crate::status::internal(
-                    "the generation ended without a result".into(),
-                )))
-            }
+            None => return Err(ended_without_result()),
         }
     };
     let choice = json!({
@@ -903,9 +900,7 @@ fn text_choice_stream(
                 s.done = true;
             }
             None => {
-                out.push(Out::Error(stream_error(ApiError::from_status(
-                    &crate::status::internal("the generation ended without a result".into()),
-                ))));
+                out.push(Out::Error(stream_error(ended_without_result())));
                 s.done = true;
             }
         }
