@@ -13,6 +13,7 @@ mod logging;
 use agentd_engine::model::LoadOptions;
 use agentd_engine::model_files;
 use agentd_engine::sampling::SamplingParams;
+use agentd_engine::KvDtype;
 use agentd_engine::{GenerateOptions, LoadedModel};
 use agentd_scheduler::{SchedulerConfig, SchedulerHandle, TenantLimits};
 use agentd_wire::{sampling_defaults, Message};
@@ -42,6 +43,12 @@ struct Cli {
     /// quantized kernels (slower, about 4 bytes per parameter; the reference for checking).
     #[arg(long, global = true)]
     exact: bool,
+    /// How KV pages store keys and values: `f16`, or `q8_0` (llama.cpp's 8-bit blocks of 32
+    /// with an f16 scale: about half the bytes, so --kv-memory holds about twice the tokens;
+    /// needs head sizes that are a multiple of 32). Cached pages on disk of the other dtype
+    /// are not used.
+    #[arg(long, global = true, env = "AGENTD_KV_DTYPE", default_value_t = KvDtype::F16)]
+    kv_dtype: KvDtype,
     /// Serve at most this many positions (default: the model's trained context), like
     /// llama.cpp's --ctx-size: smaller means smaller requests, not less memory per token.
     #[arg(long, global = true, env = "AGENTD_CONTEXT", value_parser = clap::value_parser!(u64).range(1..))]
@@ -176,6 +183,16 @@ enum BenchCommand {
         prefix_tokens: Vec<usize>,
         #[command(flatten)]
         sched: SchedArgs,
+    },
+    /// Next-token distributions with Q8_0 KV pages against f16 ones on the same weights: KL
+    /// divergence and top-1 agreement over varied text, greedy outputs on a few prompts.
+    KvQuality {
+        /// Positions to score (the built-in text is repeated to reach them).
+        #[arg(long, default_value_t = 1200)]
+        positions: usize,
+        /// Greedy tokens per prompt.
+        #[arg(long, default_value_t = 48)]
+        greedy_tokens: usize,
     },
     /// Prefill and decode throughput of the engine.
     Engine {
@@ -445,10 +462,12 @@ fn main() -> Result<()> {
         threads: cli.threads,
         exact: cli.exact,
         context: cli.context,
+        kv_dtype: cli.kv_dtype,
     };
     let opts = LoadOptions {
         exact: cli.exact,
         context: cli.context.map(|n| n as usize),
+        kv_dtype: cli.kv_dtype,
     };
     match cli.command {
         Command::Serve(args) => {
@@ -478,6 +497,15 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let report = run_engine_bench(&engine, &cfg)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::KvQuality {
+            positions,
+            greedy_tokens,
+        }) => {
+            let engine = load(cli.model, opts)?;
+            let report = bench::kv_quality::run(&engine, positions, greedy_tokens)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
@@ -830,6 +858,7 @@ struct GlobalArgs {
     threads: Option<usize>,
     exact: bool,
     context: Option<u64>,
+    kv_dtype: KvDtype,
 }
 
 /// A child `agentd serve` with the same global flags (the model resolved, fetched if needed,
@@ -846,6 +875,7 @@ fn child_config(g: &GlobalArgs, kv_memory: u64) -> Result<bench::child::ChildCon
     if g.exact {
         global_args.push("--exact".into());
     }
+    global_args.extend(["--kv-dtype".into(), g.kv_dtype.name().into()]);
     Ok(bench::child::ChildConfig {
         global_args,
         serve_args: vec!["--kv-memory".into(), kv_memory.to_string().into()],

@@ -1,4 +1,4 @@
-//! Decode attention (one query row) over the paged f16 KV pool, split across the keys
+//! Decode attention (one query row) over the paged KV pool, split across the keys
 //! (flash-decoding), in the canonical order of [`super`] (see its module documentation).
 //!
 //! The keys are cut into the canonical chunks `[0, CHUNK)`, `[CHUNK, 2·CHUNK)`, … (the last one
@@ -16,8 +16,12 @@
 //! Contexts of one chunk run straight into the output on the calling thread; contexts of fewer
 //! than [`SERIAL_DECODE_KEYS`] keys × query heads run their chunks on the calling thread, the
 //! rest on the rayon pool.
+//!
+//! f16 keys and values are read in place; Q8_0 ones are dequantized a tile at a time into f32
+//! buffers (once for the whole query group) and the tile is then walked exactly as the prefill
+//! path walks its f32 copy, so the two paths stay equal bit for bit.
 
-use super::{window_start, PagedKv, Walk, CHUNK, TILE};
+use super::{mask_below, window_start, KvStore, PagedKv, Walk, CHUNK, TILE};
 use crate::attention::AttentionShape;
 use crate::tile;
 use crate::vecops::scale_body;
@@ -60,10 +64,10 @@ impl Plan {
 /// follows the same order as in the prefill path. The caller has checked every length and page
 /// id; `simd` only where AVX2, FMA and F16C were detected.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn decode(
+pub(super) fn decode<S: KvStore>(
     shape: AttentionShape,
     q: &[f32],
-    kv: &PagedKv<'_>,
+    kv: &PagedKv<'_, S>,
     keys: Range<usize>,
     scale: f32,
     out: &mut [f32],
@@ -170,8 +174,8 @@ fn normalise(acc: &mut [f32], l: f32) {
 }
 
 /// One task: the query heads of one K/V head (`q`, `group × head_dim`) over the keys `keys`.
-struct GroupChunk<'a> {
-    walk: Walk<'a>,
+struct GroupChunk<'a, S> {
+    walk: Walk<'a, S>,
     q: &'a [f32],
     keys: Range<usize>,
     /// Keys below this one are masked (a sliding window's start; 0 without one).
@@ -185,17 +189,42 @@ struct GroupChunk<'a> {
 /// and runs every query head over the tile before the next, so the tile's keys and values stay
 /// in cache for the whole group.
 #[inline(always)]
-fn group_chunk(t: &GroupChunk<'_>, simd: bool, acc: &mut [f32], m: &mut [f32], l: &mut [f32]) {
+fn group_chunk<S: KvStore>(
+    t: &GroupChunk<'_, S>,
+    simd: bool,
+    acc: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
     let d = t.q.len() / m.len();
     acc.fill(0.0);
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);
+    let in_place = t.walk.as_f16();
+    let tile_keys = TILE.min(t.keys.len());
+    let (mut kb, mut vb) = match in_place {
+        Some(_) => (Vec::new(), Vec::new()),
+        None => (vec![0f32; tile_keys * d], vec![0f32; tile_keys * d]),
+    };
+    let mut scores = [0f32; TILE];
     let mut t0 = t.keys.start;
     while t0 < t.keys.end {
         let n = TILE.min(t.keys.end - t0);
-        for (g, (qg, ag)) in t.q.chunks_exact(d).zip(acc.chunks_exact_mut(d)).enumerate() {
-            t.walk
-                .tile(simd, qg, ag, &mut m[g], &mut l[g], t0, n, t.lo, t.scale);
+        let heads = t.q.chunks_exact(d).zip(acc.chunks_exact_mut(d)).enumerate();
+        if let Some(w) = &in_place {
+            for (g, (qg, ag)) in heads {
+                w.tile(simd, qg, ag, &mut m[g], &mut l[g], t0, n, t.lo, t.scale);
+            }
+        } else {
+            // The prefill path's steps (`block_chunk`) on a dequantized copy of the tile.
+            t.walk.load_tile(simd, t0, n, d, &mut kb, &mut vb);
+            let s = &mut scores[..n];
+            for (g, (qg, ag)) in heads {
+                let tmax = tile::scores(simd, qg, &kb, d, t.scale, s);
+                let tmax = mask_below(s, t0, t.lo, tmax);
+                tile::fold_softmax(ag, &mut m[g], &mut l[g], s, tmax);
+                tile::accumulate(simd, ag, &vb, d, s);
+            }
         }
         t0 += n;
     }
@@ -203,6 +232,11 @@ fn group_chunk(t: &GroupChunk<'_>, simd: bool, acc: &mut [f32], m: &mut [f32], l
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_chunk_avx2(t: &GroupChunk<'_>, acc: &mut [f32], m: &mut [f32], l: &mut [f32]) {
+unsafe fn group_chunk_avx2<S: KvStore>(
+    t: &GroupChunk<'_, S>,
+    acc: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
     group_chunk(t, true, acc, m, l)
 }

@@ -16,8 +16,8 @@
 //! - [`norm`], [`rope`]: RMSNorm and rotary position embeddings.
 //! - [`attention`]: causal grouped-query attention with an online softmax (FlashAttention-style
 //!   tiles), reading each K/V head once per query group and never materialising repeated K/V.
-//! - [`paged_attention`]: the same attention reading f16 K/V straight from fixed-size pages of a
-//!   preallocated pool through a page table, plus `write_kv` to store new rows in their pages,
+//! - [`paged_attention`]: the same attention reading f16 or Q8_0 K/V ([`kv_store`]) straight
+//!   from fixed-size pages of a preallocated pool through a page table, plus `write_kv` to store new rows in their pages,
 //!   and partial attention over a key range with a merge (cascade attention).
 //!
 //! A CUDA backend (cudarc, NVRTC) will sit beside `cpu` behind a `cuda` feature; it is not built yet.
@@ -25,6 +25,7 @@
 pub mod attention;
 pub mod cpu;
 pub mod dense;
+pub mod kv_store;
 pub mod matmul;
 pub mod norm;
 pub mod paged_attention;

@@ -1,9 +1,12 @@
-//! Causal grouped-query attention over a paged, f16 KV pool.
+//! Causal grouped-query attention over a paged KV pool of f16 values or Q8_0 blocks.
 //!
 //! # Layout
 //!
-//! One layer's keys live in `k_pool` and its values in `v_pool`, two `half::f16` slices of
-//! `num_pages × page_size × kv_heads × head_dim` elements each. Page `p` holds `page_size`
+//! One layer's keys live in `k_pool` and its values in `v_pool`, two slices of
+//! `num_pages × page_size × kv_heads × head_dim` elements each, stored as
+//! [`KvStore`] units: one `half::f16` per element, or one [`BlockQ8_0`] per 32 elements
+//! (`head_dim` must then be a multiple of 32, so no block straddles two heads; offsets below
+//! are in elements, divided by 32 to index the pool). Page `p` holds `page_size`
 //! consecutive token rows of `kv_heads × head_dim` elements, starting at element
 //! `p × page_size × kv_heads × head_dim`; within a row, K/V head `h` occupies
 //! `h × head_dim .. (h + 1) × head_dim`. A sequence is a page table (`&[u32]`, page ids in
@@ -11,7 +14,9 @@
 //! `page_table[t / page_size]`, slot `t % page_size`.
 //!
 //! Storing K/V as f16 halves KV memory and bandwidth (23,040 bytes per token for SmolLM2-135M,
-//! instead of 46,080 in f32); scores and accumulators stay f32.
+//! instead of 46,080 in f32), Q8_0 nearly halves it again (12,240); scores and accumulators
+//! stay f32. Q8_0 tiles are dequantized to f32 before use, in decode and prefill alike (see
+//! [`crate::kv_store`]), so the invariant below holds for both formats.
 //!
 //! # Algorithm
 //!
@@ -63,19 +68,21 @@
 
 use crate::attention::AttentionShape;
 use crate::cpu;
+pub use crate::kv_store::{BlockQ8_0, KvStore, QK8_0};
 use crate::tile;
 use crate::vecops::scale_body;
 use crate::{KernelError, Result};
 use half::f16;
 use rayon::prelude::*;
 
-/// One layer's paged keys and values, read-only, for one sequence.
+/// One layer's paged keys and values, read-only, for one sequence, stored as `S` (f16 or
+/// [`BlockQ8_0`]).
 #[derive(Debug, Clone, Copy)]
-pub struct PagedKv<'a> {
-    /// The key pool: `num_pages × page_size × kv_heads × head_dim` f16 values.
-    pub k_pool: &'a [f16],
+pub struct PagedKv<'a, S = f16> {
+    /// The key pool: `num_pages × page_size × kv_heads × head_dim` values in `S` units.
+    pub k_pool: &'a [S],
     /// The value pool, laid out like `k_pool` (same length).
-    pub v_pool: &'a [f16],
+    pub v_pool: &'a [S],
     /// Token rows per page (at least 1).
     pub page_size: usize,
     /// The sequence's page ids, in position order.
@@ -84,11 +91,11 @@ pub struct PagedKv<'a> {
 
 /// One layer's paged keys and values, writable, for one sequence (see [`write_kv`]).
 #[derive(Debug)]
-pub struct PagedKvMut<'a> {
-    /// The key pool: `num_pages × page_size × kv_heads × head_dim` f16 values.
-    pub k_pool: &'a mut [f16],
+pub struct PagedKvMut<'a, S = f16> {
+    /// The key pool: `num_pages × page_size × kv_heads × head_dim` values in `S` units.
+    pub k_pool: &'a mut [S],
     /// The value pool, laid out like `k_pool` (same length).
-    pub v_pool: &'a mut [f16],
+    pub v_pool: &'a mut [S],
     /// Token rows per page (at least 1).
     pub page_size: usize,
     /// The sequence's page ids, in position order.
@@ -116,8 +123,8 @@ pub(crate) fn chunk_end(t: usize, end: usize) -> usize {
 /// Query rows per prefill task.
 const QUERY_BLOCK: usize = 16;
 
-/// Checks the head layout; returns the K/V row length (`kv_heads × head_dim`).
-fn check_shape(shape: AttentionShape) -> Result<usize> {
+/// Checks the head layout for storage `S`; returns the K/V row length (`kv_heads × head_dim`).
+fn check_shape<S: KvStore>(shape: AttentionShape) -> Result<usize> {
     let AttentionShape {
         heads,
         kv_heads,
@@ -137,6 +144,12 @@ fn check_shape(shape: AttentionShape) -> Result<usize> {
             got: 0,
         });
     }
+    if !head_dim.is_multiple_of(S::ELEMS) {
+        return Err(KernelError::PartialBlock {
+            cols: head_dim,
+            block: S::ELEMS,
+        });
+    }
     if heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(KernelError::Length {
             what: "query heads (a positive multiple of kv_heads)",
@@ -147,8 +160,9 @@ fn check_shape(shape: AttentionShape) -> Result<usize> {
     Ok(kv_heads * head_dim)
 }
 
-/// Checks the pools and the first pages of the page table that positions `0..n_pos` use;
-/// returns the number of pages in the pool.
+/// Checks the pools (`k_len`, `v_len`: storage units; `kv_row`: units per token row) and the
+/// first pages of the page table that positions `0..n_pos` use; returns the number of pages in
+/// the pool.
 fn check_pages(
     kv_row: usize,
     page_size: usize,
@@ -202,16 +216,18 @@ fn check_pages(
 }
 
 /// Writes the K/V rows `k`, `v` (f32, rows of `kv_heads × head_dim`, for positions
-/// `pos0, pos0 + 1, …`) into their page slots, rounded to f16. `shape.heads` is only checked,
-/// not used. Every page the positions fall in must be in the page table and the pool.
-pub fn write_kv(
+/// `pos0, pos0 + 1, …`) into their page slots, rounded to f16 or quantized to Q8_0 blocks
+/// ([`KvStore::quantize`]). `shape.heads` is only checked, not used. Every page the positions
+/// fall in must be in the page table and the pool.
+pub fn write_kv<S: KvStore>(
     shape: AttentionShape,
-    kv: PagedKvMut<'_>,
+    kv: PagedKvMut<'_, S>,
     pos0: usize,
     k: &[f32],
     v: &[f32],
 ) -> Result<()> {
-    let kv_row = check_shape(shape)?;
+    let kv_row = check_shape::<S>(shape)?;
+    let units = kv_row / S::ELEMS;
     let n = k.len() / kv_row;
     if k.len() != n * kv_row {
         return Err(KernelError::Length {
@@ -234,7 +250,7 @@ pub fn write_kv(
         page_table,
     } = kv;
     check_pages(
-        kv_row,
+        units,
         page_size,
         k_pool.len(),
         v_pool.len(),
@@ -248,13 +264,9 @@ pub fn write_kv(
     {
         let pos = pos0 + i;
         let row = page_table[pos / page_size] as usize * page_size + pos % page_size;
-        let dst = row * kv_row..(row + 1) * kv_row;
-        for (d, s) in k_pool[dst.clone()].iter_mut().zip(kr) {
-            *d = f16::from_f32(*s);
-        }
-        for (d, s) in v_pool[dst].iter_mut().zip(vr) {
-            *d = f16::from_f32(*s);
-        }
+        let dst = row * units..(row + 1) * units;
+        S::quantize(kr, &mut k_pool[dst.clone()]);
+        S::quantize(vr, &mut v_pool[dst]);
     }
     Ok(())
 }
@@ -269,10 +281,10 @@ pub fn write_kv(
 /// depends on its own inputs only: not on how many rows the call has or where it sits among
 /// them, and not on the number of threads. One query row (decode) over a long context is split
 /// over the keys and runs on the rayon pool.
-pub fn paged_causal_attention(
+pub fn paged_causal_attention<S: KvStore>(
     shape: AttentionShape,
     q: &[f32],
-    kv: PagedKv<'_>,
+    kv: PagedKv<'_, S>,
     pos0: usize,
     scale: f32,
     out: &mut [f32],
@@ -296,10 +308,10 @@ pub fn paged_causal_attention(
 /// `window_start(p + 1 - window)` may hold anything. The canonical order is the causal one with
 /// the keys below the window masked (see the module documentation), so decode and prefill still
 /// agree bit for bit. `window` must be at least 1.
-pub fn paged_window_attention(
+pub fn paged_window_attention<S: KvStore>(
     shape: AttentionShape,
     q: &[f32],
-    kv: PagedKv<'_>,
+    kv: PagedKv<'_, S>,
     pos0: usize,
     window: usize,
     scale: f32,
@@ -348,17 +360,17 @@ pub(crate) fn mask_below(s: &mut [f32], t0: usize, lo: usize, tmax: f32) -> f32 
 /// AVX2, FMA and F16C were detected). Both the decode and the prefill path use that one choice,
 /// so they give the same bits for the same row.
 #[allow(clippy::too_many_arguments)]
-fn paged_attention_with(
+fn paged_attention_with<S: KvStore>(
     shape: AttentionShape,
     q: &[f32],
-    kv: PagedKv<'_>,
+    kv: PagedKv<'_, S>,
     pos0: usize,
     window: usize,
     scale: f32,
     out: &mut [f32],
     simd: bool,
 ) -> Result<()> {
-    let kv_row = check_shape(shape)?;
+    let kv_row = check_shape::<S>(shape)?;
     let AttentionShape {
         heads, head_dim, ..
     } = shape;
@@ -379,7 +391,7 @@ fn paged_attention_with(
         });
     }
     check_pages(
-        kv_row,
+        kv_row / S::ELEMS,
         kv.page_size,
         kv.k_pool.len(),
         kv.v_pool.len(),
@@ -430,17 +442,17 @@ fn paged_attention_with(
 /// cascade over shared prefix pages was measured on this CPU and gave no gain over attending
 /// per sequence, so the engine does not use one yet.)
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention_partial(
+pub fn paged_attention_partial<S: KvStore>(
     shape: AttentionShape,
     q: &[f32],
-    kv: PagedKv<'_>,
+    kv: PagedKv<'_, S>,
     keys: std::ops::Range<usize>,
     causal_pos0: Option<usize>,
     scale: f32,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()> {
-    let kv_row = check_shape(shape)?;
+    let kv_row = check_shape::<S>(shape)?;
     let q_row = shape.heads * shape.head_dim;
     let n_q = q.len() / q_row;
     if q.len() != n_q * q_row || out.len() != q.len() {
@@ -458,7 +470,7 @@ pub fn paged_attention_partial(
         });
     }
     check_pages(
-        kv_row,
+        kv_row / S::ELEMS,
         kv.page_size,
         kv.k_pool.len(),
         kv.v_pool.len(),
@@ -530,9 +542,9 @@ pub fn merge_partial_attention(
 }
 
 /// What a set of query blocks attends to.
-struct Span<'k, 'a> {
+struct Span<'k, 'a, S> {
     shape: AttentionShape,
-    kv: &'k PagedKv<'a>,
+    kv: &'k PagedKv<'a, S>,
     keys: std::ops::Range<usize>,
     causal_pos0: Option<usize>,
     /// Keys a causal row sees, itself included ([`NO_WINDOW`]: all).
@@ -543,7 +555,12 @@ struct Span<'k, 'a> {
 
 /// Runs one task per (K/V head, block of query rows) and scatters the results into `out` (and
 /// the log-sum-exps into `lse`).
-fn attend_blocks(sp: Span<'_, '_>, q: &[f32], out: &mut [f32], lse: Option<&mut [f32]>) {
+fn attend_blocks<S: KvStore>(
+    sp: Span<'_, '_, S>,
+    q: &[f32],
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) {
     let AttentionShape {
         heads,
         kv_heads,
@@ -602,26 +619,42 @@ fn attend_blocks(sp: Span<'_, '_>, q: &[f32], out: &mut [f32], lse: Option<&mut 
     }
 }
 
-/// One K/V head of a sequence's pages: maps positions to pool offsets.
-struct Walk<'a> {
-    k: &'a [f16],
-    v: &'a [f16],
+/// One K/V head of a sequence's pages: maps positions to pool offsets (in storage units).
+struct Walk<'a, S = f16> {
+    k: &'a [S],
+    v: &'a [S],
     page_size: usize,
     table: &'a [u32],
+    /// Units per token row.
     kv_row: usize,
+    /// The head's first unit within a row.
     kv_off: usize,
 }
 
-impl<'a> Walk<'a> {
-    fn new(kv: &PagedKv<'a>, kv_row: usize, kv_off: usize) -> Self {
+impl<'a, S: KvStore> Walk<'a, S> {
+    /// The walk over K/V head elements `kv_off..` of rows of `kv_row` elements.
+    fn new(kv: &PagedKv<'a, S>, kv_row: usize, kv_off: usize) -> Self {
         Walk {
             k: kv.k_pool,
             v: kv.v_pool,
             page_size: kv.page_size,
             table: kv.page_table,
-            kv_row,
-            kv_off,
+            kv_row: kv_row / S::ELEMS,
+            kv_off: kv_off / S::ELEMS,
         }
+    }
+
+    /// The same walk over the pools as f16, when they are f16 (read in place by decode).
+    #[inline(always)]
+    fn as_f16(&self) -> Option<Walk<'a, f16>> {
+        Some(Walk {
+            k: S::as_f16(self.k)?,
+            v: S::as_f16(self.v)?,
+            page_size: self.page_size,
+            table: self.table,
+            kv_row: self.kv_row,
+            kv_off: self.kv_off,
+        })
     }
 
     /// The runs of keys `t0 + j .. t0 + j + len` that each sit in one page, as
@@ -629,7 +662,7 @@ impl<'a> Walk<'a> {
     /// An iterator rather than a callback: a closure does not inherit its caller's target
     /// features, so SIMD code inside one would become a function call per intrinsic.
     #[inline(always)]
-    fn segments(&self, t0: usize, n: usize) -> Segments<'_, '_> {
+    fn segments(&self, t0: usize, n: usize) -> Segments<'_, 'a, S> {
         Segments {
             walk: self,
             t0,
@@ -637,7 +670,9 @@ impl<'a> Walk<'a> {
             j: 0,
         }
     }
+}
 
+impl Walk<'_, f16> {
     /// One online-softmax step: keys `t0..t0 + n` (n ≤ [`TILE`]) for query `q`, folded into
     /// the running maximum `m`, sum `l` and unnormalised accumulator `acc`.
     /// Keys below `lo` are masked (see [`mask_below`]); the tile must hold a key at or past
@@ -672,14 +707,14 @@ impl<'a> Walk<'a> {
 }
 
 /// The per-page runs of a range of keys (see [`Walk::segments`]).
-struct Segments<'w, 'a> {
-    walk: &'w Walk<'a>,
+struct Segments<'w, 'a, S> {
+    walk: &'w Walk<'a, S>,
     t0: usize,
     n: usize,
     j: usize,
 }
 
-impl Iterator for Segments<'_, '_> {
+impl<S> Iterator for Segments<'_, '_, S> {
     type Item = (usize, usize, usize);
 
     #[inline(always)]
@@ -698,8 +733,8 @@ impl Iterator for Segments<'_, '_> {
 }
 
 /// One task: the query heads of K/V head `kvh` for query rows `rows`, over `keys`.
-struct Block<'a> {
-    walk: Walk<'a>,
+struct Block<'a, S> {
+    walk: Walk<'a, S>,
     q: &'a [f32],
     q_row: usize,
     kvh: usize,
@@ -712,16 +747,17 @@ struct Block<'a> {
     scale: f32,
 }
 
-impl Walk<'_> {
+impl<S: KvStore> Walk<'_, S> {
     /// Converts keys and values `t0..t0 + n` of this head to f32, `head_dim` apart.
     #[inline(always)]
     fn load_tile(&self, simd: bool, t0: usize, n: usize, d: usize, k: &mut [f32], v: &mut [f32]) {
+        let du = d / S::ELEMS;
         for (j, off, len) in self.segments(t0, n) {
             for i in 0..len {
                 let src = off + i * self.kv_row;
                 let dst = (j + i) * d;
-                tile::to_f32(simd, &self.k[src..src + d], &mut k[dst..dst + d]);
-                tile::to_f32(simd, &self.v[src..src + d], &mut v[dst..dst + d]);
+                S::dequantize(simd, &self.k[src..src + du], &mut k[dst..dst + d]);
+                S::dequantize(simd, &self.v[src..src + du], &mut v[dst..dst + d]);
             }
         }
     }
@@ -735,7 +771,7 @@ impl Walk<'_> {
 /// every query of the block. Writes rows of `group × head_dim` (normalised) into `out` and each
 /// query's log-sum-exp into `lse`.
 #[inline(always)]
-fn block_queries(p: &Block<'_>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
+fn block_queries<S: KvStore>(p: &Block<'_, S>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
     let d = p.head_dim;
     let nq = p.rows.len() * p.group;
     let mut m = vec![f32::NEG_INFINITY; nq];
@@ -822,8 +858,8 @@ struct Buffers {
 /// masked) to below `visible.1(row)` only.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn block_chunk(
-    p: &Block<'_>,
+fn block_chunk<S: KvStore>(
+    p: &Block<'_, S>,
     simd: bool,
     keys: std::ops::Range<usize>,
     (visible_start, visible_end): (&impl Fn(usize) -> usize, &impl Fn(usize) -> usize),
@@ -861,7 +897,7 @@ fn block_chunk(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_queries_avx2(p: &Block<'_>, out: &mut [f32], lse: &mut [f32]) {
+unsafe fn block_queries_avx2<S: KvStore>(p: &Block<'_, S>, out: &mut [f32], lse: &mut [f32]) {
     block_queries(p, true, out, lse)
 }
 

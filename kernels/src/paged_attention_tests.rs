@@ -876,3 +876,6 @@ fn batched_long_decodes_match_one_at_a_time() {
 
 #[path = "paged_attention_window_tests.rs"]
 mod window;
+
+#[path = "paged_attention_q8_tests.rs"]
+mod q8;

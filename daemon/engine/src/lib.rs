@@ -34,5 +34,5 @@ mod test_model;
 pub mod tokenizer;
 
 pub use decoding::{Decoding, Detokenizer, Pushed, TokenLogprob};
-pub use executor::{CpuExecutor, ExecError, Executor, FakeExecutor, KvLayout, ModelShape};
+pub use executor::{CpuExecutor, ExecError, Executor, FakeExecutor, KvDtype, KvLayout, ModelShape};
 pub use loaded::{EngineError, FinishReason, GenerateOptions, LoadedModel, ModelDigests};

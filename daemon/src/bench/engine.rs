@@ -98,6 +98,12 @@ pub struct EngineBenchReport {
     /// Bytes of the largest KV pool the benchmark allocated (each measurement allocates its own
     /// pool and frees it before the next one, so at most one is live at a time).
     pub kv_pool_bytes: usize,
+    /// How the KV pages store keys and values (`--kv-dtype`).
+    pub kv_dtype: String,
+    /// Bytes of KV one token takes across all layers.
+    pub kv_bytes_per_token: usize,
+    /// Tokens one GiB of KV pool holds (`--kv-memory` sizes the pool in bytes).
+    pub kv_tokens_per_gib: usize,
     /// Prefill throughput per prompt length.
     pub prefill: Vec<PrefillResult>,
     /// Decode throughput per context length.
@@ -267,6 +273,9 @@ pub fn run_engine_bench(
         file_bytes,
         peak_rss_mib_after_load,
         kv_pool_bytes,
+        kv_dtype: engine.model.kv_dtype().name().into(),
+        kv_bytes_per_token: engine.cpu_executor().kv_bytes_per_token(),
+        kv_tokens_per_gib: (1usize << 30) / engine.cpu_executor().kv_bytes_per_token(),
         prefill: prefill_results,
         decode: decode_results,
         batched_decode,

@@ -1,6 +1,7 @@
 //! `agentd bench …`: measurements that print JSON (never asserted as times in tests).
 //!
-//! - `engine`: prefill and decode throughput of the CPU executor.
+//! - `engine`: prefill and decode throughput of the CPU executor (and the KV dtype's bytes).
+//! - `kv-quality`: Q8_0 KV pages against f16 ones: KL divergence, top-1 and greedy agreement.
 //! - `http`: the HTTP API's per-request overhead next to the gRPC figure.
 //! - `latency`: inter-token latency of running streams while a prefix loads from disk and while
 //!   a large grammar compiles; session-call latency while sessions prefill.
@@ -18,6 +19,7 @@
 pub mod child;
 pub mod engine;
 pub mod http;
+pub mod kv_quality;
 pub mod latency;
 pub mod memory;
 pub mod perplexity;

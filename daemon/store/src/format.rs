@@ -22,7 +22,8 @@ pub struct Fingerprint {
     pub format_version: u32,
     /// SHA-256 of the GGUF file.
     pub model_sha256: String,
-    /// Element type of the stored K/V ("f16").
+    /// Element type of the stored K/V ("f16", or "q8_0": blocks of 32 int8 values and one f16
+    /// scale).
     pub kv_dtype: String,
     /// Tokens per page.
     pub page_size: u32,
@@ -66,12 +67,13 @@ impl Fingerprint {
 
     /// Bytes of one page's K/V across all layers (keys then values, layer by layer).
     pub fn page_bytes(&self) -> usize {
-        self.layers as usize
-            * 2
-            * self.page_size as usize
-            * self.kv_heads as usize
-            * self.head_dim as usize
-            * 2
+        let row = self.kv_heads as usize * self.head_dim as usize;
+        let row_bytes = match self.kv_dtype.as_str() {
+            // 34 bytes (an f16 scale and 32 int8 values) per block of 32.
+            "q8_0" => row.div_ceil(32) * 34,
+            _ => row * 2,
+        };
+        self.layers as usize * 2 * self.page_size as usize * row_bytes
     }
 }
 

@@ -360,3 +360,38 @@ fn a_file_where_the_blob_directory_should_be_is_moved_aside() {
     // Their blobs gone, the records are dropped and their tokens will be recomputed.
     assert_eq!((store.stats().records, store.stats().dropped), (0, 3));
 }
+
+// Pages of one KV dtype must never be read as another: a daemon started with `--kv-dtype q8_0`
+// over a directory written with f16 pages drops every record (and the other way round).
+#[test]
+fn records_of_another_kv_dtype_are_dropped_never_served() {
+    let seeded = seed();
+    let q8 = Fingerprint {
+        kv_dtype: "q8_0".into(),
+        ..fp()
+    };
+    assert_eq!(fp().mismatch(&q8), Some("kv_dtype"));
+    let (store, prefixes) = Store::open(&seeded.cfg, q8.clone()).expect("opens");
+    assert_eq!(store.stats().records, 0);
+    assert!(
+        prefixes.is_empty()
+            || store
+                .longest_match(seeded.records[0].0, &seeded.records[0].1, 0)
+                .tokens
+                == 0
+    );
+    for (ns, tokens, _) in &seeded.records {
+        assert_eq!(store.longest_match(*ns, tokens, 0).tokens, 0, "{ns:?}");
+    }
+    // A q8_0 page is 34 bytes per 32 values, against 64 for f16.
+    let wide = Fingerprint {
+        head_dim: 64,
+        ..fp()
+    };
+    let wide_q8 = Fingerprint {
+        kv_dtype: "q8_0".into(),
+        ..wide.clone()
+    };
+    assert_eq!(wide.page_bytes(), 2 * 4 * 64 * 2);
+    assert_eq!(wide_q8.page_bytes(), 2 * 4 * 2 * 34);
+}

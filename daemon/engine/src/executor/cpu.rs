@@ -1,20 +1,32 @@
-//! [`CpuExecutor`]: the GGUF model's forward pass on the CPU over f16 KV pages in host memory.
+//! [`CpuExecutor`]: the GGUF model's forward pass on the CPU over KV pages (f16 or Q8_0) in
+//! host memory.
 
 use super::{check_page, ExecError, Executor, KvDtype, KvLayout, ModelShape, SeqStep};
-use crate::model::{KvPages, Model};
+use crate::model::{check_kv_dtype, KvPages, Model};
 use std::sync::Arc;
 
 /// The model's weights and the KV pages, on the CPU (rayon's thread pool runs the kernels).
 pub struct CpuExecutor {
     model: Arc<Model>,
+    dtype: KvDtype,
     kv: KvPages,
 }
 
 impl CpuExecutor {
-    /// An executor for `model` with no pages yet ([`Executor::allocate`] makes them).
+    /// An executor for `model` with no pages yet ([`Executor::allocate`] makes them), storing
+    /// KV as the model was loaded to ([`Model::kv_dtype`]).
     pub fn new(model: Arc<Model>) -> Self {
-        let kv = KvPages::new(model.config(), 0, 16);
-        Self { model, kv }
+        let dtype = model.kv_dtype();
+        Self::with_kv_dtype(model, dtype).expect("checked when the model was loaded")
+    }
+
+    /// An executor for `model` whose pages store KV as `dtype` (one loaded model can back
+    /// executors of both dtypes, as the KV quality bench does); refused when the model's head
+    /// size is not whole blocks of `dtype`.
+    pub fn with_kv_dtype(model: Arc<Model>, dtype: KvDtype) -> Result<Self, ExecError> {
+        check_kv_dtype(model.config(), dtype)?;
+        let kv = KvPages::with_dtype(model.config(), dtype, 0, 16)?;
+        Ok(Self { model, dtype, kv })
     }
 }
 
@@ -31,7 +43,7 @@ impl Executor for CpuExecutor {
     }
 
     fn kv_bytes_per_token(&self) -> usize {
-        KvPages::bytes_per_token(self.model.config())
+        KvPages::bytes_per_token(self.model.config(), self.dtype)
     }
 
     fn allocate(&mut self, pages: usize, page_size: usize) -> Result<(), ExecError> {
@@ -40,7 +52,7 @@ impl Executor for CpuExecutor {
                 "a page must hold at least one token".into(),
             ));
         }
-        self.kv = KvPages::new(self.model.config(), pages, page_size);
+        self.kv = KvPages::with_dtype(self.model.config(), self.dtype, pages, page_size)?;
         Ok(())
     }
 
@@ -52,7 +64,7 @@ impl Executor for CpuExecutor {
             layers: c.layers,
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
-            dtype: KvDtype::F16,
+            dtype: self.dtype,
         }
     }
 

@@ -62,18 +62,62 @@ pub fn first_key_read(pos: usize, window: usize) -> usize {
 }
 
 /// The element type of the KV pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
     /// IEEE half precision.
+    #[default]
     F16,
+    /// llama.cpp's Q8_0 blocks: 32 int8 values and one f16 scale (`max|x| / 127`) per 32
+    /// elements of a head, 34 bytes instead of 64, so a pool holds about twice the tokens.
+    /// Head sizes must be a multiple of 32.
+    Q8_0,
 }
 
 impl KvDtype {
-    /// The name recorded in the disk tier's fingerprint.
+    /// The name recorded in the disk tier's fingerprint, and `--kv-dtype`'s value.
     pub fn name(self) -> &'static str {
         match self {
             KvDtype::F16 => "f16",
+            KvDtype::Q8_0 => "q8_0",
         }
+    }
+
+    /// Every dtype, default first.
+    pub const ALL: [KvDtype; 2] = [KvDtype::F16, KvDtype::Q8_0];
+
+    /// The dtype named `name` (as [`KvDtype::name`] gives it).
+    pub fn from_name(name: &str) -> Option<KvDtype> {
+        Self::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// Elements per storage block (1 for f16): head sizes must be a multiple of it.
+    pub fn block(self) -> usize {
+        match self {
+            KvDtype::F16 => 1,
+            KvDtype::Q8_0 => agentd_kernels::paged_attention::QK8_0,
+        }
+    }
+
+    /// Bytes a K/V row of `elems` elements (a multiple of [`KvDtype::block`]) takes.
+    pub fn row_bytes(self, elems: usize) -> usize {
+        match self {
+            KvDtype::F16 => elems * 2,
+            KvDtype::Q8_0 => elems / self.block() * agentd_kernels::kv_store::BLOCK_Q8_0_BYTES,
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::from_name(s).ok_or_else(|| format!("unknown KV dtype {s:?} (f16 or q8_0)"))
     }
 }
 

@@ -23,10 +23,12 @@ use std::sync::OnceLock;
 const EXACT: LoadOptions = LoadOptions {
     exact: true,
     context: None,
+    kv_dtype: crate::executor::KvDtype::F16,
 };
 const DEFAULT: LoadOptions = LoadOptions {
     exact: false,
     context: None,
+    kv_dtype: crate::executor::KvDtype::F16,
 };
 
 /// `<data dir>/models/<name>`, or `None` (with a note) when it is absent.

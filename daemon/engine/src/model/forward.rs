@@ -4,7 +4,7 @@
 use super::arch::Activation;
 use super::error::{ModelError, Result};
 use super::experts::ExpertScratch;
-use super::kv::KvPages;
+use super::kv::{KvPages, Pools};
 use super::weights::{forward_shared, MatScratch, RowSplit};
 use super::Mlp;
 use super::Model;
@@ -12,7 +12,7 @@ pub use crate::executor::{RowKind, SeqStep};
 use agentd_kernels::attention::AttentionShape;
 use agentd_kernels::norm::rms_norm;
 use agentd_kernels::paged_attention::{
-    paged_causal_attention, paged_window_attention, write_kv, PagedKv, PagedKvMut,
+    paged_causal_attention, paged_window_attention, write_kv, KvStore, PagedKv, PagedKvMut,
 };
 use agentd_kernels::vecops;
 use rayon::prelude::*;
@@ -262,52 +262,29 @@ impl Model {
                 }
             }
             let rope = &self.ropes[layer.rope];
-            let (k_pool, v_pool) = kv.layer_mut(li);
             for (i, seq) in seqs.iter().enumerate() {
                 let rows = row0[i]..row0[i] + seq.tokens.len();
                 let q = &mut s.q[rows.start * q_row..rows.end * q_row];
                 rope.apply_style(c.rope_style, q, seq.pos0, c.heads, c.head_dim);
                 let k = &mut s.k[rows.start * kv_row..rows.end * kv_row];
                 rope.apply_style(c.rope_style, k, seq.pos0, c.kv_heads, c.head_dim);
-                let v = &s.v[rows.start * kv_row..rows.end * kv_row];
-                let dst = PagedKvMut {
-                    k_pool: &mut *k_pool,
-                    v_pool: &mut *v_pool,
-                    page_size,
-                    page_table: seq.page_table,
-                };
-                write_kv(shape, dst, seq.pos0, k, v)?;
             }
             s.attn.resize(s.q.len(), 0.0);
-            let (k_pool, v_pool) = kv.layer(li);
-            // Each sequence's output rows, in row order, paired with the sequence.
-            let mut outs: Vec<(usize, &mut [f32])> = Vec::with_capacity(seqs.len());
-            let mut rest = &mut s.attn[..];
-            for &i in &order {
-                let (head, tail) = rest.split_at_mut(seqs[i].tokens.len() * q_row);
-                outs.push((i, head));
-                rest = tail;
-            }
-            let q = &s.q;
-            let attend = |(i, out): (usize, &mut [f32])| {
-                let seq = &seqs[i];
-                let kv = PagedKv {
-                    k_pool,
-                    v_pool,
-                    page_size,
-                    page_table: seq.page_table,
-                };
-                let rows = row0[i]..row0[i] + seq.tokens.len();
-                let q = &q[rows.start * q_row..rows.end * q_row];
-                match layer.window {
-                    Some(w) => paged_window_attention(shape, q, kv, seq.pos0, w, scale, out),
-                    None => paged_causal_attention(shape, q, kv, seq.pos0, scale, out),
-                }
+            let step = LayerAttention {
+                seqs,
+                row0: &row0,
+                order: &order,
+                shape,
+                page_size,
+                scale,
+                window: layer.window,
+                q: &s.q,
+                k: &s.k,
+                v: &s.v,
             };
-            if outs.len() == 1 {
-                outs.into_iter().try_for_each(attend)?;
-            } else {
-                outs.into_par_iter().try_for_each(attend)?;
+            match kv.pools_mut() {
+                Pools::F16(p) => step.run(&mut p.k[li], &mut p.v[li], &mut s.attn)?,
+                Pools::Q8_0(p) => step.run(&mut p.k[li], &mut p.v[li], &mut s.attn)?,
             }
             layer.wo.forward(&s.attn, split, &mut s.proj, &mut s.mat)?;
             add_residual(
@@ -422,4 +399,80 @@ fn add_residual(
         std::mem::swap(y, scratch);
     }
     vecops::add(x, y);
+}
+
+/// One layer's attention for a batch, after RoPE: what it needs besides the layer's pools.
+struct LayerAttention<'a> {
+    seqs: &'a [SeqStep<'a>],
+    /// Each sequence's first row.
+    row0: &'a [usize],
+    /// The sequences in row order.
+    order: &'a [usize],
+    shape: AttentionShape,
+    page_size: usize,
+    scale: f32,
+    window: Option<usize>,
+    /// Every row's queries, keys and values.
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+impl LayerAttention<'_> {
+    /// Writes each sequence's new keys and values into its pages (stored as `S`), then attends
+    /// every row over its sequence's pages into `attn` (rows of `heads × head_dim`), the
+    /// sequences in parallel.
+    fn run<S: KvStore>(&self, k_pool: &mut [S], v_pool: &mut [S], attn: &mut [f32]) -> Result<()> {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.shape;
+        let (q_row, kv_row) = (heads * head_dim, kv_heads * head_dim);
+        for (i, seq) in self.seqs.iter().enumerate() {
+            let rows = self.row0[i]..self.row0[i] + seq.tokens.len();
+            let dst = PagedKvMut {
+                k_pool: &mut *k_pool,
+                v_pool: &mut *v_pool,
+                page_size: self.page_size,
+                page_table: seq.page_table,
+            };
+            let (k, v) = (
+                &self.k[rows.start * kv_row..rows.end * kv_row],
+                &self.v[rows.start * kv_row..rows.end * kv_row],
+            );
+            write_kv(self.shape, dst, seq.pos0, k, v)?;
+        }
+        let (k_pool, v_pool) = (&*k_pool, &*v_pool);
+        // Each sequence's output rows, in row order, paired with the sequence.
+        let mut outs: Vec<(usize, &mut [f32])> = Vec::with_capacity(self.seqs.len());
+        let mut rest = attn;
+        for &i in self.order {
+            let (head, tail) = rest.split_at_mut(self.seqs[i].tokens.len() * q_row);
+            outs.push((i, head));
+            rest = tail;
+        }
+        let attend = |(i, out): (usize, &mut [f32])| {
+            let seq = &self.seqs[i];
+            let kv = PagedKv {
+                k_pool,
+                v_pool,
+                page_size: self.page_size,
+                page_table: seq.page_table,
+            };
+            let rows = self.row0[i]..self.row0[i] + seq.tokens.len();
+            let q = &self.q[rows.start * q_row..rows.end * q_row];
+            let (shape, scale, pos0) = (self.shape, self.scale, seq.pos0);
+            match self.window {
+                Some(w) => paged_window_attention(shape, q, kv, pos0, w, scale, out),
+                None => paged_causal_attention(shape, q, kv, pos0, scale, out),
+            }
+        };
+        if outs.len() == 1 {
+            outs.into_iter().try_for_each(attend)?;
+        } else {
+            outs.into_par_iter().try_for_each(attend)?;
+        }
+        Ok(())
+    }
 }

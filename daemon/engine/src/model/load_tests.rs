@@ -189,6 +189,7 @@ fn exact_and_quantized_decode_agree_on_a_tiny_model() {
         LoadOptions {
             exact: true,
             context: None,
+            kv_dtype: crate::executor::KvDtype::F16,
         },
     )
     .unwrap();

@@ -25,7 +25,7 @@ pub use error::{ModelError, Result};
 pub use forward::KvCache;
 pub use forward::{RowKind, SeqStep};
 pub use gguf::{GgufFile, Meta};
-pub use kv::KvPages;
+pub use kv::{check_kv_dtype, KvPages};
 pub use weights::LoadOptions;
 
 use agentd_kernels::rope::RopeTable;
@@ -99,6 +99,8 @@ pub struct Model {
     ropes: Vec<RopeTable>,
     /// Rows routed to each expert in the last step, summed over the layers (MoE models).
     last_expert_load: std::sync::Mutex<Vec<u64>>,
+    /// The KV pages' storage ([`LoadOptions::kv_dtype`]).
+    kv_dtype: crate::executor::KvDtype,
 }
 
 impl Model {
@@ -126,6 +128,7 @@ impl Model {
             }
             config.context_length = n;
         }
+        kv::check_kv_dtype(&config, opts.kv_dtype)?;
         let ModelConfig {
             hidden,
             ffn,
@@ -225,12 +228,19 @@ impl Model {
             head,
             ropes,
             last_expert_load: std::sync::Mutex::new(vec![0; n_experts]),
+            kv_dtype: opts.kv_dtype,
         })
     }
 
     /// The hyperparameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// How KV pages for this model store keys and values ([`LoadOptions::kv_dtype`]; checked
+    /// against the head size at load).
+    pub fn kv_dtype(&self) -> crate::executor::KvDtype {
+        self.kv_dtype
     }
 
     /// Expert load of a mixture-of-experts model: rows routed to each expert in the last step

@@ -203,6 +203,7 @@ fn load(path: &Path, exact: bool) -> Model {
         LoadOptions {
             exact,
             context: None,
+            kv_dtype: crate::executor::KvDtype::F16,
         },
     )
     .unwrap()

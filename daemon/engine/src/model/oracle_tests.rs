@@ -260,10 +260,12 @@ const FORMAT_TOLERANCE: &[(QuantFormat, f32)] = &[
 const EXACT: LoadOptions = LoadOptions {
     exact: true,
     context: None,
+    kv_dtype: crate::executor::KvDtype::F16,
 };
 const DEFAULT: LoadOptions = LoadOptions {
     exact: false,
     context: None,
+    kv_dtype: crate::executor::KvDtype::F16,
 };
 
 #[test]

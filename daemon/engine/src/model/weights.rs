@@ -31,6 +31,9 @@ pub struct LoadOptions {
     /// Serve at most this many positions instead of the model's trained context (as
     /// llama.cpp's `--ctx-size`); `None`: the trained context. Larger than trained is an error.
     pub context: Option<usize>,
+    /// How the KV pages store keys and values (`--kv-dtype`); Q8_0 is refused at load for head
+    /// sizes that are not a multiple of 32.
+    pub kv_dtype: crate::executor::KvDtype,
 }
 
 fn quant_type(dtype: GgmlDType) -> Option<QuantType> {
