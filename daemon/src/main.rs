@@ -49,6 +49,11 @@ struct Cli {
     /// are not used.
     #[arg(long, global = true, env = "AGENTD_KV_DTYPE", default_value_t = KvDtype::F16)]
     kv_dtype: KvDtype,
+    /// Shared-prefix (cascade) attention: sequences of a step whose KV pages start alike (one
+    /// system prompt) attend those pages once, as one product of all their queries. Outputs
+    /// are the same bits either way; `off` is for measuring.
+    #[arg(long, global = true, env = "AGENTD_SHARED_PREFIX_ATTENTION", value_enum, default_value_t = Switch::On)]
+    shared_prefix_attention: Switch,
     /// Serve at most this many positions (default: the model's trained context), like
     /// llama.cpp's --ctx-size: smaller means smaller requests, not less memory per token.
     #[arg(long, global = true, env = "AGENTD_CONTEXT", value_parser = clap::value_parser!(u64).range(1..))]
@@ -463,7 +468,12 @@ fn main() -> Result<()> {
         exact: cli.exact,
         context: cli.context,
         kv_dtype: cli.kv_dtype,
+        shared_prefix_attention: cli.shared_prefix_attention,
     };
+    SHARED_PREFIX_ATTENTION.store(
+        cli.shared_prefix_attention == Switch::On,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let opts = LoadOptions {
         exact: cli.exact,
         context: cli.context.map(|n| n as usize),
@@ -859,7 +869,28 @@ struct GlobalArgs {
     exact: bool,
     context: Option<u64>,
     kv_dtype: KvDtype,
+    shared_prefix_attention: Switch,
 }
+
+/// An on/off flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    fn name(self) -> &'static str {
+        match self {
+            Switch::On => "on",
+            Switch::Off => "off",
+        }
+    }
+}
+
+/// `--shared-prefix-attention`, applied to every model [`load`] loads.
+static SHARED_PREFIX_ATTENTION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
 
 /// A child `agentd serve` with the same global flags (the model resolved, fetched if needed,
 /// here) and `kv_memory` bytes of KV.
@@ -876,6 +907,10 @@ fn child_config(g: &GlobalArgs, kv_memory: u64) -> Result<bench::child::ChildCon
         global_args.push("--exact".into());
     }
     global_args.extend(["--kv-dtype".into(), g.kv_dtype.name().into()]);
+    global_args.extend([
+        "--shared-prefix-attention".into(),
+        g.shared_prefix_attention.name().into(),
+    ]);
     Ok(bench::child::ChildConfig {
         global_args,
         serve_args: vec!["--kv-memory".into(), kv_memory.to_string().into()],
@@ -917,7 +952,12 @@ fn disk_tier(
 
 fn load(flag: Option<PathBuf>, opts: LoadOptions) -> Result<LoadedModel> {
     let path = model_path(flag)?;
-    LoadedModel::load(&path, opts).with_context(|| format!("loading {}", path.display()))
+    let engine =
+        LoadedModel::load(&path, opts).with_context(|| format!("loading {}", path.display()))?;
+    engine.model.set_shared_prefix_attention(
+        SHARED_PREFIX_ATTENTION.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    Ok(engine)
 }
 
 /// `agentd generate`: one session through the scheduler, its reply streamed to stdout.

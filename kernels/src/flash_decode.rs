@@ -21,7 +21,7 @@
 //! buffers (once for the whole query group) and the tile is then walked exactly as the prefill
 //! path walks its f32 copy, so the two paths stay equal bit for bit.
 
-use super::{mask_below, window_start, KvStore, PagedKv, Walk, CHUNK, TILE};
+use super::{mask_below, window_start, KvStore, PagedKv, PrefixRows, Walk, CHUNK, TILE};
 use crate::attention::AttentionShape;
 use crate::tile;
 use crate::vecops::scale_body;
@@ -63,6 +63,11 @@ impl Plan {
 /// `lo` masked, and chunks lie at absolute multiples of the plan's chunk, so a windowed row
 /// follows the same order as in the prefill path. The caller has checked every length and page
 /// id; `simd` only where AVX2, FMA and F16C were detected.
+///
+/// With `prefix` (one row's state over the keys `0..prefix.keys`, a whole number of chunks,
+/// computed once for every sequence sharing those pages: see [`super::cascade`]), `keys` must
+/// start at `prefix.keys`: the chunks from there are merged onto the prefix state in order,
+/// which is the canonical order, so the result is the same bits as without a prefix.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode<S: KvStore>(
     shape: AttentionShape,
@@ -73,6 +78,7 @@ pub(super) fn decode<S: KvStore>(
     out: &mut [f32],
     simd: bool,
     plan: Plan,
+    prefix: Option<PrefixRows<'_>>,
 ) {
     let AttentionShape {
         heads,
@@ -105,7 +111,7 @@ pub(super) fn decode<S: KvStore>(
         let c = first + c;
         (c * plan.chunk).max(window_start(lo))..((c + 1) * plan.chunk).min(n_keys)
     };
-    if chunks == 1 {
+    if chunks == 1 && prefix.is_none() {
         // One chunk per K/V head, accumulated straight into `out` (the same as merging it
         // into a fresh state).
         let mut stack = [0f32; 64];
@@ -153,9 +159,20 @@ pub(super) fn decode<S: KvStore>(
                 let p = &states[c * stride..(c + 1) * stride];
                 (&p[g * d..(g + 1) * d], p[gd + g], p[gd + group + g])
             };
-            let (acc0, mut m, mut l) = state(0);
+            // Without a prefix, chunk 0's state is the start; with one, the prefix's state
+            // (itself chunks merged in order) is, and every chunk here is merged onto it.
+            let (acc0, mut m, mut l, from) = match &prefix {
+                None => {
+                    let (a, m, l) = state(0);
+                    (a, m, l, 1)
+                }
+                Some(p) => {
+                    let h = kvh * group + g;
+                    (&p.acc[h * d..(h + 1) * d], p.m[h], p.l[h], 0)
+                }
+            };
             o.copy_from_slice(acc0);
-            for c in 1..chunks {
+            for c in from..chunks {
                 let (acc, mc, lc) = state(c);
                 tile::merge_state(o, &mut m, &mut l, acc, mc, lc);
             }

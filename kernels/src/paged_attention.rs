@@ -407,7 +407,7 @@ fn paged_attention_with<S: KvStore>(
         let n_keys = pos0 + 1;
         let lo = window_lo(pos0, window);
         let plan = flash_decode::Plan::new(heads, n_keys - lo);
-        flash_decode::decode(shape, q, &kv, lo..n_keys, scale, out, simd, plan);
+        flash_decode::decode(shape, q, &kv, lo..n_keys, scale, out, simd, plan, None);
         return Ok(());
     }
     // Prefill: blocks of query rows over all their visible keys.
@@ -423,6 +423,7 @@ fn paged_attention_with<S: KvStore>(
         },
         q,
         out,
+        None,
         None,
     );
     Ok(())
@@ -494,6 +495,7 @@ pub fn paged_attention_partial<S: KvStore>(
         q,
         out,
         Some(lse),
+        None,
     );
     Ok(())
 }
@@ -554,12 +556,14 @@ struct Span<'k, 'a, S> {
 }
 
 /// Runs one task per (K/V head, block of query rows) and scatters the results into `out` (and
-/// the log-sum-exps into `lse`).
+/// the log-sum-exps into `lse`). With `init`, each row starts from its state over the keys
+/// before `sp.keys` (a shared prefix, see [`cascade`]) instead of a fresh one.
 fn attend_blocks<S: KvStore>(
     sp: Span<'_, '_, S>,
     q: &[f32],
     out: &mut [f32],
     lse: Option<&mut [f32]>,
+    init: Option<PrefixRows<'_>>,
 ) {
     let AttentionShape {
         heads,
@@ -593,6 +597,7 @@ fn attend_blocks<S: KvStore>(
                 causal_pos0: sp.causal_pos0,
                 window: sp.window,
                 scale: sp.scale,
+                init,
             };
             let mut res = vec![0f32; p.rows.len() * group * head_dim];
             let mut lse = vec![0f32; p.rows.len() * group];
@@ -745,6 +750,9 @@ struct Block<'a, S> {
     causal_pos0: Option<usize>,
     window: usize,
     scale: f32,
+    /// Each row's state over the keys before `keys` (a shared prefix), or `None` to start
+    /// fresh.
+    init: Option<PrefixRows<'a>>,
 }
 
 impl<S: KvStore> Walk<'_, S> {
@@ -772,11 +780,48 @@ impl<S: KvStore> Walk<'_, S> {
 /// query's log-sum-exp into `lse`.
 #[inline(always)]
 fn block_queries<S: KvStore>(p: &Block<'_, S>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
-    let d = p.head_dim;
     let nq = p.rows.len() * p.group;
     let mut m = vec![f32::NEG_INFINITY; nq];
     let mut l = vec![0f32; nq];
+    block_states(p, simd, out, &mut m, &mut l);
+    for (qi, acc) in out.chunks_exact_mut(p.head_dim).enumerate() {
+        if l[qi] > 0.0 {
+            scale_body(acc, 1.0 / l[qi]);
+            lse[qi] = m[qi] + l[qi].ln();
+        } else {
+            lse[qi] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The unnormalised online-softmax states (`out`, `m`, `l`: rows of `group × head_dim`, and
+/// `group` maxima and sums per row) of every query of a [`Block`] over its keys, in the
+/// canonical order; with `p.init`, starting from each row's state over the keys before.
+#[inline(always)]
+fn block_states<S: KvStore>(
+    p: &Block<'_, S>,
+    simd: bool,
+    out: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
+    let d = p.head_dim;
+    let nq = p.rows.len() * p.group;
     out.fill(0.0);
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+    if let Some(init) = &p.init {
+        // Each row continues from its prefix state: the prefix's chunks were merged in order
+        // (the first one copied), so merging the later chunks onto it keeps the canonical order.
+        let heads = init.m.len() / init.rows;
+        let gd = p.group * d;
+        for (ri, r) in p.rows.clone().enumerate() {
+            let h0 = r * heads + p.kvh * p.group;
+            out[ri * gd..(ri + 1) * gd].copy_from_slice(&init.acc[h0 * d..h0 * d + gd]);
+            m[ri * p.group..(ri + 1) * p.group].copy_from_slice(&init.m[h0..h0 + p.group]);
+            l[ri * p.group..(ri + 1) * p.group].copy_from_slice(&init.l[h0..h0 + p.group]);
+        }
+    }
     let visible_end = |r: usize| match p.causal_pos0 {
         Some(pos0) => (pos0 + r + 1).min(p.keys.end),
         None => p.keys.end,
@@ -797,7 +842,7 @@ fn block_queries<S: KvStore>(p: &Block<'_, S>, simd: bool, out: &mut [f32], lse:
     let mut c0 = p.keys.start;
     while c0 < last {
         let c1 = chunk_end(c0, last);
-        if c0 == p.keys.start {
+        if c0 == p.keys.start && p.init.is_none() {
             block_chunk(
                 p,
                 simd,
@@ -805,8 +850,8 @@ fn block_queries<S: KvStore>(p: &Block<'_, S>, simd: bool, out: &mut [f32], lse:
                 (&visible_start, &visible_end),
                 &mut buf,
                 out,
-                &mut m,
-                &mut l,
+                m,
+                l,
             );
         } else {
             cacc.clear();
@@ -834,14 +879,6 @@ fn block_queries<S: KvStore>(p: &Block<'_, S>, simd: bool, out: &mut [f32], lse:
             }
         }
         c0 = c1;
-    }
-    for (qi, acc) in out.chunks_exact_mut(d).enumerate() {
-        if l[qi] > 0.0 {
-            scale_body(acc, 1.0 / l[qi]);
-            lse[qi] = m[qi] + l[qi].ln();
-        } else {
-            lse[qi] = f32::NEG_INFINITY;
-        }
     }
 }
 
@@ -901,6 +938,17 @@ unsafe fn block_queries_avx2<S: KvStore>(p: &Block<'_, S>, out: &mut [f32], lse:
     block_queries(p, true, out, lse)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_states_avx2<S: KvStore>(
+    p: &Block<'_, S>,
+    out: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
+    block_states(p, true, out, m, l)
+}
+
 /// `scores[j] = scale · q·k_j` for a run of keys (see [`tile::scores`]).
 #[inline(always)]
 fn seg_scores(
@@ -923,6 +971,14 @@ fn seg_accumulate(simd: bool, acc: &mut [f32], v: &[f16], stride: usize, w: &[f3
 #[path = "flash_decode.rs"]
 mod flash_decode;
 
+#[path = "cascade.rs"]
+mod cascade;
+pub use cascade::{paged_attention_after_prefix, paged_prefix_states, PrefixRows, PrefixStates};
+
 #[cfg(test)]
 #[path = "paged_attention_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "cascade_tests.rs"]
+mod cascade_tests;

@@ -434,6 +434,7 @@ impl DecodeCase {
             &mut out,
             simd,
             plan,
+            None,
         );
         out
     }

@@ -69,6 +69,14 @@ pub struct BatchResult {
     pub batch: usize,
     /// Shared context length.
     pub context: usize,
+    /// Whether the shared pages were attended once for the whole batch (shared-prefix attention)
+    /// or once per sequence.
+    pub shared_prefix_attention: bool,
+    /// Tokens per second over the same batch without shared-prefix attention, divided into
+    /// this run's (1.0 for the runs without it).
+    pub speedup_vs_per_sequence: f64,
+    /// Tokens per second over batch 1's in the same mode.
+    pub speedup_vs_batch1: f64,
     /// Steps run.
     pub steps: usize,
     /// Seconds per step.
@@ -258,11 +266,43 @@ pub fn run_engine_bench(
             tokens_per_s: cfg.decode_tokens as f64 / seconds,
         });
     }
-    let mut batched_decode = Vec::new();
+    // Each batch size with shared-prefix attention off and on, alternated, the best of two
+    // rounds each (these machines are noisy).
+    let mut batched_decode: Vec<BatchResult> = Vec::new();
+    let was = engine.model.shared_prefix_attention();
     for &b in &cfg.decode_batches {
-        let (result, kv_bytes) = batched_decode_bench(engine, &tokens, cfg, b)?;
-        kv_pool_bytes = kv_pool_bytes.max(kv_bytes);
-        batched_decode.push(result);
+        let mut best: [Option<BatchResult>; 2] = [None, None];
+        for _round in 0..2 {
+            for (slot, on) in [false, true].into_iter().enumerate() {
+                engine.model.set_shared_prefix_attention(on);
+                let (mut result, kv_bytes) = batched_decode_bench(engine, &tokens, cfg, b)?;
+                result.shared_prefix_attention = on;
+                kv_pool_bytes = kv_pool_bytes.max(kv_bytes);
+                if best[slot]
+                    .as_ref()
+                    .is_none_or(|r| r.tokens_per_s < result.tokens_per_s)
+                {
+                    best[slot] = Some(result);
+                }
+            }
+        }
+        let [Some(off), Some(mut on)] = best else {
+            continue;
+        };
+        on.speedup_vs_per_sequence = on.tokens_per_s / off.tokens_per_s;
+        batched_decode.push(off);
+        batched_decode.push(on);
+    }
+    engine.model.set_shared_prefix_attention(was);
+    for i in 0..batched_decode.len() {
+        let mode = batched_decode[i].shared_prefix_attention;
+        let base = batched_decode
+            .iter()
+            .find(|r| r.batch == 1 && r.shared_prefix_attention == mode)
+            .map(|r| r.tokens_per_s);
+        if let Some(base) = base {
+            batched_decode[i].speedup_vs_batch1 = batched_decode[i].tokens_per_s / base;
+        }
     }
     Ok(EngineBenchReport {
         model: engine.path.display().to_string(),
@@ -349,6 +389,9 @@ fn batched_decode_bench(
         BatchResult {
             batch,
             context: ctx,
+            shared_prefix_attention: engine.model.shared_prefix_attention(),
+            speedup_vs_per_sequence: 1.0,
+            speedup_vs_batch1: 0.0,
             steps,
             seconds_per_step: seconds / steps as f64,
             tokens_per_s: (batch * steps) as f64 / seconds,

@@ -163,6 +163,105 @@ fn batched_decode_equals_one_at_a_time() {
     }
 }
 
+/// Sequences sharing a 600-token prefix's pages (two whole 256-key chunks and a partial page
+/// each copied), in one step with decode rows, a draft-verify row group, a prompt chunk and a
+/// sequence of its own: shared-prefix attention on gives the same logits bit for bit as off,
+/// for f16 and Q8_0 pages.
+#[test]
+fn shared_prefix_attention_gives_the_same_logits() {
+    for dtype in [KvDtype::F16, KvDtype::Q8_0] {
+        shared_prefix_same_logits(dtype);
+    }
+}
+
+fn shared_prefix_same_logits(dtype: KvDtype) {
+    let engine = engine();
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let ps = 16;
+    let prefix = random_tokens(&mut rng, 600);
+    let mut kv = executor(engine, dtype);
+    kv.allocate(120, ps).unwrap();
+    let shared_pages = prefix.len().div_ceil(ps);
+    let shared: Vec<u32> = (0..shared_pages as u32).collect();
+    kv.forward(&[SeqStep {
+        tokens: &prefix,
+        pos0: 0,
+        page_table: &shared,
+        kind: RowKind::Prompt,
+        logits: 0,
+    }])
+    .unwrap();
+    // Four sequences on the shared whole pages, each with a copy of the partial last page.
+    let full = prefix.len() / ps;
+    let mut next = shared_pages as u32;
+    let mut tables = Vec::new();
+    for _ in 0..4 {
+        let own: Vec<u32> = (next..next + 3).collect();
+        next += 3;
+        kv.copy_page(shared[full], own[0], prefix.len() % ps)
+            .unwrap();
+        tables.push(
+            shared[..full]
+                .iter()
+                .chain(&own)
+                .copied()
+                .collect::<Vec<u32>>(),
+        );
+    }
+    // And one sequence with pages of its own.
+    let alone: Vec<u32> = (next..next + 40).collect();
+    let other = random_tokens(&mut rng, 300);
+    kv.forward(&[SeqStep {
+        tokens: &other,
+        pos0: 0,
+        page_table: &alone,
+        kind: RowKind::Prompt,
+        logits: 0,
+    }])
+    .unwrap();
+    let new: Vec<Vec<u32>> = [1usize, 1, 4, 9]
+        .iter()
+        .map(|&n| random_tokens(&mut rng, n))
+        .collect();
+    let last = random_tokens(&mut rng, 1);
+    let mut steps: Vec<SeqStep<'_>> = new
+        .iter()
+        .zip(&tables)
+        .enumerate()
+        .map(|(i, (t, table))| SeqStep {
+            tokens: t,
+            pos0: prefix.len(),
+            page_table: table,
+            kind: if i == 3 {
+                RowKind::Prompt
+            } else {
+                RowKind::Decode
+            },
+            logits: t.len().min(4),
+        })
+        .collect();
+    steps.push(SeqStep {
+        tokens: &last,
+        pos0: other.len(),
+        page_table: &alone,
+        kind: RowKind::Decode,
+        logits: 1,
+    });
+    let was = engine.model.shared_prefix_attention();
+    engine.model.set_shared_prefix_attention(false);
+    let per_sequence = kv.forward(&steps).unwrap();
+    engine.model.set_shared_prefix_attention(true);
+    let cascade = kv.forward(&steps).unwrap();
+    engine.model.set_shared_prefix_attention(was);
+    for (i, (a, b)) in per_sequence.iter().zip(&cascade).enumerate() {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{dtype}: sequence {i}"
+        );
+    }
+}
+
 /// Every row's logits for `tokens` run as one prompt in fresh pages of `dtype`.
 fn all_row_logits(engine: &LoadedModel, dtype: KvDtype, tokens: &[u32]) -> Vec<f32> {
     let mut kv = executor(engine, dtype);

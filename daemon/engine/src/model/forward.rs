@@ -12,7 +12,8 @@ pub use crate::executor::{RowKind, SeqStep};
 use agentd_kernels::attention::AttentionShape;
 use agentd_kernels::norm::rms_norm;
 use agentd_kernels::paged_attention::{
-    paged_causal_attention, paged_window_attention, write_kv, KvStore, PagedKv, PagedKvMut,
+    paged_attention_after_prefix, paged_causal_attention, paged_prefix_states,
+    paged_window_attention, write_kv, KvStore, PagedKv, PagedKvMut, PrefixStates, CHUNK,
 };
 use agentd_kernels::vecops;
 use rayon::prelude::*;
@@ -278,6 +279,7 @@ impl Model {
                 page_size,
                 scale,
                 window: layer.window,
+                shared_prefix: self.shared_prefix_attention(),
                 q: &s.q,
                 k: &s.k,
                 v: &s.v,
@@ -412,6 +414,9 @@ struct LayerAttention<'a> {
     page_size: usize,
     scale: f32,
     window: Option<usize>,
+    /// Attend the leading pages that several sequences share once for all of them (see
+    /// [`shared_prefix_groups`]).
+    shared_prefix: bool,
     /// Every row's queries, keys and values.
     q: &'a [f32],
     k: &'a [f32],
@@ -444,6 +449,34 @@ impl LayerAttention<'_> {
             write_kv(self.shape, dst, seq.pos0, k, v)?;
         }
         let (k_pool, v_pool) = (&*k_pool, &*v_pool);
+        // Shared prefixes: each group's shared keys attended once for all its members' rows.
+        // A member then continues from its rows' states, which gives the same bits as
+        // attending alone (see `agentd_kernels::paged_attention::paged_prefix_states`).
+        let groups = match (self.window, self.shared_prefix) {
+            (None, true) => shared_prefix_groups(self.seqs, self.page_size),
+            _ => Vec::new(),
+        };
+        let mut member_of: Vec<Option<(usize, std::ops::Range<usize>)>> =
+            vec![None; self.seqs.len()];
+        let mut states: Vec<PrefixStates> = Vec::with_capacity(groups.len());
+        for (gi, g) in groups.iter().enumerate() {
+            let mut q_all = Vec::new();
+            for &i in &g.members {
+                let rows = q_all.len() / q_row..q_all.len() / q_row + self.seqs[i].tokens.len();
+                let r0 = self.row0[i];
+                q_all.extend_from_slice(&self.q[r0 * q_row..(r0 + rows.len()) * q_row]);
+                member_of[i] = Some((gi, rows));
+            }
+            let kv = PagedKv {
+                k_pool,
+                v_pool,
+                page_size: self.page_size,
+                page_table: self.seqs[g.members[0]].page_table,
+            };
+            states.push(paged_prefix_states(
+                self.shape, &q_all, kv, g.keys, self.scale,
+            )?);
+        }
         // Each sequence's output rows, in row order, paired with the sequence.
         let mut outs: Vec<(usize, &mut [f32])> = Vec::with_capacity(self.seqs.len());
         let mut rest = attn;
@@ -463,6 +496,12 @@ impl LayerAttention<'_> {
             let rows = self.row0[i]..self.row0[i] + seq.tokens.len();
             let q = &self.q[rows.start * q_row..rows.end * q_row];
             let (shape, scale, pos0) = (self.shape, self.scale, seq.pos0);
+            if let Some((gi, rows)) = &member_of[i] {
+                let prefix = states[*gi]
+                    .slice(rows.clone())
+                    .expect("a member's rows lie within its group's states");
+                return paged_attention_after_prefix(shape, q, kv, pos0, scale, prefix, out);
+            }
             match self.window {
                 Some(w) => paged_window_attention(shape, q, kv, pos0, w, scale, out),
                 None => paged_causal_attention(shape, q, kv, pos0, scale, out),
@@ -474,5 +513,124 @@ impl LayerAttention<'_> {
             outs.into_par_iter().try_for_each(attend)?;
         }
         Ok(())
+    }
+}
+
+/// Sequences of a step that share leading pages, and how many keys they share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SharedPrefix {
+    /// The sharing sequences (indices into the step), in step order.
+    pub members: Vec<usize>,
+    /// The shared keys `0..keys`: a positive multiple of [`CHUNK`], in pages every member's
+    /// table holds alike, and before every member's first new position.
+    pub keys: usize,
+}
+
+/// Groups the sequences of a step whose page tables start with the same pages, for
+/// shared-prefix attention. A sequence's candidates share its first page; within them, the
+/// shared length chosen is the one that covers the most keys × members (members that share
+/// less attend alone). Only whole [`CHUNK`]s before a member's first new position count, so the
+/// keys are the same pages, already written, for every member, and the cascade keeps each
+/// row's canonical order. Groups of one are dropped.
+pub(crate) fn shared_prefix_groups(seqs: &[SeqStep<'_>], page_size: usize) -> Vec<SharedPrefix> {
+    let mut by_first: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, s) in seqs.iter().enumerate() {
+        if s.pos0 >= CHUNK && !s.tokens.is_empty() {
+            if let Some(&p) = s.page_table.first() {
+                by_first.entry(p).or_default().push(i);
+            }
+        }
+    }
+    let mut groups = Vec::new();
+    for members in by_first.into_values().filter(|m| m.len() >= 2) {
+        let lead = seqs[members[0]].page_table;
+        // The keys each member shares with the lead (whole chunks, before its new rows).
+        let shared: Vec<usize> = members
+            .iter()
+            .map(|&i| {
+                let pages = lead
+                    .iter()
+                    .zip(seqs[i].page_table)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (pages * page_size)
+                    .min(seqs[i].pos0)
+                    .min(seqs[members[0]].pos0)
+                    / CHUNK
+                    * CHUNK
+            })
+            .collect();
+        let best = shared
+            .iter()
+            .copied()
+            .filter(|&k| k >= CHUNK)
+            .map(|k| (k * shared.iter().filter(|&&s| s >= k).count(), k))
+            .max();
+        let Some((_, keys)) = best else { continue };
+        let chosen: Vec<usize> = members
+            .iter()
+            .zip(&shared)
+            .filter(|&(_, &s)| s >= keys)
+            .map(|(&i, _)| i)
+            .collect();
+        if chosen.len() >= 2 {
+            groups.push(SharedPrefix {
+                members: chosen,
+                keys,
+            });
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod shared_prefix_tests {
+    use super::*;
+
+    fn step<'a>(tokens: &'a [u32], pos0: usize, table: &'a [u32]) -> SeqStep<'a> {
+        SeqStep {
+            tokens,
+            pos0,
+            page_table: table,
+            kind: RowKind::Decode,
+            logits: 1,
+        }
+    }
+
+    #[test]
+    fn groups_take_the_shared_whole_chunks_that_cover_the_most() {
+        let t = [7u32];
+        // 64 pages of 16 = 1,024 keys shared by three sequences; a fourth shares 20 pages
+        // (320 keys: one chunk); a fifth starts elsewhere; a sixth is too short.
+        let common: Vec<u32> = (0..64).collect();
+        let own = |base: u32| -> Vec<u32> { common.iter().copied().chain([base]).collect() };
+        let (a, b, c) = (own(100), own(101), own(102));
+        let d: Vec<u32> = common[..20].iter().copied().chain(200..250).collect();
+        let e: Vec<u32> = (300..380).collect();
+        let f: Vec<u32> = vec![0];
+        let seqs = [
+            step(&t, 1030, &a),
+            step(&t, 1025, &b),
+            step(&t, 1100, &c),
+            step(&t, 1000, &d),
+            step(&t, 1000, &e),
+            step(&t, 3, &f),
+        ];
+        let groups = shared_prefix_groups(&seqs, 16);
+        assert_eq!(
+            groups,
+            vec![SharedPrefix {
+                members: vec![0, 1, 2],
+                keys: 1024,
+            }]
+        );
+        // A member whose new rows start inside the shared pages caps the keys at its position.
+        let seqs = [step(&t, 700, &a), step(&t, 1025, &b)];
+        let groups = shared_prefix_groups(&seqs, 16);
+        assert_eq!(groups[0].keys, 512);
+        // Fewer than two sharing sequences, or less than a chunk shared: no group.
+        assert!(shared_prefix_groups(&seqs[..1], 16).is_empty());
+        let seqs = [step(&t, 200, &a), step(&t, 200, &b)];
+        assert!(shared_prefix_groups(&seqs, 16).is_empty());
     }
 }

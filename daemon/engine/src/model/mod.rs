@@ -101,6 +101,9 @@ pub struct Model {
     last_expert_load: std::sync::Mutex<Vec<u64>>,
     /// The KV pages' storage ([`LoadOptions::kv_dtype`]).
     kv_dtype: crate::executor::KvDtype,
+    /// Whether a step attends the leading pages its sequences share once for all of them
+    /// (on by default; the output is the same bits either way, so this is for measuring).
+    shared_prefix_attention: std::sync::atomic::AtomicBool,
 }
 
 impl Model {
@@ -229,6 +232,7 @@ impl Model {
             ropes,
             last_expert_load: std::sync::Mutex::new(vec![0; n_experts]),
             kv_dtype: opts.kv_dtype,
+            shared_prefix_attention: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -241,6 +245,21 @@ impl Model {
     /// against the head size at load).
     pub fn kv_dtype(&self) -> crate::executor::KvDtype {
         self.kv_dtype
+    }
+
+    /// Turns shared-prefix (cascade) attention on or off: with it, the sequences of a step
+    /// whose page tables start with the same pages attend those pages once, as one product of
+    /// all their query rows, then each its own pages. Outputs are identical either way (the
+    /// kernels keep each row's order of operations); only the speed differs.
+    pub fn set_shared_prefix_attention(&self, on: bool) {
+        self.shared_prefix_attention
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether shared-prefix attention is on (see [`Model::set_shared_prefix_attention`]).
+    pub fn shared_prefix_attention(&self) -> bool {
+        self.shared_prefix_attention
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Expert load of a mixture-of-experts model: rows routed to each expert in the last step
