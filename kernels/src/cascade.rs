@@ -5,8 +5,10 @@
 //! [`paged_prefix_states`] runs the prefill path's blocks over the shared keys with the query
 //! rows of every sharing sequence side by side: each 64-key tile of the shared pages is read
 //! and converted from f16 (or dequantized from Q8_0) once per block of [`super::QUERY_BLOCK`]
-//! rows × the query heads of a K/V head, instead of once per sequence, and the pages are read
-//! from memory once per step instead of once per sequence. It returns the unnormalised
+//! rows × the query heads of a K/V head, instead of once per query, and the pages are read
+//! from memory once per step instead of once per sequence. Tasks are (K/V head, block of rows,
+//! 256-key chunk), so even a step of a few rows spreads over every thread; the chunk states
+//! are merged in chunk order. It returns the unnormalised
 //! online-softmax states (accumulator, maximum, sum) of every (row, head), not normalised
 //! outputs: [`paged_attention_after_prefix`] then merges each row's own chunks onto its state.
 //!
@@ -24,6 +26,7 @@ use super::{
     QUERY_BLOCK,
 };
 use crate::attention::AttentionShape;
+use crate::tile;
 use crate::{cpu, KernelError, Result};
 use rayon::prelude::*;
 
@@ -138,11 +141,19 @@ pub fn paged_prefix_states<S: KvStore>(
         scale,
         simd,
     };
+    // One task per (K/V head, block of rows, chunk): the chunks of one block are independent
+    // until merged, so a step with few rows still spreads over every thread. Each chunk's state
+    // starts fresh, as in every path's canonical order.
     type State = (Vec<f32>, Vec<f32>, Vec<f32>);
-    let results: Vec<State> = (0..kv_heads * blocks)
+    let chunks = keys / CHUNK;
+    let results: Vec<State> = (0..kv_heads * blocks * chunks)
         .into_par_iter()
         .map(|task| {
-            let (kvh, blk) = (task / blocks, task % blocks);
+            let (kvh, blk, c) = (
+                task / (blocks * chunks),
+                task / chunks % blocks,
+                task % chunks,
+            );
             let rows = blk * QUERY_BLOCK..((blk + 1) * QUERY_BLOCK).min(n_q);
             let p = Block {
                 walk: Walk::new(sp.kv, kv_row, kvh * d),
@@ -152,7 +163,7 @@ pub fn paged_prefix_states<S: KvStore>(
                 group,
                 head_dim: d,
                 rows,
-                keys: sp.keys.clone(),
+                keys: c * CHUNK..(c + 1) * CHUNK,
                 causal_pos0: None,
                 window: NO_WINDOW,
                 scale,
@@ -177,14 +188,25 @@ pub fn paged_prefix_states<S: KvStore>(
         m: vec![0f32; n_q * heads],
         l: vec![0f32; n_q * heads],
     };
+    // Merged chunk by chunk in order: chunk 0 copied, each later one merged in (the canonical
+    // order's running state after the last shared chunk).
     for (task, (acc, m, l)) in results.iter().enumerate() {
-        let (kvh, blk) = (task / blocks, task % blocks);
-        for i in 0..m.len() / group {
-            let r = blk * QUERY_BLOCK + i;
-            let h0 = r * heads + kvh * group;
-            st.acc[h0 * d..(h0 + group) * d].copy_from_slice(&acc[i * group * d..][..group * d]);
-            st.m[h0..h0 + group].copy_from_slice(&m[i * group..][..group]);
-            st.l[h0..h0 + group].copy_from_slice(&l[i * group..][..group]);
+        let (kvh, blk, c) = (
+            task / (blocks * chunks),
+            task / chunks % blocks,
+            task % chunks,
+        );
+        for qi in 0..m.len() {
+            let (i, g) = (qi / group, qi % group);
+            let h = (blk * QUERY_BLOCK + i) * heads + kvh * group + g;
+            let src = &acc[qi * d..(qi + 1) * d];
+            let dst = &mut st.acc[h * d..(h + 1) * d];
+            if c == 0 {
+                dst.copy_from_slice(src);
+                (st.m[h], st.l[h]) = (m[qi], l[qi]);
+            } else {
+                tile::merge_state(dst, &mut st.m[h], &mut st.l[h], src, m[qi], l[qi]);
+            }
         }
     }
     Ok(st)
