@@ -1,0 +1,342 @@
+//! The Redis tier against a real six-node Redis Cluster (three primaries, three replicas) that
+//! the test starts on free loopback ports and stops at the end, panics included. Skipped, saying
+//! so, only when `redis-server` is not installed (`.ci/run` installs it).
+
+use agentd_kvtier::ValueError;
+use agentd_kvtier::{KvTier, PageRun, RedisTier, RedisTierConfig, TierError, TierNamespace};
+use agentd_store::format::Fingerprint;
+use agentd_store::Namespace;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Six `redis-server` processes in cluster mode; killed when dropped.
+struct Cluster {
+    ports: Vec<u16>,
+    servers: Vec<Option<Child>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.servers.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A loopback port that is free, and whose cluster bus port (port + 10000) is free too.
+fn free_port(taken: &[u16]) -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let p = l.local_addr().expect("its address").port();
+        if p > 55_000 || taken.contains(&p) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut ports = Vec::new();
+        let mut cluster = Cluster {
+            ports: Vec::new(),
+            servers: Vec::new(),
+            _dir: dir,
+        };
+        for _ in 0..6 {
+            let p = free_port(&ports);
+            ports.push(p);
+            let d = cluster._dir.path().join(p.to_string());
+            std::fs::create_dir_all(&d).expect("a node's directory");
+            let child = Command::new("redis-server")
+                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
+                .args(["--cluster-node-timeout", "1000"])
+                .args(["--appendonly", "no", "--save", ""])
+                // A replica syncs at once (not after the default 5 s), so it can take over.
+                .args(["--repl-diskless-sync-delay", "0"])
+                .args(["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lfu"])
+                .args(["--dir", path_str(&d)])
+                .args(["--logfile", path_str(&d.join("redis.log"))])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            cluster.servers.push(Some(child));
+        }
+        cluster.ports = ports.clone();
+        for &p in &ports {
+            wait_for("a node answers PING", Duration::from_secs(10), || {
+                redis_cli(p, &["ping"]).contains("PONG")
+            });
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for &p in &ports {
+            wait_for("cluster_state:ok", Duration::from_secs(20), || {
+                redis_cli(p, &["cluster", "info"]).contains("cluster_state:ok")
+            });
+        }
+        // A replica that never synced does not take over its primary: wait for every link.
+        for &p in &ports {
+            wait_for("replicas in sync", Duration::from_secs(20), || {
+                let info = redis_cli(p, &["info", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            });
+        }
+        cluster
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The node that serves `key` now (a primary answers, the others redirect).
+    fn owner(&self, key: &str) -> usize {
+        (0..self.ports.len())
+            .find(|&i| {
+                self.servers[i].is_some()
+                    && redis_cli(self.ports[i], &["exists", key])
+                        .trim()
+                        .parse::<i64>()
+                        .is_ok()
+            })
+            .expect("a node owns the key")
+    }
+
+    /// Primaries holding at least one key.
+    fn primaries_with_keys(&self) -> usize {
+        self.ports
+            .iter()
+            .filter(|p| redis_cli(**p, &["role"]).starts_with("master"))
+            .filter(|p| redis_cli(**p, &["dbsize"]).trim() != "0")
+            .count()
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 temporary path")
+}
+
+fn redis_installed() -> bool {
+    let ok = |bin: &str| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    ok("redis-server") && ok("redis-cli")
+}
+
+/// 2 layers, 2 KV heads of 8, 16 tokens a page: 2,048 bytes a page in f16.
+fn namespace(tenant: u64) -> TierNamespace {
+    let fp = Fingerprint {
+        format_version: 2,
+        model_sha256: "model".into(),
+        kv_dtype: "f16".into(),
+        page_size: 16,
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 8,
+        tokenizer_digest: "tok".into(),
+        template_digest: "tpl".into(),
+    };
+    TierNamespace::new(fp, Namespace::Tenant(tenant))
+}
+
+fn page(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (i * 13 + j * 7) as u8).collect()
+}
+
+/// A raw connection, as another writer (or damage) would touch the cluster.
+fn raw(cluster: &Cluster) -> redis::cluster::ClusterConnection {
+    redis::cluster::ClusterClient::new(cluster.urls())
+        .and_then(|c| c.get_connection())
+        .expect("a raw cluster connection")
+}
+
+#[test]
+fn the_redis_tier_serves_checked_pages_across_a_cluster_and_survives_a_killed_primary() {
+    if !redis_installed() {
+        eprintln!(
+            "SKIPPED: redis-server/redis-cli are not installed (apt-get install redis-server)"
+        );
+        return;
+    }
+    let mut cluster = Cluster::start();
+    let mut cfg = RedisTierConfig::new(cluster.urls());
+    cfg.timeout = Duration::from_millis(500);
+    cfg.reconnect_every = Duration::from_millis(200);
+    let bound = cfg.timeout * 3;
+    let tier = RedisTier::open(cfg).expect("open the tier");
+    assert!(tier.is_connected());
+
+    // Two chains of 40 pages (five segments each), stored and found in full.
+    let ns = namespace(1);
+    let tokens: Vec<u32> = (0..16 * 40 + 5).map(|t| t * 3 + 1).collect();
+    let run = PageRun::new(&ns, &tokens);
+    assert_eq!(run.len(), 40);
+    let pages: Vec<Vec<u8>> = (0..40).map(|i| page(i, ns.page_bytes())).collect();
+    let refs: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
+    tier.put_many(&ns, &run, 0, &refs).expect("put a run");
+    let other_tokens: Vec<u32> = tokens.iter().map(|t| t + 7).collect();
+    let other_run = PageRun::new(&ns, &other_tokens);
+    tier.put_many(&ns, &other_run, 0, &refs)
+        .expect("put another run");
+    assert_eq!(tier.lookup(&ns, &run, 0).unwrap(), 40);
+    assert_eq!(tier.lookup(&ns, &run, 30).unwrap(), 10);
+    let got = tier.get_many(&ns, &run, 0..40);
+    assert_eq!(got.len(), 40);
+    for (i, g) in got.into_iter().enumerate() {
+        assert_eq!(g.unwrap().as_deref(), Some(&pages[i][..]), "page {i}");
+    }
+    assert!(
+        cluster.primaries_with_keys() >= 2,
+        "the segments' hash tags spread the pages over the primaries"
+    );
+
+    // Another tenant asking for the same tokens finds nothing.
+    let ns2 = namespace(2);
+    assert_eq!(
+        tier.lookup(&ns2, &PageRun::new(&ns2, &tokens), 0).unwrap(),
+        0
+    );
+
+    // A page gone mid-chain (as an eviction) gives a partial run.
+    let mut conn = raw(&cluster);
+    let k20 = run.keys()[20].redis_key();
+    let deleted: i64 = redis::cmd("DEL").arg(&k20).query(&mut conn).unwrap();
+    assert_eq!(deleted, 1);
+    assert_eq!(tier.lookup(&ns, &run, 0).unwrap(), 20);
+    let got = tier.get_many(&ns, &run, 0..40);
+    assert_eq!(got.len(), 21);
+    assert!(matches!(got[20], Ok(None)));
+
+    // A damaged value (one byte flipped by a raw SET) is rejected and deleted.
+    let k5 = run.keys()[5].redis_key();
+    let mut v: Vec<u8> = redis::cmd("GET").arg(&k5).query(&mut conn).unwrap();
+    let mid = v.len() / 2;
+    v[mid] ^= 0x01;
+    let _: () = redis::cmd("SET").arg(&k5).arg(v).query(&mut conn).unwrap();
+    match tier.get(&ns, &run, 5) {
+        Err(TierError::Damaged { page: 5, why, .. }) => assert_eq!(why, ValueError::Checksum),
+        other => panic!("a damaged page was served: {other:?}"),
+    }
+    let exists: i64 = redis::cmd("EXISTS").arg(&k5).query(&mut conn).unwrap();
+    assert_eq!(exists, 0, "the damaged value is deleted");
+    assert_eq!(tier.lookup(&ns, &run, 0).unwrap(), 5);
+    // Another page's value stored under this key: its tokens differ.
+    let v6: Vec<u8> = redis::cmd("GET")
+        .arg(run.keys()[6].redis_key())
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("SET").arg(&k5).arg(v6).query(&mut conn).unwrap();
+    assert!(matches!(
+        tier.get(&ns, &run, 5),
+        Err(TierError::Damaged {
+            why: ValueError::Tokens,
+            ..
+        })
+    ));
+    tier.put(&ns, &run, 5, &pages[5]).unwrap();
+    tier.put(&ns, &run, 20, &pages[20]).unwrap();
+    assert_eq!(tier.lookup(&ns, &run, 0).unwrap(), 40);
+
+    // Kill the primary holding page 0: every call returns within its bound, failing (a miss to
+    // its caller) until a replica takes over, then the tier serves again.
+    let k0 = run.keys()[0].redis_key();
+    let victim = cluster.owner(&k0);
+    cluster.kill(victim);
+    let t0 = Instant::now();
+    let mut failures = 0;
+    let recovered = loop {
+        let t = Instant::now();
+        let put = tier.put(&ns, &run, 0, &pages[0]);
+        let got = tier.get(&ns, &run, 0);
+        let look = tier.lookup(&ns, &run, 0);
+        assert!(
+            t.elapsed() <= bound * 3,
+            "three calls took {:?}",
+            t.elapsed()
+        );
+        match (put, got, look) {
+            (Ok(()), Ok(Some(b)), Ok(n)) if b == pages[0] && n >= 1 => break true,
+            (put, got, look) => {
+                failures += 1;
+                if failures % 10 == 1 {
+                    eprintln!(
+                        "after {:?}: put {put:?}, get {:?}, lookup {look:?}",
+                        t0.elapsed(),
+                        got.map(|g| g.map(|b| b.len()))
+                    );
+                }
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if !recovered {
+        for p in &cluster.ports {
+            eprintln!("{p}: {}", redis_cli(*p, &["cluster", "nodes"]));
+        }
+    }
+    assert!(recovered, "the tier did not come back after failover");
+    eprintln!(
+        "failover: served again after {:?} ({failures} failed rounds)",
+        t0.elapsed()
+    );
+    let s = tier.stats();
+    assert!(s.hits >= 41 && s.rejected == 2, "{s:?}");
+}
