@@ -105,14 +105,19 @@ pub trait KvTier: Send + Sync {
     /// [`TierError::Damaged`] returned.
     fn get(&self, ns: &TierNamespace, run: &PageRun, page: usize) -> PageResult;
 
-    /// Pages `pages` of `run`, in order, each as [`KvTier::get`] gives it. Stops after the
-    /// first page that is not served (a miss or an error), since a run cannot continue past it.
+    /// Pages `pages` of `run` (those of them the run has), in order, each as [`KvTier::get`]
+    /// gives it. Stops after the first page that is not served (a miss or an error), since a
+    /// run cannot continue past it. A range starting past the run gives one error.
     fn get_many(
         &self,
         ns: &TierNamespace,
         run: &PageRun,
         pages: std::ops::Range<usize>,
     ) -> Vec<PageResult> {
+        if pages.start >= run.len() && !pages.is_empty() {
+            return vec![check_call(self.name(), ns, run, pages.start, None).map(|()| None)];
+        }
+        let pages = pages.start..pages.end.min(run.len());
         let mut out = Vec::with_capacity(pages.len());
         for p in pages {
             let r = self.get(ns, run, p);

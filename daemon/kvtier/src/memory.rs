@@ -204,6 +204,12 @@ mod tests {
         assert_eq!(tier.lookup(&n, &run, 4).unwrap(), 2);
         let got = tier.get_many(&n, &run, 0..6);
         assert_eq!(got.len(), 6);
+        assert_eq!(
+            tier.get_many(&n, &run, 4..20).len(),
+            2,
+            "clamped to the run"
+        );
+        assert_eq!(tier.get_many(&n, &run, 4..usize::MAX).len(), 2);
         for (i, g) in got.into_iter().enumerate() {
             assert_eq!(g.unwrap(), Some(page(i, n.page_bytes())));
         }
@@ -213,7 +219,7 @@ mod tests {
         let run2 = PageRun::new(&n, &longer);
         assert_eq!(tier.lookup(&n, &run2, 0).unwrap(), 6);
         let s = tier.stats();
-        assert_eq!((s.puts, s.hits, s.lookups), (6, 6, 3));
+        assert_eq!((s.puts, s.hits, s.lookups), (6, 10, 3));
     }
 
     #[test]

@@ -381,6 +381,7 @@ impl KvTier for RedisTier {
         if let Err(e) = check_call(NAME, ns, run, pages.start, None) {
             return vec![Err(e)];
         }
+        let pages = pages.start..pages.end.min(run.len());
         let groups = segments(run, pages.clone());
         let keys: Vec<Vec<String>> = groups
             .iter()

@@ -237,6 +237,7 @@ fn the_redis_tier_serves_checked_pages_across_a_cluster_and_survives_a_killed_pr
     assert_eq!(tier.lookup(&ns, &run, 30).unwrap(), 10);
     let got = tier.get_many(&ns, &run, 0..40);
     assert_eq!(got.len(), 40);
+    assert_eq!(tier.get_many(&ns, &run, 38..usize::MAX).len(), 2);
     for (i, g) in got.into_iter().enumerate() {
         assert_eq!(g.unwrap().as_deref(), Some(&pages[i][..]), "page {i}");
     }
