@@ -425,7 +425,13 @@ impl Scheduler {
         let mut plan = Vec::new();
         let mut budget = self.cfg.step_tokens;
         let decoding = self.running.iter().filter(|s| s.decoding).count();
-        let model = self.drafter.is_some() && self.gate.use_now(self.cfg.draft.adaptive);
+        // The draft model runs only while few sequences decode (adaptive mode): its own
+        // forward calls and prompt feeding cost about a third of a target step, which a busy
+        // batch does not earn back (`agentd bench spec`: 0.42× at batch 8 on a 2-core CPU).
+        let adaptive = self.cfg.draft.adaptive;
+        let model = self.drafter.is_some()
+            && (!adaptive || decoding <= self.cfg.speculation.small_batch)
+            && self.gate.use_now(adaptive);
         for (i, s) in self.running.iter().enumerate() {
             if s.decoding {
                 let (draft, model_k) =
