@@ -134,6 +134,48 @@ struct ServeArgs {
     disk_cache: u64,
     #[command(flatten)]
     sched: SchedArgs,
+    #[command(flatten)]
+    draft: DraftArgs,
+}
+
+/// Speculative decoding with a draft model.
+#[derive(Args, Clone)]
+struct DraftArgs {
+    /// Draft with this smaller model (a catalog name or a GGUF path) over the same vocabulary
+    /// as --model, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b: it proposes tokens the
+    /// target verifies as it does prompt-lookup drafts (outputs unchanged). Refused at start
+    /// when the vocabularies differ. Switched off while it does not pay (measured step times).
+    #[arg(long, env = "AGENTD_DRAFT_MODEL", value_name = "NAME|PATH")]
+    draft_model: Option<PathBuf>,
+    /// KV memory of the draft model's own page pool, e.g. 256MiB.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    draft_kv_memory: u64,
+}
+
+impl DraftArgs {
+    /// Loads the draft model, if any, and checks it can draft for `target`.
+    fn load(&self, target: &LoadedModel, opts: LoadOptions) -> Result<Option<LoadedModel>> {
+        let Some(flag) = &self.draft_model else {
+            return Ok(None);
+        };
+        let draft = load(Some(flag.clone()), opts).context("loading the draft model")?;
+        target.check_draft_vocabulary(&draft)?;
+        eprintln!(
+            "agentd: drafting with {} for {}",
+            draft.path.display(),
+            target.path.display()
+        );
+        tracing::info!(draft = %draft.path.display(), target = %target.path.display(), "draft model in use");
+        Ok(Some(draft))
+    }
+
+    /// The scheduler's draft settings.
+    fn config(&self) -> agentd_scheduler::DraftConfig {
+        agentd_scheduler::DraftConfig {
+            kv_memory: self.draft_kv_memory as usize,
+            ..agentd_scheduler::DraftConfig::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -228,8 +270,9 @@ enum BenchCommand {
         #[arg(long)]
         max_chunks: Option<usize>,
     },
-    /// Decode tokens/s with and without speculative decoding (prompt-lookup drafts) at batch 1
-    /// and 8, on an agent workload (tool results quoted back and edited) and on free chat.
+    /// Decode tokens/s with and without speculative decoding (prompt-lookup drafts, and with
+    /// --draft-model a draft model too) at batch 1 and 8, on an agent workload (tool results
+    /// quoted back and edited) and on free chat.
     Spec {
         /// Tokens generated per sequence.
         #[arg(long, default_value_t = 128)]
@@ -240,6 +283,8 @@ enum BenchCommand {
         /// Batch sizes.
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
         batches: Vec<usize>,
+        #[command(flatten)]
+        draft: DraftArgs,
     },
     /// The HTTP API's own overhead per 1-token chat completion (round trip minus the engine's
     /// time, from the reply's Server-Timing header), next to the gRPC figure of `bench serve`.
@@ -403,6 +448,7 @@ impl SchedArgs {
                 max_draft: self.max_draft as usize,
                 ..agentd_scheduler::SpecConfig::default()
             },
+            draft: agentd_scheduler::DraftConfig::default(),
         }
     }
 }
@@ -544,10 +590,15 @@ fn main() -> Result<()> {
             gen_tokens,
             rounds,
             batches,
+            draft,
         }) => {
             let engine = Arc::new(load(cli.model, opts)?);
+            let drafter = draft.load(&engine, opts)?.map(|d| bench::spec::Drafter {
+                model: Arc::new(d),
+                config: draft.config(),
+            });
             print_report(bench::spec::run_spec_bench(
-                engine, gen_tokens, rounds, &batches,
+                engine, drafter, gen_tokens, rounds, &batches,
             ))
         }
         Command::Bench(BenchCommand::Http { iterations }) => {
@@ -824,6 +875,7 @@ fn serve(
         file.cache_dir.clone().map(Some),
     );
     let mut sched_cfg = sched.config();
+    sched_cfg.draft = args.draft.config();
     // The name HTTP clients and metrics know the model by: the catalog name it was started
     // with, else the file's stem.
     let model_name = match &model {
@@ -844,7 +896,12 @@ fn serve(
     if disk_cache > 0 {
         sched_cfg.store = Some(disk_tier(&engine, cache_dir, disk_cache)?);
     }
-    let handle = SchedulerHandle::spawn(Box::new(engine.cpu_executor()), sched_cfg)?;
+    let draft = args.draft.load(&engine, opts)?;
+    let handle = SchedulerHandle::spawn_with_drafter(
+        Box::new(engine.cpu_executor()),
+        draft.map(|d| Box::new(d.cpu_executor()) as Box<dyn agentd_engine::Executor>),
+        sched_cfg,
+    )?;
     let cfg = ServeConfig {
         socket: socket.clone(),
         tenancy,

@@ -203,6 +203,10 @@ pub struct Stats {
     pub spec_drafted_at: Vec<u64>,
     /// Draft tokens accepted at each position of a draft.
     pub spec_accepted_at: Vec<u64>,
+    /// Of `spec_drafted`, the draft model's tokens (`agentd serve --draft-model`).
+    pub spec_model_drafted: u64,
+    /// Of `spec_accepted`, the draft model's.
+    pub spec_model_accepted: u64,
 }
 
 impl Stats {
@@ -235,6 +239,8 @@ impl Stats {
             spec_accepted: s.spec_accepted,
             spec_drafted_at: s.spec_drafted_at,
             spec_accepted_at: s.spec_accepted_at,
+            spec_model_drafted: s.spec_model_drafted,
+            spec_model_accepted: s.spec_model_accepted,
         }
     }
 }

@@ -133,6 +133,11 @@ impl Decoding {
         self.stop_ids.contains(&tok)
     }
 
+    /// The tokens that end the sequence ([`Decoding::is_stop_token`]).
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
     /// Takes the sampled token `tok`; `context_full` says the sequence has no room for another
     /// token. Returns the text that became final and whether the generation is over. When it is
     /// over for any reason but a stop string, the decoder's tail is flushed into the text.

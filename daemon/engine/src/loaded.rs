@@ -45,6 +45,16 @@ pub enum EngineError {
     /// An output constraint that is invalid, unavailable or failed.
     #[error(transparent)]
     Constraint(#[from] crate::constraint::ConstraintError),
+    /// A draft model whose tokens do not mean what the target's mean.
+    #[error("the draft model {draft} cannot draft for {target}: {reason}")]
+    DraftVocabulary {
+        /// The target model's file.
+        target: PathBuf,
+        /// The draft model's file.
+        draft: PathBuf,
+        /// The first difference found.
+        reason: String,
+    },
 }
 
 /// What KV computed by a model depends on, besides the page layout: recorded by the disk tier
@@ -214,6 +224,38 @@ impl LoadedModel {
             tokenizer_digest: self.tokenizer.digest().to_string(),
             template_digest: self.template.source_digest(),
         })
+    }
+
+    /// Checks that `draft` may draft tokens for this model (speculative decoding with a draft
+    /// model): every token id must stand for the same token in both vocabularies — the same
+    /// number of tokens, the same text and kind for each id — so a drafted id means to the
+    /// target what it meant to the draft model. Qwen2.5-Coder 0.5B and 1.5B share one; the
+    /// embeddings may differ in padding rows, which are never drafted (ids past the target's
+    /// logits end a draft).
+    pub fn check_draft_vocabulary(&self, draft: &LoadedModel) -> Result<()> {
+        let (t, d) = (&self.tokenizer, &draft.tokenizer);
+        let mismatch = |reason: String| EngineError::DraftVocabulary {
+            target: self.path.clone(),
+            draft: draft.path.clone(),
+            reason,
+        };
+        if t.vocab_size() != d.vocab_size() {
+            return Err(mismatch(format!(
+                "its vocabulary has {} tokens, the target's {}",
+                d.vocab_size(),
+                t.vocab_size()
+            )));
+        }
+        if let Some(id) = (0..t.vocab_size() as u32).find(|&id| {
+            t.token_text(id) != d.token_text(id) || t.token_kind(id) != d.token_kind(id)
+        }) {
+            return Err(mismatch(format!(
+                "token {id} is {:?} for the target but {:?} for the draft model",
+                t.token_text(id).unwrap_or_default(),
+                d.token_text(id).unwrap_or_default()
+            )));
+        }
+        Ok(())
     }
 
     /// Renders `messages` through the chat template (with the assistant's generation prompt)

@@ -101,8 +101,17 @@ impl SchedulerHandle {
     /// Builds the scheduler over `exec` (allocating the KV pool, opening the disk tier) and
     /// starts its thread.
     pub fn spawn(exec: Box<dyn Executor>, cfg: SchedulerConfig) -> Result<Self> {
+        Self::spawn_with_drafter(exec, None, cfg)
+    }
+
+    /// [`SchedulerHandle::spawn`] with a draft model ([`Scheduler::with_drafter`]).
+    pub fn spawn_with_drafter(
+        exec: Box<dyn Executor>,
+        draft: Option<Box<dyn Executor>>,
+        cfg: SchedulerConfig,
+    ) -> Result<Self> {
         let limits = cfg.limits;
-        let mut sched = Scheduler::new(exec, cfg)?;
+        let mut sched = Scheduler::with_drafter(exec, draft, cfg)?;
         let shape = sched.shape();
         let (tx, rx) = mpsc::channel::<Msg>();
         let (job_tx, job_rx) = mpsc::channel::<InFlight>();
@@ -348,6 +357,12 @@ impl SchedulerHandle {
     /// A snapshot of the scheduler's counters.
     pub async fn stats(&self) -> Result<SchedStats> {
         self.call_light(|s| s.stats()).await
+    }
+
+    /// The draft pool's free pages and capacity, between steps (`None` without a draft
+    /// model; for tests).
+    pub async fn draft_pool(&self) -> Result<Option<(usize, usize)>> {
+        self.call(|s| s.draft_pool()).await
     }
 
     /// Checks the page accounting (for tests).

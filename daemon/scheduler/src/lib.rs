@@ -15,6 +15,9 @@
 //!   any, evict the unpinned cache.
 //! - `persist`: the disk tier's hooks — write-through of pinned prefixes, write-back of
 //!   evicted runs hit twice, loading a match's pages back from disk, restoring registrations.
+//! - [`draft_model`]: speculative decoding with a smaller model over the same vocabulary —
+//!   its own executor and page pool, per-session draft state, batched greedy drafts, a gate
+//!   that switches it off where it does not pay.
 //! - `actor`: [`SchedulerHandle`], the scheduler on its own thread behind a command channel.
 //!
 //! # Invariants
@@ -27,6 +30,7 @@
 mod actor;
 mod admin;
 pub mod cache;
+pub mod draft_model;
 mod persist;
 #[allow(clippy::module_inception)]
 mod scheduler;
@@ -36,6 +40,7 @@ mod types;
 
 pub use actor::SchedulerHandle;
 pub use admin::PrefixEntry;
+pub use draft_model::{DraftConfig, DraftError};
 pub use persist::fingerprint;
 pub use scheduler::{PrefixInfo, Scheduler};
 pub use spec::SpecConfig;
@@ -43,6 +48,8 @@ pub use types::*;
 
 pub(crate) use agentd_store::common_len;
 
+#[cfg(test)]
+mod draft_tests;
 #[cfg(test)]
 mod persist_tests;
 #[cfg(test)]

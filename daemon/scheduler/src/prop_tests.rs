@@ -154,16 +154,20 @@ fn drain(h: &mut Held) -> std::result::Result<bool, TestCaseError> {
     Ok(false)
 }
 
-/// A scheduler on a 32-page pool (64 pages for a windowed model, whose sessions are longer).
-fn scheduler(window: Option<usize>) -> Scheduler {
+/// A scheduler on a 32-page pool (64 pages for a windowed model, whose sessions are longer),
+/// with a draft model (the fake itself, so always right) on a 24-page pool when `draft`.
+fn scheduler(window: Option<usize>, draft: bool) -> Scheduler {
     let page_bytes = FakeExecutor::new(VOCAB, 1).kv_bytes_per_token() * 4;
     let fake = FakeExecutor::new(VOCAB, CONTEXT);
     let fake = match window {
         Some(w) => fake.with_window(w),
         None => fake,
     };
-    Scheduler::new(
+    let drafter: Option<Box<dyn agentd_engine::Executor>> =
+        draft.then(|| Box::new(FakeExecutor::new(VOCAB, CONTEXT)) as _);
+    Scheduler::with_drafter(
         Box::new(fake),
+        drafter,
         SchedulerConfig {
             page_size: 4,
             kv_memory: if window.is_some() { 64 } else { 32 } * page_bytes,
@@ -173,6 +177,11 @@ fn scheduler(window: Option<usize>) -> Scheduler {
             limits: TenantLimits::default(),
             store: None,
             speculation: crate::SpecConfig::default(),
+            draft: crate::DraftConfig {
+                kv_memory: 24 * page_bytes,
+                prefill_chunk: 16,
+                adaptive: false,
+            },
         },
     )
     .expect("scheduler")
@@ -187,8 +196,12 @@ fn step_checked(s: &mut Scheduler, held: &mut [Held]) -> std::result::Result<(),
     Ok(())
 }
 
-fn run_ops(ops: Vec<Op>, window: Option<usize>) -> std::result::Result<(), TestCaseError> {
-    let mut s = scheduler(window);
+fn run_ops(
+    ops: Vec<Op>,
+    window: Option<usize>,
+    draft: bool,
+) -> std::result::Result<(), TestCaseError> {
+    let mut s = scheduler(window, draft);
     let mut held: Vec<Held> = Vec::new();
     let mut prefixes: Vec<KnownPrefix> = Vec::new();
     let (reg_tx, reg_rx) = mpsc::channel::<(KnownPrefix, Result<PrefixInfo>)>();
@@ -426,7 +439,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
     fn random_workloads_keep_pages_tokens_and_tenants_right(ops in proptest::collection::vec(op(40), 50..100)) {
-        run_ops(ops, None)?;
+        run_ops(ops, None, false)?;
     }
 
     /// The same workloads, with longer sessions, on a model whose every layer sees only the
@@ -435,6 +448,14 @@ proptest! {
     /// never written), and tokens, sessions and page accounting stay right.
     #[test]
     fn windowed_models_release_pages_behind_the_window_without_changing_results(ops in proptest::collection::vec(op(120), 50..100)) {
-        run_ops(ops, Some(8))?;
+        run_ops(ops, Some(8), false)?;
+    }
+
+    /// The same workloads with a draft model on a pool too small for every session (so draft
+    /// state is evicted and some sequences get no model draft): tokens, sessions and both
+    /// pools' accounting stay right.
+    #[test]
+    fn a_draft_model_keeps_pages_tokens_and_tenants_right(ops in proptest::collection::vec(op(40), 50..100)) {
+        run_ops(ops, None, true)?;
     }
 }

@@ -152,7 +152,17 @@ pub struct Scheduler {
     pub(super) reader: Option<super::persist::DiskReader>,
     /// Wakes the scheduler thread when a disk load finishes (set by the actor).
     pub(super) waker: Waker,
+    /// The draft model, when there is one: locked by the executor thread while it drafts
+    /// (inside a step) and by this thread only between steps.
+    pub(super) drafter: Option<SharedDrafter>,
+    /// Whether the draft model pays ([`crate::draft_model::DraftGate`]).
+    pub(super) gate: crate::draft_model::DraftGate,
+    /// Tokens sampled in the step being finished (for the gate).
+    pub(super) step_sampled: usize,
 }
+
+/// The draft model, shared with the executor thread, which drafts at the start of a step.
+pub(super) type SharedDrafter = Arc<Mutex<crate::draft_model::Drafter>>;
 
 /// Wakes the scheduler thread from another thread; set once by the actor that runs it.
 pub(super) type Waker = Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>>;
@@ -162,7 +172,18 @@ const ADMIT_LOOKAHEAD: usize = 16;
 
 impl Scheduler {
     /// A scheduler driving `exec`, whose KV pool it allocates: `cfg.kv_memory` bytes.
-    pub fn new(mut exec: Box<dyn Executor>, cfg: SchedulerConfig) -> Result<Self> {
+    pub fn new(exec: Box<dyn Executor>, cfg: SchedulerConfig) -> Result<Self> {
+        Self::with_drafter(exec, None, cfg)
+    }
+
+    /// A scheduler driving `exec`, drafting with `draft` (a smaller model over the same
+    /// vocabulary, whose own pool of `cfg.draft.kv_memory` bytes it allocates) when given;
+    /// see [`crate::draft_model`]. The caller checks that the vocabularies agree.
+    pub fn with_drafter(
+        mut exec: Box<dyn Executor>,
+        draft: Option<Box<dyn Executor>>,
+        cfg: SchedulerConfig,
+    ) -> Result<Self> {
         let shape = exec.shape();
         if cfg.max_batch == 0 || cfg.step_tokens == 0 {
             return Err(SchedError::InvalidRequest(
@@ -211,7 +232,19 @@ impl Scheduler {
             store: None,
             reader: None,
             waker: Arc::new(std::sync::OnceLock::new()),
+            drafter: None,
+            gate: Default::default(),
+            step_sampled: 0,
         };
+        if let Some(d) = draft {
+            let drafter =
+                crate::draft_model::Drafter::new(d, &s.cfg.draft, s.cfg.page_size, shape.vocab)
+                    .map_err(|e| match e {
+                        crate::DraftError::Allocate(e) => SchedError::Executor(Cause::new(e)),
+                        e => SchedError::InvalidRequest(e.to_string()),
+                    })?;
+            s.drafter = Some(Arc::new(Mutex::new(drafter)));
+        }
         if let Some(store) = &store_cfg {
             s.open_store(store)?;
         }
@@ -221,6 +254,18 @@ impl Scheduler {
     /// The vocabulary and context length of the model behind the executor.
     pub fn shape(&self) -> ModelShape {
         self.shape
+    }
+
+    /// The drafter, between steps (`None` without a draft model).
+    pub(super) fn drafter(&self) -> Option<MutexGuard<'_, crate::draft_model::Drafter>> {
+        self.drafter
+            .as_ref()
+            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The draft pool's free pages and capacity (`None` without a draft model): for tests.
+    pub fn draft_pool(&self) -> Option<(usize, usize)> {
+        self.drafter().map(|d| (d.free_pages(), d.capacity()))
     }
 
     /// The executor, for a page operation or a step (a panic in an earlier step does not
@@ -494,6 +539,9 @@ impl Scheduler {
             self.cancel_request(req);
         }
         self.sessions.remove(&id);
+        if let Some(mut d) = self.drafter() {
+            d.forget(id);
+        }
         Ok(())
     }
 

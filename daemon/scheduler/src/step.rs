@@ -2,9 +2,10 @@
 //! budget), make sure its pages exist (evicting cache, then preempting the youngest sequence),
 //! run the forward pass, sample, stream, and retire finished sequences.
 
-use super::scheduler::{Request, Scheduler, Seq, Work};
+use super::scheduler::{Request, Scheduler, Seq, SharedDrafter, Work};
 use super::types::*;
 use crate::cache::PageId;
+use crate::draft_model::DraftJob;
 use agentd_engine::executor::{first_key_read, RowKind, SeqStep};
 use agentd_engine::{ExecError, Executor, FinishReason};
 use std::time::Instant;
@@ -17,7 +18,14 @@ struct Planned {
     tokens: usize,
     kind: RowKind,
     /// Draft tokens after a decode row's token, verified by this step ([`crate::spec`]).
+    /// For a sequence the draft model drafts for (`model_k > 0`), the model-free fallback
+    /// until the step runs, then the draft used.
     draft: Vec<u32>,
+    /// Tokens the draft model is asked for at the start of the step (0: none); `tokens`
+    /// reserves room for all of them.
+    model_k: usize,
+    /// Whether `draft` came from the draft model.
+    from_model: bool,
 }
 
 /// The usage reported when a generation ends now, for `finish` (`None` for a prefix
@@ -67,12 +75,43 @@ pub(super) struct InFlight {
     /// A copy-on-write failure while preparing the pages: the step is not run.
     prepared: std::result::Result<(), ExecError>,
     computed: usize,
+    /// The draft model, when some sequence asks it for a draft this step.
+    drafter: Option<SharedDrafter>,
+    /// Per plan entry with `model_k > 0`: its index and its draft request.
+    jobs: Vec<(usize, DraftJob)>,
+    /// How long drafting and the forward pass took.
+    seconds: f64,
 }
 
 impl InFlight {
-    /// Runs the forward pass on `exec`.
+    /// Drafts with the draft model where asked (each draft, or the model-free fallback when
+    /// the model gives none, becomes extra decode rows of its sequence), then runs the
+    /// forward pass on `exec`.
     pub(super) fn run(&mut self, exec: &mut dyn Executor) -> StepOutput {
         std::mem::replace(&mut self.prepared, Ok(()))?;
+        let t0 = Instant::now();
+        if let Some(d) = &self.drafter {
+            let jobs: Vec<DraftJob> = self.jobs.iter().map(|(_, j)| j.clone()).collect();
+            let drafts = d.lock().unwrap_or_else(|e| e.into_inner()).draft(&jobs);
+            for ((i, _), model) in self.jobs.iter().zip(drafts) {
+                let p = &mut self.plan[*i];
+                if !model.is_empty() {
+                    p.draft = model;
+                    p.from_model = true;
+                }
+                p.tokens = 1 + p.draft.len();
+                let st = &mut self.steps[*i];
+                st.tokens.extend_from_slice(&p.draft);
+                st.logits = 1 + p.draft.len();
+            }
+            self.computed = self.plan.iter().map(|p| p.tokens).sum();
+        }
+        let out = self.forward(exec);
+        self.seconds = t0.elapsed().as_secs_f64();
+        out
+    }
+
+    fn forward(&self, exec: &mut dyn Executor) -> StepOutput {
         let steps: Vec<SeqStep<'_>> = self
             .steps
             .iter()
@@ -127,13 +166,33 @@ impl Scheduler {
             plan.iter().try_for_each(|p| self.prepare_pages(p));
         let used = self.tree.pool().used_count();
         self.stats.peak_pages = self.stats.peak_pages.max(used);
+        let mut jobs = Vec::new();
         let steps = plan
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
                 let s = &self.running[p.seq];
-                let own = p.tokens - p.draft.len();
+                let own = if p.model_k > 0 {
+                    1
+                } else {
+                    p.tokens - p.draft.len()
+                };
                 let mut tokens = s.req.tokens[s.kv_len..s.kv_len + own].to_vec();
-                tokens.extend_from_slice(&p.draft);
+                if p.model_k > 0 {
+                    if let Work::Generate { session, dec, .. } = &s.req.work {
+                        jobs.push((
+                            i,
+                            DraftJob {
+                                key: *session,
+                                context: s.req.tokens.clone(),
+                                k: p.model_k,
+                                stop: dec.stop_ids().to_vec(),
+                            },
+                        ));
+                    }
+                } else {
+                    tokens.extend_from_slice(&p.draft);
+                }
                 let last = s.kv_len + own == s.req.tokens.len()
                     && matches!(s.req.work, Work::Generate { .. });
                 OwnedStep {
@@ -142,7 +201,11 @@ impl Scheduler {
                     table: s.page_table(),
                     kind: p.kind,
                     // The last token's logits, and each draft row's.
-                    logits: if last { 1 + p.draft.len() } else { 0 },
+                    logits: match (last, p.model_k) {
+                        (false, _) => 0,
+                        (true, 0) => 1 + p.draft.len(),
+                        (true, _) => 1,
+                    },
                 }
             })
             .collect();
@@ -152,16 +215,27 @@ impl Scheduler {
             steps,
             prepared,
             computed,
+            drafter: (!jobs.is_empty()).then(|| self.drafter.clone()).flatten(),
+            jobs,
+            seconds: 0.0,
         })
     }
 
     /// The second half of a step: sample, stream, cache progress, retire. Returns the tokens
     /// computed.
     pub(super) fn finish_step(&mut self, f: InFlight, result: StepOutput) -> usize {
-        let InFlight { plan, computed, .. } = f;
+        let InFlight {
+            plan,
+            computed,
+            jobs,
+            seconds,
+            ..
+        } = f;
         let span = tracing::debug_span!("step", seqs = plan.len(), tokens = computed);
         let _enter = span.enter();
         self.stats.steps += 1;
+        self.step_sampled = 0;
+        let decode_only = plan.iter().all(|p| p.kind == RowKind::Decode);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -184,6 +258,20 @@ impl Scheduler {
                 if let Some(finish) = self.verify(p, logits) {
                     done.push((p.seq, finish));
                 }
+                continue;
+            }
+            if p.model_k > 0 {
+                // Room was reserved for a draft that did not come: after this row, the
+                // pages past the next write go back.
+                self.running[p.seq].kv_len += 1;
+                self.running[p.seq].spec.tick(&self.cfg.speculation);
+                if let Some(mut logits) = logits {
+                    if let Some(finish) = self.sample(p.seq, &mut logits) {
+                        done.push((p.seq, finish));
+                    }
+                }
+                self.trim_pages(p.seq);
+                self.release_behind_window(p.seq);
                 continue;
             }
             let seq = &mut self.running[p.seq];
@@ -213,11 +301,27 @@ impl Scheduler {
             }
             self.release_behind_window(p.seq);
         }
+        if self.drafter.is_some() {
+            let drafted = !jobs.is_empty();
+            self.gate
+                .record(decode_only, drafted, seconds, self.step_sampled);
+        }
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, finish) in done {
             self.retire(i, finish);
         }
         computed
+    }
+
+    /// Drops running sequence `i`'s pages past the one its next token is written to (held for
+    /// draft positions that were rejected or never drafted).
+    fn trim_pages(&mut self, i: usize) {
+        let ps = self.cfg.page_size;
+        let seq = &mut self.running[i];
+        let keep = (seq.kv_len / ps + 1).saturating_sub(seq.released);
+        if seq.pages.len() > keep {
+            seq.pages.truncate(keep);
+        }
     }
 
     /// Verifies running sequence `p.seq`'s draft: samples each row's token in order, keeping
@@ -251,6 +355,10 @@ impl Scheduler {
         let st = &mut self.stats;
         st.spec_drafted += k as u64;
         st.spec_accepted += accepted as u64;
+        if p.from_model {
+            st.spec_model_drafted += k as u64;
+            st.spec_model_accepted += accepted as u64;
+        }
         let max = self.cfg.speculation.max_draft.max(k);
         st.spec_drafted_at.resize(max, 0);
         st.spec_accepted_at.resize(max, 0);
@@ -261,25 +369,22 @@ impl Scheduler {
             }
         }
         let cfg = self.cfg.speculation;
-        let ps = self.cfg.page_size;
-        let seq = &mut self.running[p.seq];
-        seq.spec.update(&cfg, k, accepted);
+        self.running[p.seq].spec.update(&cfg, k, accepted);
         // Keep the pages up to the one the next token is written to.
-        let keep = (seq.kv_len / ps + 1).saturating_sub(seq.released);
-        if seq.pages.len() > keep {
-            seq.pages.truncate(keep);
-        }
+        self.trim_pages(p.seq);
         self.release_behind_window(p.seq);
         finish
     }
 
     /// Draft tokens for decoding sequence `i` this step (see [`crate::spec`]), at most
     /// `budget`: none when its state says so, or where the context or its `max_tokens` end
-    /// within the draft.
-    fn draft(&self, i: usize, budget: usize, batch: usize) -> Vec<u32> {
+    /// within the draft. With `model` (the draft model drafts this step) and no continuation
+    /// in the tree, the second value is how many tokens to ask the draft model for, and the
+    /// first is the prompt-lookup fallback.
+    fn draft(&self, i: usize, budget: usize, batch: usize, model: bool) -> (Vec<u32>, usize) {
         let s = &self.running[i];
         let Work::Generate { dec, .. } = &s.req.work else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
         let cfg = &self.cfg.speculation;
         // Positions kv_len (the fed token) and kv_len + 1.. (the draft) must fit the context;
@@ -289,7 +394,7 @@ impl Scheduler {
         let room = context_room.min(output_room).min(budget);
         let want = s.spec.want(cfg, room, batch);
         if want == 0 {
-            return Vec::new();
+            return (Vec::new(), 0);
         }
         // What an earlier sequence produced after this very context, else prompt lookup.
         let from_tree = [Some(s.req.ns), s.req.published]
@@ -297,7 +402,20 @@ impl Scheduler {
             .flatten()
             .map(|ns| self.tree.continuation(ns, &s.req.tokens, want))
             .find(|d| !d.is_empty());
-        from_tree.unwrap_or_else(|| crate::spec::lookup_draft(&s.req.tokens, cfg, want))
+        if let Some(d) = from_tree {
+            return (d, 0);
+        }
+        // A full-length prompt-lookup draft costs nothing to make and, where it matches (code
+        // or a record re-emitted), is as good as the model's: `agentd bench spec` measured
+        // the 0.5B drafter slower than lookup alone there on a 2-core CPU. The draft model
+        // drafts where lookup finds less.
+        let lookup = crate::spec::lookup_draft(&s.req.tokens, cfg, want);
+        let model_k = if model && lookup.len() < want {
+            want
+        } else {
+            0
+        };
+        (lookup, model_k)
     }
 
     /// The batch: every decoding sequence gets its one token (and, while few sequences decode,
@@ -307,15 +425,26 @@ impl Scheduler {
         let mut plan = Vec::new();
         let mut budget = self.cfg.step_tokens;
         let decoding = self.running.iter().filter(|s| s.decoding).count();
+        // The draft model runs only while few sequences decode (adaptive mode): its own
+        // forward calls and prompt feeding cost about a third of a target step, which a busy
+        // batch does not earn back (`agentd bench spec`: 0.42× at batch 8 on a 2-core CPU).
+        let adaptive = self.cfg.draft.adaptive;
+        let model = self.drafter.is_some()
+            && (!adaptive || decoding <= self.cfg.speculation.small_batch)
+            && self.gate.use_now(adaptive);
         for (i, s) in self.running.iter().enumerate() {
             if s.decoding {
-                let draft = self.draft(i, budget.saturating_sub(decoding), decoding);
-                budget = budget.saturating_sub(1 + draft.len());
+                let (draft, model_k) =
+                    self.draft(i, budget.saturating_sub(decoding), decoding, model);
+                let tokens = 1 + draft.len().max(model_k);
+                budget = budget.saturating_sub(tokens);
                 plan.push(Planned {
                     seq: i,
-                    tokens: 1 + draft.len(),
+                    tokens,
                     kind: RowKind::Decode,
                     draft,
+                    model_k,
+                    from_model: false,
                 });
             }
         }
@@ -342,6 +471,8 @@ impl Scheduler {
                 tokens: n,
                 kind,
                 draft: Vec::new(),
+                model_k: 0,
+                from_model: false,
             });
             budget -= n.min(budget);
         }
@@ -400,6 +531,7 @@ impl Scheduler {
     /// Samples the next token of running sequence `i`; returns `Some(finish)` when it is done.
     fn sample(&mut self, i: usize, logits: &mut [f32]) -> Option<Option<FinishReason>> {
         let ctx = self.context_limit();
+        self.step_sampled += 1;
         let seq = &mut self.running[i];
         let Work::Generate { dec, sink, .. } = &mut seq.req.work else {
             return None;
@@ -671,6 +803,9 @@ impl Scheduler {
                 "{used} pages in use but {} have holders (leak)",
                 refs.len()
             ));
+        }
+        if let Some(d) = self.drafter() {
+            d.check_invariants()?;
         }
         Ok(())
     }

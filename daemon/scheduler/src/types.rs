@@ -65,6 +65,9 @@ pub struct SchedulerConfig {
     pub store: Option<DiskTierConfig>,
     /// Speculative decoding from the sequence's own tokens ([`crate::spec`]).
     pub speculation: crate::SpecConfig,
+    /// The draft model's pool and pacing, when the scheduler is given one
+    /// ([`crate::draft_model`]).
+    pub draft: crate::DraftConfig,
 }
 
 /// Where the disk tier lives and what the KV in it was computed by.
@@ -112,6 +115,7 @@ impl Default for SchedulerConfig {
             limits: TenantLimits::default(),
             store: None,
             speculation: crate::SpecConfig::default(),
+            draft: crate::DraftConfig::default(),
         }
     }
 }
@@ -215,6 +219,10 @@ pub struct SchedStats {
     pub spec_drafted: u64,
     /// Draft tokens accepted.
     pub spec_accepted: u64,
+    /// Of `spec_drafted`, the tokens the draft model proposed ([`crate::draft_model`]).
+    pub spec_model_drafted: u64,
+    /// Of `spec_accepted`, the draft model's.
+    pub spec_model_accepted: u64,
     /// Draft tokens verified at each position of a draft (0 = its first token).
     pub spec_drafted_at: Vec<u64>,
     /// Draft tokens accepted at each position of a draft.

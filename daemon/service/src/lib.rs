@@ -675,6 +675,8 @@ impl Agentd for AgentdService {
             spec_accepted: s.spec_accepted,
             spec_drafted_at: s.spec_drafted_at.clone(),
             spec_accepted_at: s.spec_accepted_at.clone(),
+            spec_model_drafted: s.spec_model_drafted,
+            spec_model_accepted: s.spec_model_accepted,
         };
         if self.model.model.config().experts > 0 {
             let load = self.model.model.expert_load();
@@ -700,6 +702,8 @@ impl Agentd for AgentdService {
                 spec_accepted: 0,
                 spec_drafted_at: Vec::new(),
                 spec_accepted_at: Vec::new(),
+                spec_model_drafted: 0,
+                spec_model_accepted: 0,
                 ..reply
             };
         }

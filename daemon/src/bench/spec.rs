@@ -6,7 +6,11 @@
 //!   agent's edit is once it starts): the workload drafts pay on;
 //! - `chat`: free-form writing, where drafts rarely match and speculation must cost nothing.
 //!
-//! Both configurations run greedy on the same prompts, alternated, best of `rounds`; the report
+//! With a draft model (`--draft-model`), two more configurations run: prompt lookup plus the
+//! draft model as the daemon runs it (switched off while it does not pay), and the draft model
+//! forced on at every step (its raw cost and acceptance).
+//!
+//! All configurations run greedy on the same prompts, alternated, best of `rounds`; the report
 //! says whether their outputs are token-identical (they must be), the decode tokens/s of each
 //! (each sequence's tokens after the first over the time from its first token to its last,
 //! summed over the batch; prompts are computed beforehand), the drafts verified and accepted,
@@ -14,7 +18,7 @@
 
 use agentd_engine::sampling::SamplingParams;
 use agentd_engine::{GenerateOptions, LoadedModel};
-use agentd_scheduler::{Event, SchedulerConfig, SchedulerHandle, SpecConfig};
+use agentd_scheduler::{DraftConfig, Event, SchedulerConfig, SchedulerHandle, SpecConfig};
 use agentd_wire::Message;
 use serde::Serialize;
 use std::sync::Arc;
@@ -37,6 +41,18 @@ pub struct Run {
     pub acceptance: f64,
     /// Acceptance at each position of a draft (accepted / verified there).
     pub acceptance_by_position: Vec<f64>,
+    /// Of `drafted`, the draft model's tokens.
+    pub model_drafted: u64,
+    /// Of `accepted`, the draft model's.
+    pub model_accepted: u64,
+}
+
+/// The draft model for the `draft` configurations.
+pub struct Drafter {
+    /// The draft model (its vocabulary checked against the target's).
+    pub model: Arc<LoadedModel>,
+    /// Its pool and pacing.
+    pub config: DraftConfig,
 }
 
 /// A workload at one batch size.
@@ -52,6 +68,18 @@ pub struct Case {
     pub on: Run,
     /// `on` tokens/s over `off` tokens/s.
     pub speedup: f64,
+    /// With speculation and the draft model (switched off while it does not pay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft: Option<Run>,
+    /// `draft` tokens/s over `off` tokens/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft_speedup: Option<f64>,
+    /// With the draft model drafting at every step it can.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft_forced: Option<Run>,
+    /// `draft_forced` tokens/s over `off` tokens/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft_forced_speedup: Option<f64>,
     /// Whether both produced the same tokens for every sequence.
     pub identical: bool,
 }
@@ -59,6 +87,10 @@ pub struct Case {
 /// The report.
 #[derive(Debug, Serialize)]
 pub struct SpecBenchReport {
+    /// The target model's file.
+    pub model: String,
+    /// The draft model's file, when one was given.
+    pub draft_model: Option<String>,
     /// Tokens generated per sequence.
     pub gen_tokens: usize,
     /// Every workload and batch size.
@@ -150,14 +182,23 @@ fn chat_messages(i: usize) -> Vec<Message> {
 async fn run(
     engine: &Arc<LoadedModel>,
     spec: SpecConfig,
+    draft: Option<(&Drafter, bool)>,
     prompts: &[Vec<u32>],
     gen_tokens: usize,
 ) -> Result<(Vec<Vec<u32>>, Run), BoxError> {
     let cfg = SchedulerConfig {
         speculation: spec,
+        draft: draft.map_or(DraftConfig::default(), |(d, adaptive)| DraftConfig {
+            adaptive,
+            ..d.config
+        }),
         ..SchedulerConfig::default()
     };
-    let h = SchedulerHandle::spawn(Box::new(engine.cpu_executor()), cfg)?;
+    let h = SchedulerHandle::spawn_with_drafter(
+        Box::new(engine.cpu_executor()),
+        draft.map(|(d, _)| Box::new(d.model.cpu_executor()) as Box<dyn agentd_engine::Executor>),
+        cfg,
+    )?;
     let opts = GenerateOptions {
         sampling: SamplingParams::greedy(),
         max_tokens: gen_tokens,
@@ -231,6 +272,8 @@ async fn run(
                 stats.spec_accepted as f64 / stats.spec_drafted as f64
             },
             acceptance_by_position: by_pos,
+            model_drafted: stats.spec_model_drafted,
+            model_accepted: stats.spec_model_accepted,
         },
     ))
 }
@@ -238,6 +281,7 @@ async fn run(
 /// Runs every workload at batch 1 and 8, speculation off and on alternated, best of `rounds`.
 pub async fn run_spec_bench(
     engine: Arc<LoadedModel>,
+    drafter: Option<Drafter>,
     gen_tokens: usize,
     rounds: usize,
     batches: &[usize],
@@ -250,32 +294,55 @@ pub async fn run_spec_bench(
                 .map(|i| make(&engine, i))
                 .collect::<Result<Vec<_>, _>>()?;
             let (mut off, mut on) = (Run::default(), Run::default());
+            let (mut draft, mut forced) = (Run::default(), Run::default());
             let mut identical = true;
-            for _ in 0..rounds.max(1) {
-                let (a, r_off) = run(&engine, SpecConfig::off(), &prompts, gen_tokens).await?;
-                let (b, r_on) = run(&engine, SpecConfig::default(), &prompts, gen_tokens).await?;
-                identical &= a == b;
-                if r_off.decode_tokens_per_s > off.decode_tokens_per_s {
-                    off = r_off;
+            let best = |best: &mut Run, r: Run| {
+                if r.decode_tokens_per_s > best.decode_tokens_per_s {
+                    *best = r;
                 }
-                if r_on.decode_tokens_per_s > on.decode_tokens_per_s {
-                    on = r_on;
+            };
+            for _ in 0..rounds.max(1) {
+                let spec = SpecConfig::default();
+                let (a, r) = run(&engine, SpecConfig::off(), None, &prompts, gen_tokens).await?;
+                best(&mut off, r);
+                let (b, r) = run(&engine, spec, None, &prompts, gen_tokens).await?;
+                best(&mut on, r);
+                identical &= a == b;
+                if let Some(d) = &drafter {
+                    for (adaptive, into) in [(true, &mut draft), (false, &mut forced)] {
+                        let (c, r) =
+                            run(&engine, spec, Some((d, adaptive)), &prompts, gen_tokens).await?;
+                        best(into, r);
+                        identical &= a == c;
+                    }
                 }
             }
-            let speedup = if off.decode_tokens_per_s > 0.0 {
-                on.decode_tokens_per_s / off.decode_tokens_per_s
-            } else {
-                0.0
+            let speedup = |r: &Run| {
+                if off.decode_tokens_per_s > 0.0 {
+                    r.decode_tokens_per_s / off.decode_tokens_per_s
+                } else {
+                    0.0
+                }
             };
+            let with_draft = drafter.is_some();
             cases.push(Case {
                 workload,
                 batch,
+                speedup: speedup(&on),
+                draft_speedup: with_draft.then(|| speedup(&draft)),
+                draft_forced_speedup: with_draft.then(|| speedup(&forced)),
+                draft: with_draft.then_some(draft),
+                draft_forced: with_draft.then_some(forced),
                 off,
                 on,
-                speedup,
                 identical,
             });
         }
     }
-    Ok(SpecBenchReport { gen_tokens, cases })
+    Ok(SpecBenchReport {
+        model: engine.path.display().to_string(),
+        draft_model: drafter.map(|d| d.model.path.display().to_string()),
+        gen_tokens,
+        cases,
+    })
 }

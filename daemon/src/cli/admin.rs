@@ -148,6 +148,8 @@ pub fn status(args: StatusArgs) -> Result<()> {
             },
             "drafted_by_position": s.spec_drafted_at,
             "accepted_by_position": s.spec_accepted_at,
+            "model_drafted": s.spec_model_drafted,
+            "model_accepted": s.spec_model_accepted,
         },
         "disk": {
             "records": s.disk_records,
