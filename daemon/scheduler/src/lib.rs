@@ -15,6 +15,9 @@
 //!   any, evict the unpinned cache.
 //! - `persist`: the disk tier's hooks — write-through of pinned prefixes, write-back of
 //!   evicted runs hit twice, loading a match's pages back from disk, restoring registrations.
+//! - [`shared_tier`]: the shared tier's hooks — full pages exported on the disk tier's policy
+//!   from a bounded queue, and the pages continuing a request's local match loaded at
+//!   admission, both on tier threads.
 //! - `actor`: [`SchedulerHandle`], the scheduler on its own thread behind a command channel.
 //!
 //! # Invariants
@@ -30,6 +33,7 @@ pub mod cache;
 mod persist;
 #[allow(clippy::module_inception)]
 mod scheduler;
+pub mod shared_tier;
 pub mod spec;
 mod step;
 mod types;
@@ -38,6 +42,7 @@ pub use actor::SchedulerHandle;
 pub use admin::PrefixEntry;
 pub use persist::fingerprint;
 pub use scheduler::{PrefixInfo, Scheduler};
+pub use shared_tier::SharedTierConfig;
 pub use spec::SpecConfig;
 pub use types::*;
 
@@ -47,6 +52,8 @@ pub(crate) use agentd_store::common_len;
 mod persist_tests;
 #[cfg(test)]
 mod prop_tests;
+#[cfg(test)]
+mod shared_tier_tests;
 #[cfg(test)]
 mod spec_tests;
 #[cfg(test)]

@@ -172,6 +172,7 @@ fn scheduler(window: Option<usize>) -> Scheduler {
             cache: true,
             limits: TenantLimits::default(),
             store: None,
+            shared: None,
             speculation: crate::SpecConfig::default(),
         },
     )

@@ -352,6 +352,7 @@ mod tests {
             prompt_tokens: prompt,
             cached_tokens: cached,
             disk_cached_tokens: disk,
+            tier_cached_tokens: 0,
             generated_tokens: 3,
             finish: FinishReason::Eos,
             queue: Duration::from_millis(2),
