@@ -20,19 +20,10 @@ pub fn shared_tier(
     nodes: Option<&str>,
     timeout_ms: u64,
 ) -> Result<Option<SharedTierConfig>> {
-    let nodes: Vec<String> = nodes
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let nodes = parse_nodes(nodes.unwrap_or_default())?;
     if nodes.is_empty() {
         tracing::info!("shared KV tier off");
         return Ok(None);
-    }
-    if let Some(bad) = nodes.iter().find(|n| !n.starts_with("redis://")) {
-        anyhow::bail!("--kv-tier: {bad:?} is not a redis://HOST:PORT URL");
     }
     let digests = match digests {
         Some(d) => d.clone(),
@@ -60,4 +51,34 @@ pub fn shared_tier(
         digests,
         export_queue: EXPORT_QUEUE,
     }))
+}
+
+/// The seed nodes in `--kv-tier`'s value: comma-separated `redis://` URLs, blanks ignored.
+fn parse_nodes(value: &str) -> Result<Vec<String>> {
+    let nodes: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if let Some(bad) = nodes.iter().find(|n| !n.starts_with("redis://")) {
+        anyhow::bail!("--kv-tier: {bad:?} is not a redis://HOST:PORT URL");
+    }
+    Ok(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_nodes;
+
+    #[test]
+    fn kv_tier_nodes_are_comma_separated_redis_urls() {
+        assert_eq!(
+            parse_nodes(" redis://a:1, redis://b:2 ,").unwrap(),
+            ["redis://a:1", "redis://b:2"]
+        );
+        assert!(parse_nodes("").unwrap().is_empty());
+        let e = parse_nodes("redis://a:1,b:2").unwrap_err().to_string();
+        assert!(e.contains("\"b:2\""), "{e}");
+    }
 }

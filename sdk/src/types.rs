@@ -203,6 +203,31 @@ pub struct Stats {
     pub spec_drafted_at: Vec<u64>,
     /// Draft tokens accepted at each position of a draft.
     pub spec_accepted_at: Vec<u64>,
+    /// The shared KV tier's counters (operators only; `None` when the daemon has none).
+    pub shared_tier: Option<SharedTierStats>,
+}
+
+/// The shared KV tier's counters since the daemon started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SharedTierStats {
+    /// Pages stored in the tier.
+    pub exported_pages: u64,
+    /// Pages not exported because the export queue was full.
+    pub export_dropped_pages: u64,
+    /// Pages whose export failed (the tier unavailable or too slow).
+    pub export_failed_pages: u64,
+    /// Lookups the tier answered.
+    pub lookups: u64,
+    /// Pages those lookups found.
+    pub lookup_pages: u64,
+    /// Pages read from the tier and checked.
+    pub hit_pages: u64,
+    /// Pages that failed a check (deleted from the tier, computed here).
+    pub damaged_pages: u64,
+    /// Calls that failed (each a miss).
+    pub failures: u64,
+    /// Prompt tokens whose KV was loaded from the tier.
+    pub loaded_tokens: u64,
 }
 
 impl Stats {
@@ -235,6 +260,17 @@ impl Stats {
             spec_accepted: s.spec_accepted,
             spec_drafted_at: s.spec_drafted_at,
             spec_accepted_at: s.spec_accepted_at,
+            shared_tier: s.shared_tier.map(|t| SharedTierStats {
+                exported_pages: t.exported_pages,
+                export_dropped_pages: t.export_dropped_pages,
+                export_failed_pages: t.export_failed_pages,
+                lookups: t.lookups,
+                lookup_pages: t.lookup_pages,
+                hit_pages: t.hit_pages,
+                damaged_pages: t.damaged_pages,
+                failures: t.failures,
+                loaded_tokens: t.loaded_tokens,
+            }),
         }
     }
 }

@@ -675,6 +675,7 @@ impl Agentd for AgentdService {
             spec_accepted: s.spec_accepted,
             spec_drafted_at: s.spec_drafted_at.clone(),
             spec_accepted_at: s.spec_accepted_at.clone(),
+            shared_tier: s.shared_tier.map(request::shared_tier_stats),
         };
         if self.model.model.config().experts > 0 {
             let load = self.model.model.expert_load();
@@ -700,6 +701,7 @@ impl Agentd for AgentdService {
                 spec_accepted: 0,
                 spec_drafted_at: Vec::new(),
                 spec_accepted_at: Vec::new(),
+                shared_tier: None,
                 ..reply
             };
         }
