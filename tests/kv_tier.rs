@@ -107,7 +107,10 @@ async fn a_prefix_exported_by_one_daemon_is_served_to_the_same_tenant_on_another
         .await
         .unwrap())
     .await;
-    assert_eq!(usage1.cached_tokens, prefix_tokens);
+    assert_eq!(
+        (usage1.cached_tokens, usage1.tier_cached_tokens),
+        (prefix_tokens, 0)
+    );
 
     // Daemon 2, the same tenant: the prompt's whole pages of the prefix come from the tier, and
     // the greedy output is token for token the first daemon's.
@@ -118,6 +121,10 @@ async fn a_prefix_exported_by_one_daemon_is_served_to_the_same_tenant_on_another
         pages * u64::from(page_size),
         "{usage2:?}"
     );
+    assert_eq!(
+        usage2.tier_cached_tokens, usage2.cached_tokens,
+        "{usage2:?}"
+    );
     let st = tier_stats(&c2).await;
     assert_eq!(st.loaded_tokens, pages * u64::from(page_size), "{st:?}");
     assert_eq!((st.hit_pages, st.damaged_pages), (pages, 0), "{st:?}");
@@ -125,7 +132,11 @@ async fn a_prefix_exported_by_one_daemon_is_served_to_the_same_tenant_on_another
     // Another tenant of daemon 2 finds nothing (its namespace has other keys).
     let b = Client::connect_tcp(&addr, bob).await.unwrap();
     let (text_b, usage_b) = ask(&b, tokens.clone()).await;
-    assert_eq!(usage_b.cached_tokens, 0, "{usage_b:?}");
+    assert_eq!(
+        (usage_b.cached_tokens, usage_b.tier_cached_tokens),
+        (0, 0),
+        "{usage_b:?}"
+    );
     assert_eq!(text_b, text1);
     assert_eq!(tier_stats(&c2).await.hit_pages, pages);
 

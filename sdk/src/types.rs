@@ -94,6 +94,9 @@ pub struct Usage {
     /// Time the daemon spent computing the output constraint's token masks (zero without
     /// one): the wire's `constraint_seconds`, as a `Duration` like the other times.
     pub constraint: Duration,
+    /// Of `cached_tokens`, those read from the daemon's shared KV tier (computed by another
+    /// daemon); 0 without one.
+    pub tier_cached_tokens: u32,
 }
 
 impl Usage {
@@ -108,6 +111,7 @@ impl Usage {
             total: seconds(u.total_seconds),
             preemptions: u.preemptions,
             constraint: seconds(u.constraint_seconds),
+            tier_cached_tokens: u.tier_cached_tokens,
         }
     }
 }
@@ -386,6 +390,7 @@ mod tests {
             total_seconds: 1.5,
             preemptions: 1,
             constraint_seconds: 0.0,
+            tier_cached_tokens: 2,
         }
     }
 
@@ -421,6 +426,7 @@ mod tests {
                 total: Duration::from_millis(1500),
                 preemptions: 1,
                 constraint: Duration::ZERO,
+                tier_cached_tokens: 2,
             }
         );
     }

@@ -560,6 +560,7 @@ impl Agentd for AgentdService {
                         total_seconds: u.total.as_secs_f64(),
                         preemptions: u.preemptions,
                         constraint_seconds: u.constraint_seconds,
+                        tier_cached_tokens: u.tier_cached_tokens as u32,
                     })),
                 })
             }
