@@ -172,3 +172,106 @@ async fn an_unavailable_tier_costs_only_recomputation() {
     );
     b.check_invariants().await.unwrap().unwrap();
 }
+
+/// A tier whose stores block until the gate opens (a slow cluster).
+struct Gated {
+    inner: MemoryTier,
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Gated {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl KvTier for Gated {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+    fn lookup(
+        &self,
+        ns: &TierNamespace,
+        run: &PageRun,
+        from: usize,
+    ) -> agentd_kvtier::Result<usize> {
+        self.inner.lookup(ns, run, from)
+    }
+    fn get(&self, ns: &TierNamespace, run: &PageRun, page: usize) -> agentd_kvtier::PageResult {
+        self.inner.get(ns, run, page)
+    }
+    fn put(
+        &self,
+        ns: &TierNamespace,
+        run: &PageRun,
+        page: usize,
+        bytes: &[u8],
+    ) -> agentd_kvtier::Result<()> {
+        self.wait();
+        self.inner.put(ns, run, page, bytes)
+    }
+    fn remove(
+        &self,
+        ns: &TierNamespace,
+        key: &agentd_kvtier::PageKey,
+    ) -> agentd_kvtier::Result<()> {
+        self.inner.remove(ns, key)
+    }
+    fn stats(&self) -> agentd_kvtier::TierStats {
+        self.inner.stats()
+    }
+}
+
+/// A slow tier never holds up the scheduler: exports that do not fit the queue are dropped and
+/// counted, and prefixes are still registered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_beyond_the_queue_are_dropped_and_counted_not_waited_for() {
+    let tier = Arc::new(Gated {
+        inner: MemoryTier::default(),
+        open: std::sync::Mutex::new(false),
+        cv: std::sync::Condvar::new(),
+    });
+    let cfg = SchedulerConfig {
+        kv_memory: 64 * page_bytes(16),
+        shared: Some(SharedTierConfig {
+            tier: tier.clone(),
+            digests: digests(),
+            export_queue: 1,
+        }),
+        ..Default::default()
+    };
+    let h = SchedulerHandle::spawn(fake(VOCAB), cfg).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(25);
+    // The exporter takes the first and blocks on it; the second fills the queue; the other
+    // three are dropped (two pages each).
+    for _ in 0..5 {
+        let tokens = random_tokens(&mut rng, 32);
+        tokio::time::timeout(Duration::from_secs(10), h.register_prefix(1, tokens, false))
+            .await
+            .expect("registering does not wait for the tier")
+            .unwrap();
+    }
+    let s = h.stats().await.unwrap().shared_tier.unwrap();
+    assert!(s.export_dropped_pages >= 4, "{s:?}");
+    tier.open();
+    // What was queued is stored once the tier answers: every page exported or dropped.
+    let start = Instant::now();
+    loop {
+        let s = h.stats().await.unwrap().shared_tier.unwrap();
+        if s.exported_pages + s.export_dropped_pages == 10 {
+            assert!(s.exported_pages >= 2, "{s:?}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
