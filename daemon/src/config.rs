@@ -14,6 +14,8 @@
 //! step_tokens = 512
 //! cache_dir = "/var/lib/agentd/kv-cache"
 //! disk_cache = "8GiB"
+//! kv_tier = "redis://10.0.0.1:6379,redis://10.0.0.2:6379"  # shared KV tier (Redis Cluster)
+//! kv_tier_timeout_ms = 500
 //! operators = [1000]  # uids allowed the admin RPCs, besides the daemon's own
 //!
 //! [limits]            # per tenant
@@ -159,6 +161,10 @@ pub struct ConfigFile {
     pub cache_dir: Option<PathBuf>,
     /// Disk budget for cached prefixes, e.g. "2GiB"; "0" keeps nothing on disk.
     pub disk_cache: Option<String>,
+    /// The shared KV tier's Redis Cluster seed nodes, comma separated (off when absent).
+    pub kv_tier: Option<String>,
+    /// The bound on every call to the shared tier, in milliseconds.
+    pub kv_tier_timeout_ms: Option<u64>,
     /// Unix uids allowed the admin RPCs (publish, unpin, evict, list every tenant's prefixes),
     /// besides the daemon's own uid.
     #[serde(default)]

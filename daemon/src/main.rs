@@ -8,6 +8,7 @@
 mod bench;
 mod cli;
 mod config;
+mod kv_tier;
 mod logging;
 
 use agentd_engine::model::LoadOptions;
@@ -132,6 +133,15 @@ struct ServeArgs {
     /// Disk budget for cached prefixes, e.g. 2GiB; 0 keeps nothing on disk.
     #[arg(long, env = "AGENTD_DISK_CACHE", default_value = "2GiB", value_parser = parse_size)]
     disk_cache: u64,
+    /// Share KV pages with other daemons through a Redis Cluster: its seed nodes, comma
+    /// separated (redis://HOST:PORT,redis://…). Off by default.
+    #[arg(long, env = "AGENTD_KV_TIER", value_name = "URLS")]
+    kv_tier: Option<String>,
+    /// The bound on every call to the shared tier, in milliseconds (connecting and retries
+    /// included); a call that takes longer is a miss.
+    #[arg(long, env = "AGENTD_KV_TIER_TIMEOUT_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    kv_tier_timeout_ms: u64,
     #[command(flatten)]
     sched: SchedArgs,
     #[command(flatten)]
@@ -443,6 +453,7 @@ impl SchedArgs {
                 request_pages: self.max_request_pages.unwrap_or(usize::MAX),
             },
             store: None,
+            shared: None,
             speculation: agentd_scheduler::SpecConfig {
                 enabled: self.speculate == "on",
                 max_draft: self.max_draft as usize,
@@ -896,6 +907,19 @@ fn serve(
     if disk_cache > 0 {
         sched_cfg.store = Some(disk_tier(&engine, cache_dir, disk_cache)?);
     }
+    let kv_tier_nodes = choose(sm, "kv_tier", args.kv_tier, file.kv_tier.clone().map(Some));
+    let kv_tier_timeout = choose(
+        sm,
+        "kv_tier_timeout_ms",
+        args.kv_tier_timeout_ms,
+        file.kv_tier_timeout_ms,
+    );
+    sched_cfg.shared = kv_tier::shared_tier(
+        &engine,
+        sched_cfg.store.as_ref().map(|s| &s.digests),
+        kv_tier_nodes.as_deref(),
+        kv_tier_timeout,
+    )?;
     let draft = args.draft.load(&engine, opts)?;
     let handle = SchedulerHandle::spawn_with_drafter(
         Box::new(engine.cpu_executor()),

@@ -16,6 +16,8 @@ mod types;
 
 pub use client::{default_socket_path, Client, Event, GenerateOptions, GenerateStream, Session};
 pub use error::Error;
-pub use types::{FinishReason, Health, ModelInfo, PrefixEntry, Stats, TenantStats, Usage};
+pub use types::{
+    FinishReason, Health, ModelInfo, PrefixEntry, SharedTierStats, Stats, TenantStats, Usage,
+};
 
 pub use agentd_wire::{proto, Message, Role};

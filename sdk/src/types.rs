@@ -94,6 +94,9 @@ pub struct Usage {
     /// Time the daemon spent computing the output constraint's token masks (zero without
     /// one): the wire's `constraint_seconds`, as a `Duration` like the other times.
     pub constraint: Duration,
+    /// Of `cached_tokens`, those read from the daemon's shared KV tier (computed by another
+    /// daemon); 0 without one.
+    pub tier_cached_tokens: u32,
 }
 
 impl Usage {
@@ -108,6 +111,7 @@ impl Usage {
             total: seconds(u.total_seconds),
             preemptions: u.preemptions,
             constraint: seconds(u.constraint_seconds),
+            tier_cached_tokens: u.tier_cached_tokens,
         }
     }
 }
@@ -207,6 +211,31 @@ pub struct Stats {
     pub spec_model_drafted: u64,
     /// Of `spec_accepted`, the draft model's.
     pub spec_model_accepted: u64,
+    /// The shared KV tier's counters (operators only; `None` when the daemon has none).
+    pub shared_tier: Option<SharedTierStats>,
+}
+
+/// The shared KV tier's counters since the daemon started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SharedTierStats {
+    /// Pages stored in the tier.
+    pub exported_pages: u64,
+    /// Pages not exported because the export queue was full.
+    pub export_dropped_pages: u64,
+    /// Pages whose export failed (the tier unavailable or too slow).
+    pub export_failed_pages: u64,
+    /// Lookups the tier answered.
+    pub lookups: u64,
+    /// Pages those lookups found.
+    pub lookup_pages: u64,
+    /// Pages read from the tier and checked.
+    pub hit_pages: u64,
+    /// Pages that failed a check (deleted from the tier, computed here).
+    pub damaged_pages: u64,
+    /// Calls that failed (each a miss).
+    pub failures: u64,
+    /// Prompt tokens whose KV was loaded from the tier.
+    pub loaded_tokens: u64,
 }
 
 impl Stats {
@@ -241,6 +270,17 @@ impl Stats {
             spec_accepted_at: s.spec_accepted_at,
             spec_model_drafted: s.spec_model_drafted,
             spec_model_accepted: s.spec_model_accepted,
+            shared_tier: s.shared_tier.map(|t| SharedTierStats {
+                exported_pages: t.exported_pages,
+                export_dropped_pages: t.export_dropped_pages,
+                export_failed_pages: t.export_failed_pages,
+                lookups: t.lookups,
+                lookup_pages: t.lookup_pages,
+                hit_pages: t.hit_pages,
+                damaged_pages: t.damaged_pages,
+                failures: t.failures,
+                loaded_tokens: t.loaded_tokens,
+            }),
         }
     }
 }
@@ -356,6 +396,7 @@ mod tests {
             total_seconds: 1.5,
             preemptions: 1,
             constraint_seconds: 0.0,
+            tier_cached_tokens: 2,
         }
     }
 
@@ -391,6 +432,7 @@ mod tests {
                 total: Duration::from_millis(1500),
                 preemptions: 1,
                 constraint: Duration::ZERO,
+                tier_cached_tokens: 2,
             }
         );
     }

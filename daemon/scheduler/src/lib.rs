@@ -18,6 +18,9 @@
 //! - [`draft_model`]: speculative decoding with a smaller model over the same vocabulary —
 //!   its own executor and page pool, per-session draft state, batched greedy drafts, a gate
 //!   that switches it off where it does not pay.
+//! - [`shared_tier`]: the shared tier's hooks — full pages exported on the disk tier's policy
+//!   from a bounded queue, and the pages continuing a request's local match loaded at
+//!   admission, both on tier threads.
 //! - `actor`: [`SchedulerHandle`], the scheduler on its own thread behind a command channel.
 //!
 //! # Invariants
@@ -34,6 +37,7 @@ pub mod draft_model;
 mod persist;
 #[allow(clippy::module_inception)]
 mod scheduler;
+pub mod shared_tier;
 pub mod spec;
 mod step;
 mod types;
@@ -43,6 +47,7 @@ pub use admin::PrefixEntry;
 pub use draft_model::{DraftConfig, DraftError};
 pub use persist::fingerprint;
 pub use scheduler::{PrefixInfo, Scheduler};
+pub use shared_tier::SharedTierConfig;
 pub use spec::SpecConfig;
 pub use types::*;
 
@@ -54,6 +59,8 @@ mod draft_tests;
 mod persist_tests;
 #[cfg(test)]
 mod prop_tests;
+#[cfg(test)]
+mod shared_tier_tests;
 #[cfg(test)]
 mod spec_tests;
 #[cfg(test)]

@@ -11,7 +11,7 @@ use agentd_store::{PageRead, Store, StoreError};
 use std::sync::{mpsc, Arc};
 
 /// Evicted runs matched at least this often are written back to disk.
-const WRITE_BACK_HITS: u64 = 2;
+pub(super) const WRITE_BACK_HITS: u64 = 2;
 
 /// One run of pages to load for one namespace: the tokens it covers and the page reads.
 pub(super) struct RunLoad {
@@ -138,7 +138,7 @@ impl Scheduler {
         }
     }
 
-    fn pages_bytes(&self, pages: &[PageId]) -> Option<Vec<u8>> {
+    pub(super) fn pages_bytes(&self, pages: &[PageId]) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(pages.len() * self.exec().page_bytes());
         for p in pages {
             if let Err(e) = self.exec().read_page(p.0, &mut out) {
@@ -180,6 +180,7 @@ impl Scheduler {
             return;
         };
         let (tenant, ns, tokens) = (p.tenant, p.ns, p.tokens.clone());
+        self.export_prefix(ns, &tokens);
         let Some(store) = &self.store else { return };
         store.put_prefix(id.0, tenant, ns, tokens.clone());
         let m = self.tree.match_prefix(ns, &tokens);
@@ -200,6 +201,9 @@ impl Scheduler {
     /// and are not reused before this returns, so their bytes are intact.
     pub(super) fn persist_evicted(&mut self, runs: Vec<EvictedRun>) {
         let ps = self.cfg.page_size;
+        for run in runs.iter().filter(|r| r.hits >= WRITE_BACK_HITS) {
+            self.export_evicted(run);
+        }
         for run in runs.into_iter().filter(|r| r.hits >= WRITE_BACK_HITS) {
             self.persist_run(run.ns, &run.tokens, run.start / ps, &run.pages, false);
         }
@@ -272,7 +276,6 @@ impl Scheduler {
     }
 
     fn apply_run(&mut self, run: &RunLoad, pages: Vec<PageResult>) {
-        let ps = self.cfg.page_size;
         let ns = run.ns;
         let mut bytes = Vec::with_capacity(pages.len());
         let mut records = Vec::new();
@@ -296,13 +299,42 @@ impl Scheduler {
         let Some(first) = run.reads.first().map(|r| r.page as usize) else {
             return;
         };
-        // The memory-resident part may have changed while the pages were read.
-        let resident = self.tree.longest_prefix_len(ns, &run.tokens);
-        if resident < first * ps || resident >= run.tokens.len() || bytes.len() != run.reads.len() {
+        if bytes.len() != run.reads.len() {
             return;
         }
+        if let Some(added) = self.insert_loaded(ns, &run.tokens, first, &bytes) {
+            self.stats.disk_loaded_tokens += added as u64;
+            let store = self.store.as_mut().expect("a reader implies a store");
+            for r in records {
+                store.touch(r);
+            }
+        }
+        self.pin_restored(ns);
+    }
+
+    /// Puts pages loaded from a tier below memory into fresh pool pages and the tree: `bytes`
+    /// holds pages `first..` of `tokens` (which ends where the last of them does, or inside
+    /// it). Returns the tokens newly cached, or `None` when nothing was inserted: the part
+    /// resident in memory no longer reaches page `first` or already covers `tokens`, the pool
+    /// has no room, or writing the pages failed (logged).
+    pub(super) fn insert_loaded(
+        &mut self,
+        ns: Namespace,
+        tokens: &[u32],
+        first: usize,
+        bytes: &[Vec<u8>],
+    ) -> Option<usize> {
+        let ps = self.cfg.page_size;
+        // The memory-resident part may have changed while the pages were read.
+        let resident = self.tree.longest_prefix_len(ns, tokens);
+        if resident < first * ps
+            || resident >= tokens.len()
+            || (first + bytes.len()) * ps < tokens.len()
+        {
+            return None;
+        }
         // Keep the resident part from being evicted while pages are found.
-        let held = self.tree.match_prefix(ns, &run.tokens);
+        let held = self.tree.match_prefix(ns, tokens);
         if let Some(n) = held.last_node {
             self.tree.lock(n).expect("matched node is live");
         }
@@ -310,6 +342,7 @@ impl Scheduler {
         if self.tree.pool().free_count() < need {
             self.evict(need - self.tree.pool().free_count());
         }
+        let mut added = None;
         if self.tree.pool().free_count() >= need {
             // Leases: the pages go back to the pool when this block ends, unless the tree
             // took its own references on them.
@@ -320,30 +353,26 @@ impl Scheduler {
                 let mut exec = self.exec();
                 loaded
                     .iter()
-                    .zip(&bytes)
+                    .zip(bytes)
                     .try_for_each(|(p, b)| exec.write_page(p.id().0, b))
             };
             match written {
                 Ok(()) => {
                     let mut pages = held.pages[..first].to_vec();
                     pages.extend(loaded.iter().map(|l| l.id()));
-                    if let Err(e) = self.tree.insert(ns, &run.tokens, &pages) {
-                        tracing::error!(error = %e, "inserting pages loaded from disk failed");
-                    } else {
-                        self.stats.disk_loaded_tokens += (run.tokens.len() - resident) as u64;
-                        let store = self.store.as_mut().expect("a reader implies a store");
-                        for r in records {
-                            store.touch(r);
-                        }
+                    pages.truncate(tokens.len().div_ceil(ps));
+                    match self.tree.insert(ns, tokens, &pages) {
+                        Ok(_) => added = Some(tokens.len() - resident),
+                        Err(e) => tracing::error!(error = %e, "inserting loaded pages failed"),
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "writing pages loaded from disk failed"),
+                Err(e) => tracing::error!(error = %e, "writing loaded pages failed"),
             }
         }
         if let Some(n) = held.last_node {
             self.tree.unlock(n).expect("locked above");
         }
-        self.pin_restored(ns);
+        added
     }
 
     /// Pins the restored registrations in `ns` whose tokens are now all resident (loaded from

@@ -176,6 +176,7 @@ fn scheduler(window: Option<usize>, draft: bool) -> Scheduler {
             cache: true,
             limits: TenantLimits::default(),
             store: None,
+            shared: None,
             speculation: crate::SpecConfig::default(),
             draft: crate::DraftConfig {
                 kv_memory: 24 * page_bytes,

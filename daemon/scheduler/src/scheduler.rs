@@ -81,8 +81,13 @@ pub(super) struct Request {
     pub preemptions: u32,
     /// The disk tier was consulted for this request's match.
     pub disk_checked: bool,
-    /// Its match is being read from disk: admission waits.
+    /// Its match is being read from disk or the shared tier: admission waits.
     pub loading: bool,
+    /// The shared tier was consulted (after the disk tier).
+    pub tier_checked: bool,
+    /// The longest match resident when the shared tier was asked for more (set only when a
+    /// tier load started): what `cached_tokens` holds beyond it came from the tier.
+    pub tier_match: Option<usize>,
 }
 
 impl Seq {
@@ -150,6 +155,8 @@ pub struct Scheduler {
     pub(super) store: Option<agentd_store::Store>,
     /// Reads the disk tier's pages off this thread.
     pub(super) reader: Option<super::persist::DiskReader>,
+    /// The shared tier's threads.
+    pub(super) shared: Option<super::shared_tier::SharedTier>,
     /// Wakes the scheduler thread when a disk load finishes (set by the actor).
     pub(super) waker: Waker,
     /// The draft model, when there is one: locked by the executor thread while it drafts
@@ -231,6 +238,7 @@ impl Scheduler {
             last_tenant: None,
             store: None,
             reader: None,
+            shared: None,
             waker: Arc::new(std::sync::OnceLock::new()),
             drafter: None,
             gate: Default::default(),
@@ -247,6 +255,9 @@ impl Scheduler {
         }
         if let Some(store) = &store_cfg {
             s.open_store(store)?;
+        }
+        if let Some(shared) = &s.cfg.shared.clone() {
+            s.open_shared_tier(shared)?;
         }
         Ok(s)
     }
@@ -618,6 +629,8 @@ impl Scheduler {
             preemptions: 0,
             disk_checked: false,
             loading: false,
+            tier_checked: false,
+            tier_match: None,
         });
         Ok(())
     }
@@ -682,6 +695,8 @@ impl Scheduler {
             preemptions: 0,
             disk_checked: false,
             loading: false,
+            tier_checked: false,
+            tier_match: None,
         });
     }
 
@@ -784,7 +799,7 @@ impl Scheduler {
     pub(super) fn admit(&mut self) {
         while self.running.len() < self.cfg.max_batch {
             let Some(i) = self.pick() else { break };
-            if self.begin_disk_load(i) {
+            if self.begin_disk_load(i) || self.begin_tier_load(i) {
                 continue;
             }
             let (cached, _) = self.cached_len(&self.waiting[i]);

@@ -39,7 +39,13 @@ fn usage(req: &Request, finish: FinishReason) -> Option<Usage> {
         prompt_tokens: req.prompt_len,
         cached_tokens: req.cached_tokens.unwrap_or(0),
         disk_cached_tokens: match (req.cached_tokens, req.memory_match) {
-            (Some(cached), Some(memory)) => cached.saturating_sub(memory),
+            (Some(cached), Some(memory)) => cached
+                .min(req.tier_match.unwrap_or(cached))
+                .saturating_sub(memory),
+            _ => 0,
+        },
+        tier_cached_tokens: match (req.cached_tokens, req.tier_match) {
+            (Some(cached), Some(before)) => cached.saturating_sub(before),
             _ => 0,
         },
         queue: req.admitted.unwrap_or(now) - req.submitted,
@@ -144,6 +150,7 @@ impl Scheduler {
     pub(super) fn begin_step(&mut self) -> Option<InFlight> {
         self.poll_store();
         self.apply_disk_loads();
+        self.apply_tier_loads();
         self.reap_cancelled();
         self.admit();
         let plan = loop {
@@ -766,6 +773,7 @@ impl Scheduler {
         s.tree = self.tree.stats();
         s.tree_tokens = s.tree.cached_tokens;
         s.disk = self.store.as_ref().map(|st| st.stats());
+        s.shared_tier = self.shared.as_ref().map(|t| t.stats());
         for t in s.tenants.values_mut() {
             (t.sessions, t.running, t.waiting) = (0, 0, 0);
         }

@@ -63,6 +63,9 @@ pub struct SchedulerConfig {
     pub limits: TenantLimits,
     /// The disk tier, if any: cached prefixes survive restarts.
     pub store: Option<DiskTierConfig>,
+    /// The shared tier, if any: full pages exported to it and loaded from it
+    /// ([`crate::shared_tier`]).
+    pub shared: Option<crate::SharedTierConfig>,
     /// Speculative decoding from the sequence's own tokens ([`crate::spec`]).
     pub speculation: crate::SpecConfig,
     /// The draft model's pool and pacing, when the scheduler is given one
@@ -114,6 +117,7 @@ impl Default for SchedulerConfig {
             cache: true,
             limits: TenantLimits::default(),
             store: None,
+            shared: None,
             speculation: crate::SpecConfig::default(),
             draft: crate::DraftConfig::default(),
         }
@@ -148,6 +152,8 @@ pub struct Usage {
     pub cached_tokens: usize,
     /// Of `cached_tokens`, those read back from the disk tier for this request.
     pub disk_cached_tokens: usize,
+    /// Of `cached_tokens`, those read from the shared tier for this request.
+    pub tier_cached_tokens: usize,
     /// Tokens generated (an end-of-turn token is not counted).
     pub generated_tokens: usize,
     /// Why it ended.
@@ -233,6 +239,31 @@ pub struct SchedStats {
     pub disk_loaded_tokens: u64,
     /// The disk tier's counters, when there is one.
     pub disk: Option<agentd_store::StoreStats>,
+    /// The shared tier's counters, when there is one.
+    pub shared_tier: Option<SharedTierStats>,
+}
+
+/// The shared tier's counters since the scheduler started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SharedTierStats {
+    /// Pages stored in the tier.
+    pub exported_pages: u64,
+    /// Pages not exported because the export queue was full.
+    pub export_dropped_pages: u64,
+    /// Pages whose export failed (the tier unavailable or too slow).
+    pub export_failed_pages: u64,
+    /// Lookups the tier answered.
+    pub lookups: u64,
+    /// Pages those lookups found.
+    pub lookup_pages: u64,
+    /// Pages read from the tier, checked.
+    pub hit_pages: u64,
+    /// Pages the tier held but that failed a check (deleted there, computed here).
+    pub damaged_pages: u64,
+    /// Calls that failed (unavailable, timed out): each was a miss.
+    pub failures: u64,
+    /// Prompt tokens whose KV was loaded from the tier into the pool.
+    pub loaded_tokens: u64,
 }
 
 impl SchedStats {

@@ -560,6 +560,7 @@ impl Agentd for AgentdService {
                         total_seconds: u.total.as_secs_f64(),
                         preemptions: u.preemptions,
                         constraint_seconds: u.constraint_seconds,
+                        tier_cached_tokens: u.tier_cached_tokens as u32,
                     })),
                 })
             }
@@ -677,6 +678,7 @@ impl Agentd for AgentdService {
             spec_accepted_at: s.spec_accepted_at.clone(),
             spec_model_drafted: s.spec_model_drafted,
             spec_model_accepted: s.spec_model_accepted,
+            shared_tier: s.shared_tier.map(request::shared_tier_stats),
         };
         if self.model.model.config().experts > 0 {
             let load = self.model.model.expert_load();
@@ -704,6 +706,7 @@ impl Agentd for AgentdService {
                 spec_accepted_at: Vec::new(),
                 spec_model_drafted: 0,
                 spec_model_accepted: 0,
+                shared_tier: None,
                 ..reply
             };
         }

@@ -50,6 +50,9 @@ pub struct Metrics {
     spec_draft_tokens: IntCounter,
     spec_accepted_tokens: IntCounter,
     spec_accepted_per_pos: IntCounterVec,
+    shared_tier_pages: IntCounterVec,
+    shared_tier_lookups: IntCounter,
+    shared_tier_failures: IntCounter,
     /// Serialises scrapes: the preemption counter follows the scheduler's total by deltas.
     scrape: Mutex<()>,
 }
@@ -221,6 +224,20 @@ impl Metrics {
                 "Speculative draft tokens accepted, by position in the draft.",
                 "position",
             ),
+            shared_tier_pages: counter_vec(
+                "kv_tier_pages_total",
+                "Pages through the shared KV tier, by event: exported, export_dropped (queue \
+                 full), export_failed, hit (loaded, checked), damaged (failed a check).",
+                "event",
+            ),
+            shared_tier_lookups: counter(
+                "kv_tier_lookups_total",
+                "Lookups the shared KV tier answered.",
+            ),
+            shared_tier_failures: counter(
+                "kv_tier_failures_total",
+                "Calls to the shared KV tier that failed or timed out (each a miss).",
+            ),
             registry,
             scrape: Mutex::new(()),
         }
@@ -314,6 +331,19 @@ impl Metrics {
             self.disk_cache_records.set(d.records as i64);
         }
         follow(&self.num_preemptions, stats.preemptions);
+        if let Some(t) = &stats.shared_tier {
+            for (event, n) in [
+                ("exported", t.exported_pages),
+                ("export_dropped", t.export_dropped_pages),
+                ("export_failed", t.export_failed_pages),
+                ("hit", t.hit_pages),
+                ("damaged", t.damaged_pages),
+            ] {
+                follow(&self.shared_tier_pages.with_label_values(&[event]), n);
+            }
+            follow(&self.shared_tier_lookups, t.lookups);
+            follow(&self.shared_tier_failures, t.failures);
+        }
         follow(&self.spec_draft_tokens, stats.spec_drafted);
         follow(&self.spec_accepted_tokens, stats.spec_accepted);
         for (pos, &n) in stats.spec_accepted_at.iter().enumerate() {
@@ -352,6 +382,7 @@ mod tests {
             prompt_tokens: prompt,
             cached_tokens: cached,
             disk_cached_tokens: disk,
+            tier_cached_tokens: 0,
             generated_tokens: 3,
             finish: FinishReason::Eos,
             queue: Duration::from_millis(2),

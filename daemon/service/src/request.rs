@@ -113,3 +113,18 @@ pub fn finish_fields(f: &FinishReason) -> (String, String) {
         FinishReason::Cancelled => ("cancelled".into(), String::new()),
     }
 }
+
+/// The shared tier's counters for the Stats RPC.
+pub(crate) fn shared_tier_stats(s: agentd_scheduler::SharedTierStats) -> proto::SharedTierStats {
+    proto::SharedTierStats {
+        exported_pages: s.exported_pages,
+        export_dropped_pages: s.export_dropped_pages,
+        export_failed_pages: s.export_failed_pages,
+        lookups: s.lookups,
+        lookup_pages: s.lookup_pages,
+        hit_pages: s.hit_pages,
+        damaged_pages: s.damaged_pages,
+        failures: s.failures,
+        loaded_tokens: s.loaded_tokens,
+    }
+}

@@ -157,6 +157,17 @@ pub fn status(args: StatusArgs) -> Result<()> {
             "budget": s.disk_budget,
             "loaded_tokens": s.disk_loaded_tokens,
         },
+        "shared_tier": s.shared_tier.as_ref().map(|t| serde_json::json!({
+            "exported_pages": t.exported_pages,
+            "export_dropped_pages": t.export_dropped_pages,
+            "export_failed_pages": t.export_failed_pages,
+            "lookups": t.lookups,
+            "lookup_pages": t.lookup_pages,
+            "hit_pages": t.hit_pages,
+            "damaged_pages": t.damaged_pages,
+            "failures": t.failures,
+            "loaded_tokens": t.loaded_tokens,
+        })),
         "tenant": tenant_json(&proto::TenantStats {
             tenant: 0,
             sessions: s.sessions,
