@@ -50,6 +50,8 @@ pub struct Metrics {
     spec_draft_tokens: IntCounter,
     spec_accepted_tokens: IntCounter,
     spec_accepted_per_pos: IntCounterVec,
+    spec_model_draft_tokens: IntCounter,
+    spec_model_accepted_tokens: IntCounter,
     shared_tier_pages: IntCounterVec,
     shared_tier_lookups: IntCounter,
     shared_tier_failures: IntCounter,
@@ -224,6 +226,14 @@ impl Metrics {
                 "Speculative draft tokens accepted, by position in the draft.",
                 "position",
             ),
+            spec_model_draft_tokens: counter(
+                "spec_decode_draft_model_num_draft_tokens_total",
+                "Of the draft tokens verified, those the draft model (--draft-model) proposed.",
+            ),
+            spec_model_accepted_tokens: counter(
+                "spec_decode_draft_model_num_accepted_tokens_total",
+                "Of the draft tokens accepted, those the draft model (--draft-model) proposed.",
+            ),
             shared_tier_pages: counter_vec(
                 "kv_tier_pages_total",
                 "Pages through the shared KV tier, by event: exported, export_dropped (queue \
@@ -268,11 +278,12 @@ impl Metrics {
             .with_label_values(&[t])
             .inc_by(u.cached_tokens as u64);
         if self.disk_tier {
-            let memory = u.cached_tokens - u.disk_cached_tokens.min(u.cached_tokens);
+            // The tiers below memory: the disk and the shared (Redis) tier.
+            let external = (u.disk_cached_tokens + u.tier_cached_tokens).min(u.cached_tokens);
+            let memory = u.cached_tokens - external;
             self.external_prefix_cache_queries
                 .inc_by(u.prompt_tokens.saturating_sub(memory) as u64);
-            self.external_prefix_cache_hits
-                .inc_by(u.disk_cached_tokens as u64);
+            self.external_prefix_cache_hits.inc_by(external as u64);
         }
         // vLLM's finish reasons.
         let reason = match u.finish {
@@ -346,6 +357,8 @@ impl Metrics {
         }
         follow(&self.spec_draft_tokens, stats.spec_drafted);
         follow(&self.spec_accepted_tokens, stats.spec_accepted);
+        follow(&self.spec_model_draft_tokens, stats.spec_model_drafted);
+        follow(&self.spec_model_accepted_tokens, stats.spec_model_accepted);
         for (pos, &n) in stats.spec_accepted_at.iter().enumerate() {
             follow(
                 &self
@@ -399,11 +412,23 @@ mod tests {
         let m = Metrics::new("smollm2", names, false, true);
         m.observe_done(7, &usage(100, 60, 20));
         m.observe_done(9, &usage(10, 0, 0));
+        // 16 of 30 cached tokens came from the shared tier, 4 from disk, 10 from memory.
+        m.observe_done(
+            9,
+            &Usage {
+                tier_cached_tokens: 16,
+                ..usage(40, 30, 4)
+            },
+        );
         m.observe_inter_token(Duration::from_millis(30));
         let mut stats = SchedStats {
             pool_pages: 10,
             free_pages: 4,
             preemptions: 2,
+            spec_drafted: 12,
+            spec_accepted: 9,
+            spec_model_drafted: 5,
+            spec_model_accepted: 3,
             ..Default::default()
         };
         stats.tenants.insert(7, Default::default());
@@ -411,13 +436,17 @@ mod tests {
         let text = m.render(&stats);
         for line in [
             "agentd:prompt_tokens_total{model_name=\"smollm2\",tenant=\"alice\"} 100",
-            "agentd:prompt_tokens_total{model_name=\"smollm2\",tenant=\"other\"} 10",
+            "agentd:prompt_tokens_total{model_name=\"smollm2\",tenant=\"other\"} 50",
             "agentd:prefix_cache_hits_total{model_name=\"smollm2\",tenant=\"alice\"} 60",
-            // Memory held 40 of the first prompt's 100 tokens; disk was asked for the rest.
-            "agentd:external_prefix_cache_queries_total{model_name=\"smollm2\"} 70",
-            "agentd:external_prefix_cache_hits_total{model_name=\"smollm2\"} 20",
-            "agentd:request_success_total{finished_reason=\"stop\",model_name=\"smollm2\"} 2",
-            "agentd:time_to_first_token_seconds_count{model_name=\"smollm2\"} 2",
+            // Memory held 40 of the first prompt's 100 tokens, 0 of the second's 10 and 10 of
+            // the third's 40; the tiers below were asked for the rest, and gave 20 + 0 + 20.
+            "agentd:external_prefix_cache_queries_total{model_name=\"smollm2\"} 100",
+            "agentd:external_prefix_cache_hits_total{model_name=\"smollm2\"} 40",
+            "agentd:request_success_total{finished_reason=\"stop\",model_name=\"smollm2\"} 3",
+            "agentd:spec_decode_num_draft_tokens_total{model_name=\"smollm2\"} 12",
+            "agentd:spec_decode_draft_model_num_draft_tokens_total{model_name=\"smollm2\"} 5",
+            "agentd:spec_decode_draft_model_num_accepted_tokens_total{model_name=\"smollm2\"} 3",
+            "agentd:time_to_first_token_seconds_count{model_name=\"smollm2\"} 3",
             "agentd:inter_token_latency_seconds_count{model_name=\"smollm2\"} 1",
             "agentd:num_requests_running{model_name=\"smollm2\",tenant=\"alice\"} 2",
             "agentd:kv_cache_usage_perc{model_name=\"smollm2\"} 0.6",
