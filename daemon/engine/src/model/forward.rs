@@ -496,10 +496,12 @@ impl LayerAttention<'_> {
             let rows = self.row0[i]..self.row0[i] + seq.tokens.len();
             let q = &self.q[rows.start * q_row..rows.end * q_row];
             let (shape, scale, pos0) = (self.shape, self.scale, seq.pos0);
-            if let Some((gi, rows)) = &member_of[i] {
-                let prefix = states[*gi]
-                    .slice(rows.clone())
-                    .expect("a member's rows lie within its group's states");
+            // A member's rows always lie within its group's states; were they not, attending
+            // alone gives the same bits.
+            let prefix = member_of[i]
+                .as_ref()
+                .and_then(|(gi, rows)| states[*gi].slice(rows.clone()));
+            if let Some(prefix) = prefix {
                 return paged_attention_after_prefix(shape, q, kv, pos0, scale, prefix, out);
             }
             match self.window {
