@@ -22,8 +22,7 @@
 //! whichever sequences happen to share the step. A cascade is never a numerical change.
 
 use super::{
-    attend_blocks, check_pages, check_shape, Block, KvStore, PagedKv, Span, Walk, CHUNK, NO_WINDOW,
-    QUERY_BLOCK,
+    attend_blocks, check_shape, Block, KvStore, PagedKv, Span, Walk, CHUNK, NO_WINDOW, QUERY_BLOCK,
 };
 use crate::attention::AttentionShape;
 use crate::tile;
@@ -121,14 +120,7 @@ pub fn paged_prefix_states<S: KvStore>(
             got: keys,
         });
     }
-    check_pages(
-        kv_row / S::ELEMS,
-        kv.page_size,
-        kv.k_pool.len(),
-        kv.v_pool.len(),
-        kv.page_table,
-        keys,
-    )?;
+    kv.check(kv_row, keys)?;
     let simd = cpu::features().avx2 && cfg!(target_arch = "x86_64");
     let group = heads / kv_heads;
     let blocks = n_q.div_ceil(QUERY_BLOCK);
@@ -258,14 +250,7 @@ pub fn paged_attention_after_prefix<S: KvStore>(
             got: prefix.keys,
         });
     }
-    check_pages(
-        kv_row / S::ELEMS,
-        kv.page_size,
-        kv.k_pool.len(),
-        kv.v_pool.len(),
-        kv.page_table,
-        pos0 + n_q,
-    )?;
+    kv.check(kv_row, pos0 + n_q)?;
     if n_q == 0 {
         return Ok(());
     }

@@ -2,18 +2,9 @@
 //! their prefix attended once for all their rows, each continued over its own pages, give the
 //! same bits as attending each sequence alone, for f16 and Q8_0 pages, decode and prompt rows;
 //! and bad shapes are errors.
+use super::tests::gen;
 use super::*;
 use proptest::prelude::*;
-
-fn gen(n: usize, seed: u32, salt: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            (((i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_add(salt)) % 1000) as f32
-                / 250.0
-                - 2.0
-        })
-        .collect()
-}
 
 /// Sequences sharing their first `shared_pages` pages, then each on pages of its own.
 struct Shared<S> {

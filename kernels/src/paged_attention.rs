@@ -89,6 +89,21 @@ pub struct PagedKv<'a, S = f16> {
     pub page_table: &'a [u32],
 }
 
+impl<S: KvStore> PagedKv<'_, S> {
+    /// Checks the pools and the pages positions `0..n_pos` use, for K/V rows of `kv_row`
+    /// elements (see `check_pages`); returns the number of pages in the pool.
+    fn check(&self, kv_row: usize, n_pos: usize) -> Result<usize> {
+        check_pages(
+            kv_row / S::ELEMS,
+            self.page_size,
+            self.k_pool.len(),
+            self.v_pool.len(),
+            self.page_table,
+            n_pos,
+        )
+    }
+}
+
 /// One layer's paged keys and values, writable, for one sequence (see [`write_kv`]).
 #[derive(Debug)]
 pub struct PagedKvMut<'a, S = f16> {
@@ -390,14 +405,7 @@ fn paged_attention_with<S: KvStore>(
             got: out.len(),
         });
     }
-    check_pages(
-        kv_row / S::ELEMS,
-        kv.page_size,
-        kv.k_pool.len(),
-        kv.v_pool.len(),
-        kv.page_table,
-        pos0 + n_q,
-    )?;
+    kv.check(kv_row, pos0 + n_q)?;
     if n_q == 0 {
         return Ok(());
     }
@@ -470,14 +478,7 @@ pub fn paged_attention_partial<S: KvStore>(
             got: lse.len(),
         });
     }
-    check_pages(
-        kv_row / S::ELEMS,
-        kv.page_size,
-        kv.k_pool.len(),
-        kv.v_pool.len(),
-        kv.page_table,
-        keys.end,
-    )?;
+    kv.check(kv_row, keys.end)?;
     if n_q == 0 {
         return Ok(());
     }

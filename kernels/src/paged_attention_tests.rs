@@ -23,7 +23,7 @@ fn shuffled_table(needed: usize, spare: usize, seed: u64) -> (Vec<u32>, usize) {
     (ids, num_pages)
 }
 
-fn gen(n: usize, seed: u32, salt: u32) -> Vec<f32> {
+pub(super) fn gen(n: usize, seed: u32, salt: u32) -> Vec<f32> {
     (0..n)
         .map(|i| {
             (((i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_add(salt)) % 1000) as f32
