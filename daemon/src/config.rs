@@ -16,6 +16,7 @@
 //! disk_cache = "8GiB"
 //! kv_tier = "redis://10.0.0.1:6379,redis://10.0.0.2:6379"  # shared KV tier (Redis Cluster)
 //! kv_tier_timeout_ms = 500
+//! node = 1            # this daemon's number behind `agentd route` (0-127, unique per cluster)
 //! operators = [1000]  # uids allowed the admin RPCs, besides the daemon's own
 //!
 //! [limits]            # per tenant
@@ -165,6 +166,8 @@ pub struct ConfigFile {
     pub kv_tier: Option<String>,
     /// The bound on every call to the shared tier, in milliseconds.
     pub kv_tier_timeout_ms: Option<u64>,
+    /// This daemon's node number behind `agentd route` (0–127).
+    pub node: Option<u8>,
     /// Unix uids allowed the admin RPCs (publish, unpin, evict, list every tenant's prefixes),
     /// besides the daemon's own uid.
     #[serde(default)]

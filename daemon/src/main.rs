@@ -142,6 +142,12 @@ struct ServeArgs {
     #[arg(long, env = "AGENTD_KV_TIER_TIMEOUT_MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     kv_tier_timeout_ms: u64,
+    /// This daemon's number in a cluster behind `agentd route` (0–127, unique in the cluster):
+    /// session and prefix ids carry it, so the router sends every call to the daemon that made
+    /// the id, and the daemon's KV events and heartbeat are published under it.
+    #[arg(long, env = "AGENTD_NODE", value_name = "N",
+          value_parser = clap::value_parser!(u8).range(0..=127))]
+    node: Option<u8>,
     #[command(flatten)]
     sched: SchedArgs,
     #[command(flatten)]
@@ -887,6 +893,12 @@ fn serve(
     );
     let mut sched_cfg = sched.config();
     sched_cfg.draft = args.draft.config();
+    sched_cfg.node = match (args.node, file.node) {
+        (Some(n), _) => Some(n),
+        (None, Some(n)) if n <= 127 => Some(n),
+        (None, Some(n)) => anyhow::bail!("config node = {n}: a node number is 0-127"),
+        (None, None) => None,
+    };
     // The name HTTP clients and metrics know the model by: the catalog name it was started
     // with, else the file's stem.
     let model_name = match &model {

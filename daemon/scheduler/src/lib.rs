@@ -46,7 +46,7 @@ pub use actor::SchedulerHandle;
 pub use admin::PrefixEntry;
 pub use draft_model::{DraftConfig, DraftError};
 pub use persist::fingerprint;
-pub use scheduler::{PrefixInfo, Scheduler};
+pub use scheduler::{node_of_id, published_namespace, PrefixInfo, Scheduler};
 pub use shared_tier::SharedTierConfig;
 pub use spec::SpecConfig;
 pub use types::*;

@@ -71,6 +71,10 @@ pub struct SchedulerConfig {
     /// The draft model's pool and pacing, when the scheduler is given one
     /// ([`crate::draft_model`]).
     pub draft: crate::DraftConfig,
+    /// This daemon's node number in a cluster behind `agentd route` (0–127): session, prefix
+    /// and request ids then carry it in bits 56–62, so a router sends each call to the daemon
+    /// that made the id. `None`: ids are 63 random bits.
+    pub node: Option<u8>,
 }
 
 /// Where the disk tier lives and what the KV in it was computed by.
@@ -120,6 +124,7 @@ impl Default for SchedulerConfig {
             shared: None,
             speculation: crate::SpecConfig::default(),
             draft: crate::DraftConfig::default(),
+            node: None,
         }
     }
 }
