@@ -466,6 +466,7 @@ impl SchedArgs {
                 ..agentd_scheduler::SpecConfig::default()
             },
             draft: agentd_scheduler::DraftConfig::default(),
+            node: None,
         }
     }
 }
@@ -931,6 +932,8 @@ fn serve(
         sched_cfg.store.as_ref().map(|s| &s.digests),
         kv_tier_nodes.as_deref(),
         kv_tier_timeout,
+        sched_cfg.node,
+        agentd_kvtier::events::new_epoch(),
     )?;
     let draft = args.draft.load(&engine, opts)?;
     let handle = SchedulerHandle::spawn_with_drafter(
