@@ -339,6 +339,10 @@ enum BenchCommand {
         #[command(flatten)]
         sched: SchedArgs,
     },
+    /// Several daemons behind `agentd route` on a shared KV tier: routed vs round-robin vs no
+    /// shared tier (prompt tokens computed, TTFT, tokens/s), and a cold prefill against a
+    /// cross-daemon hit.
+    Cluster(bench::cluster::ClusterArgs),
     /// Many sessions in multi-turn loops (shared system prompt, forks, closes) against a child
     /// daemon for minutes: errors, turn latency and the daemon's RSS per minute.
     Soak {
@@ -655,6 +659,10 @@ fn main() -> Result<()> {
                 scheduler: sched.config(),
             };
             print_report(async { Ok(bench::latency::run_latency_bench(engine, &cfg).await?) })
+        }
+        Command::Bench(BenchCommand::Cluster(args)) => {
+            let cfg = args.config(|kv| child_config(&cli_globals, kv))?;
+            print_report(async { Ok(bench::cluster::run_cluster_bench(&cfg).await?) })
         }
         Command::Bench(BenchCommand::Soak {
             sessions,
