@@ -466,6 +466,7 @@ impl SchedArgs {
                 ..agentd_scheduler::SpecConfig::default()
             },
             draft: agentd_scheduler::DraftConfig::default(),
+            node: None,
         }
     }
 }

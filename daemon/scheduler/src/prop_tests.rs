@@ -183,6 +183,7 @@ fn scheduler(window: Option<usize>, draft: bool) -> Scheduler {
                 prefill_chunk: 16,
                 adaptive: false,
             },
+            node: None,
         },
     )
     .expect("scheduler")
