@@ -934,6 +934,7 @@ fn serve(
         kv_tier_timeout,
     )?;
     let draft = args.draft.load(&engine, opts)?;
+    let sched_cfg_node = sched_cfg.node;
     let handle = SchedulerHandle::spawn_with_drafter(
         Box::new(engine.cpu_executor()),
         draft.map(|d| Box::new(d.cpu_executor()) as Box<dyn agentd_engine::Executor>),
@@ -949,6 +950,10 @@ fn serve(
         http,
         model_name,
         tenant_names: file.tenant_names(),
+        node: sched_cfg_node,
+        // A new epoch per start: `agentd route` sees a restart (and forgets the sessions it
+        // counted there) when it changes.
+        epoch: rand::random(),
     };
     eprintln!("agentd: listening on {}", socket.display());
     rt.block_on(serve(handle, engine, cfg, listener))?;
