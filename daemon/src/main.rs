@@ -71,6 +71,10 @@ struct Cli {
 enum Command {
     /// Run the daemon: serve the gRPC API on a Unix socket until SIGTERM/SIGINT.
     Serve(ServeArgs),
+    /// Route the gRPC API to several daemons (`--daemon unix:PATH`, each with its own
+    /// `agentd serve --node N`): sessions go to the daemon that made them, new ones where
+    /// their prefix is cached; clients connect to the router as to a daemon.
+    Route(cli::route::RouteArgs),
     /// Print a running daemon's statistics (pool, cache hit rate, the caller's counters, the
     /// prefixes it may use) as JSON.
     Status(cli::admin::StatusArgs),
@@ -550,6 +554,7 @@ fn main() -> Result<()> {
                 .context("serve arguments")?;
             serve(cli.model, opts, args, sm)
         }
+        Command::Route(args) => cli::route::route(args),
         Command::Status(args) => cli::admin::status(args),
         Command::Prefix(cmd) => cli::admin::prefix(cmd),
         Command::Generate(args) => generate(load(cli.model, opts)?, args),

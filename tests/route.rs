@@ -1,0 +1,364 @@
+//! End to end: `agentd route` in front of two real daemons (`--node 1`, `--node 2`), driven by
+//! the SDK as one daemon would be — prefix sessions placed where the prefix is, greedy output
+//! equal to a daemon's own, fork and close on the session's daemon, a killed daemon's sessions
+//! UNAVAILABLE (naming it) while new sessions go to the survivor; and the daemon's delegation
+//! headers, which only an operator may send.
+
+mod common;
+
+use agentd_sdk::{Client, Error, Event, GenerateOptions};
+use common::{chatml, run, Daemon};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+/// The node number a session id carries.
+fn node_of(id: u64) -> u8 {
+    ((id >> 56) & 0x7f) as u8
+}
+
+/// An `agentd route` process; killed when dropped.
+struct Router {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Router {
+    /// `agentd route` on `socket` in front of `daemons`, once it answers Health as ready.
+    async fn start(socket: &Path, daemons: &[&Path], extra: &[&str]) -> Router {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentd"));
+        cmd.arg("route").arg("--socket").arg(socket);
+        for d in daemons {
+            cmd.arg("--daemon").arg(format!("unix:{}", d.display()));
+        }
+        let mut child = cmd
+            .args(extra)
+            .env("AGENTD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting agentd route");
+        let start = Instant::now();
+        loop {
+            if let Ok(c) = Client::connect(socket).await {
+                if c.health().await.is_ok_and(|h| h.ready) {
+                    break;
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("agentd route exited with {status}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "agentd route did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Router {
+            child,
+            socket: socket.to_owned(),
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Greedy text of `n` tokens from a fresh session on `c`: `prefix` (registered there) then
+/// `user`.
+async fn direct_greedy(c: &Client, prefix: &[u32], user: &[u32], n: u32) -> String {
+    let p = c.register_prefix(prefix.to_vec()).await.unwrap();
+    let s = c.create_session(Some(p), user.to_vec()).await.unwrap();
+    let (text, _) = run(s
+        .generate(&GenerateOptions::greedy().max_tokens(n))
+        .await
+        .unwrap())
+    .await;
+    s.close().await.unwrap();
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_behind_the_router_serve_one_prefix_and_survive_one_dying() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let (da, db) = tokio::join!(
+        Daemon::start(&a, &["--node", "1"]),
+        Daemon::start(&b, &["--node", "2"])
+    );
+    // One session placed on a daemon costs 100 prompt tokens: the first session from the
+    // prefix goes where it is, the second (the prefix is shorter than that) to the other.
+    let r = Router::start(
+        &dir.path().join("route.sock"),
+        &[&a, &b],
+        &["--placement", "cache", "--load-weight", "100"],
+    )
+    .await;
+    let c = Client::connect(&r.socket).await.unwrap();
+    let health = c.health().await.unwrap();
+    assert!(health.ready && health.node.is_none(), "{health:?}");
+    assert_eq!(c.model_info().await.unwrap().page_size, 16);
+    let (ca, cb) = (
+        Client::connect(&a).await.unwrap(),
+        Client::connect(&b).await.unwrap(),
+    );
+    assert_eq!(ca.health().await.unwrap().node, Some(1));
+
+    let system = c
+        .tokenize(
+            "<|im_start|>system\nYou are a terse assistant. Answer with one short sentence and never use lists.<|im_end|>\n",
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(system.len() > 16 && system.len() < 100, "{}", system.len());
+    let prefix = c.register_prefix(system.clone()).await.unwrap();
+    let listed = c.list_prefixes(false).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].id == prefix && listed[0].own && listed[0].tokens == system.len() as u32);
+    let on_a = ca.list_prefixes(true).await.unwrap().len();
+    let on_b = cb.list_prefixes(true).await.unwrap().len();
+    assert_eq!(on_a + on_b, 1, "the prefix is registered on one daemon");
+    let holder = if on_a == 1 { 1 } else { 2 };
+    let other = 3 - holder;
+
+    let q1 = c
+        .tokenize(&chatml("What is the capital of France?"), true)
+        .await
+        .unwrap();
+    let q2 = c
+        .tokenize(&chatml("Name a large ocean."), true)
+        .await
+        .unwrap();
+    let s1 = c.create_session(Some(prefix), q1.clone()).await.unwrap();
+    assert_eq!(
+        node_of(s1.id()),
+        holder,
+        "the first session goes to the prefix"
+    );
+    let s2 = c.create_session(Some(prefix), q2.clone()).await.unwrap();
+    assert_eq!(
+        node_of(s2.id()),
+        other,
+        "the second goes to the idle daemon"
+    );
+    // The other daemon got the prefix registered before the session.
+    assert_eq!(ca.list_prefixes(true).await.unwrap().len(), 1);
+    assert_eq!(cb.list_prefixes(true).await.unwrap().len(), 1);
+
+    // Greedy output through the router equals a daemon's own, on either daemon.
+    let greedy = GenerateOptions::greedy().max_tokens(12);
+    let (t1, u1) = run(s1.generate(&greedy).await.unwrap()).await;
+    let (t2, u2) = run(s2.generate(&greedy).await.unwrap()).await;
+    assert!(
+        u1.cached_tokens >= 16 && u2.cached_tokens >= 16,
+        "{u1:?} {u2:?}"
+    );
+    let direct = match holder {
+        1 => &ca,
+        _ => &cb,
+    };
+    assert_eq!(t1, direct_greedy(direct, &system, &q1, 12).await);
+    assert_eq!(t2, direct_greedy(direct, &system, &q2, 12).await);
+
+    // A fork stays on its session's daemon; closing works through the router.
+    let f = s1.fork().await.unwrap();
+    assert_eq!(node_of(f.id()), holder);
+    assert_eq!(f.tokens().await.unwrap().0, s1.tokens().await.unwrap().0);
+    let (_, uf) = run(f
+        .generate(&GenerateOptions::greedy().max_tokens(2).ignore_eos(true))
+        .await
+        .unwrap())
+    .await;
+    assert_eq!(uf.generated_tokens, 2);
+    f.close().await.unwrap();
+    assert_eq!(
+        c.stats().await.unwrap().sessions,
+        2,
+        "summed over both daemons"
+    );
+    let s1_id = s1.id();
+    s1.close().await.unwrap();
+    let e = c.session(s1_id).tokens().await.unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    // An id no daemon behind the router made is NOT_FOUND, as on a daemon.
+    let e = c.session(99 << 56 | 7).tokens().await.unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+
+    // The other daemon dies mid-generation: the stream fails, its sessions are UNAVAILABLE
+    // naming it, and new sessions go to the survivor.
+    let mut stream = s2
+        .generate(&GenerateOptions::greedy().max_tokens(400).ignore_eos(true))
+        .await
+        .unwrap();
+    assert!(matches!(stream.next().await, Some(Ok(Event::Token { .. }))));
+    let (victim, victim_socket, survivor) = match other {
+        1 => (da, &a, db),
+        _ => (db, &b, da),
+    };
+    victim.signal(libc::SIGKILL);
+    let mut failed = None;
+    while let Some(ev) = stream.next().await {
+        if let Err(e) = ev {
+            failed = Some(e);
+            break;
+        }
+    }
+    let named = format!("daemon node {other} (unix:{})", victim_socket.display());
+    let failed = failed.expect("the stream fails when its daemon dies");
+    assert!(
+        matches!(&failed, Error::Unavailable(m) if m.contains(&named)),
+        "{failed}"
+    );
+    let e = s2.tokens().await.unwrap_err();
+    assert!(
+        matches!(&e, Error::Unavailable(m) if m.contains(&named)),
+        "{e}"
+    );
+    for _ in 0..3 {
+        let s = c.create_session(Some(prefix), q1.clone()).await.unwrap();
+        assert_eq!(node_of(s.id()), holder);
+        let (t, _) = run(s.generate(&greedy).await.unwrap()).await;
+        assert_eq!(t, t1);
+    }
+    let h = c.health().await.unwrap();
+    assert!(h.ready, "one daemon up is enough");
+    assert!(c.stats().await.unwrap().sessions >= 3);
+    drop(survivor);
+    drop(victim);
+}
+
+/// The other side of [`only_an_operator_may_act_as_another_tenant`]: runs only when re-executed
+/// as another Unix user with `AGENTD_TEST_DELEGATE_SOCKET` set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegating_peer_client() {
+    let Some(socket) = std::env::var_os("AGENTD_TEST_DELEGATE_SOCKET") else {
+        return;
+    };
+    let mut raw = common::raw_client(Path::new(&socket)).await;
+    let mut req = tonic::Request::new(agentd_sdk::proto::StatsRequest { all_tenants: false });
+    req.metadata_mut()
+        .insert("x-agentd-tenant", "0".parse().unwrap());
+    let e = raw.stats(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("x-agentd-tenant"), "{e:?}");
+    // Without the header it is its own tenant.
+    raw.stats(agentd_sdk::proto::StatsRequest { all_tenants: false })
+        .await
+        .unwrap();
+    println!("DELEGATE-REFUSED-OK");
+}
+
+/// `msg` sent as tenant `t` (the delegation header).
+fn as_tenant<T>(t: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("x-agentd-tenant", t.parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_operator_may_act_as_another_tenant() {
+    use agentd_sdk::proto;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let addr = common::free_loopback_addr();
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tenant_per_uid = true\n[tcp]\nlisten = \"{addr}\"\n[tcp.tokens]\n\"alice-token-0123456789\" = \"alice\"\n"
+        ),
+    )
+    .unwrap();
+    let socket = dir.path().join("a.sock");
+    let _d = Daemon::start(&socket, &["--config", config.to_str().unwrap()]).await;
+    // This process runs as the daemon's uid: an operator, which may act as tenant 5.
+    let mut raw = common::raw_client(&socket).await;
+    let s = raw
+        .create_session(as_tenant(
+            "5",
+            proto::CreateSessionRequest {
+                prefix_id: 0,
+                tokens: vec![1, 2, 3],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let r = raw
+        .session_tokens(as_tenant("5", proto::SessionRef { session_id: s }))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().tokens, vec![1, 2, 3]);
+    // As itself (its uid's tenant) the session is someone else's.
+    let e = raw
+        .session_tokens(proto::SessionRef { session_id: s })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    // Acting as a tenant drops operator rights unless asked to keep them.
+    let e = raw
+        .evict_cache(as_tenant("5", proto::EvictCacheRequest { pages: 0 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let mut keep = as_tenant("5", proto::EvictCacheRequest { pages: 0 });
+    keep.metadata_mut()
+        .insert("x-agentd-operator", "1".parse().unwrap());
+    raw.evict_cache(keep).await.unwrap();
+    let e = raw
+        .stats(as_tenant(
+            "five",
+            proto::StatsRequest { all_tenants: false },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // A TCP caller (a tenant by its token) may not name a tenant.
+    let channel = tonic::transport::Endpoint::try_from(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut tcp = proto::agentd_client::AgentdClient::new(channel);
+    let mut req = as_tenant("5", proto::SessionRef { session_id: s });
+    req.metadata_mut().insert(
+        "authorization",
+        "Bearer alice-token-0123456789".parse().unwrap(),
+    );
+    let e = tcp.session_tokens(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("x-agentd-tenant"), "{e:?}");
+    // Another Unix user (this test re-executed as `nobody`, which needs root) is refused too.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the second-uid half of this test is skipped");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    let path = std::ffi::CString::new(socket.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; chown has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::chown(path.as_ptr(), 0, NOBODY) }, 0);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "delegating_peer_client", "--nocapture"])
+        .env("AGENTD_TEST_DELEGATE_SOCKET", &socket)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("DELEGATE-REFUSED-OK"),
+        "peer client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
