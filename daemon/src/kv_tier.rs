@@ -1,6 +1,7 @@
 //! `agentd serve --kv-tier`: the shared KV tier on a Redis Cluster, for the scheduler.
 
 use agentd_engine::{LoadedModel, ModelDigests};
+use agentd_kvtier::events::{EventPublisher, EventSink, EventsConfig};
 use agentd_kvtier::{RedisTier, RedisTierConfig};
 use agentd_scheduler::SharedTierConfig;
 use anyhow::{Context, Result};
@@ -12,13 +13,16 @@ const EXPORT_QUEUE: usize = 64;
 
 /// The shared tier on the cluster whose seed nodes `nodes` lists (comma separated URLs), or
 /// `None` when `nodes` is absent or empty. `digests`: the model's, if already computed for the
-/// disk tier. An unreachable cluster is not an error (logged: its calls fail fast until it
-/// comes back); a malformed node list is.
+/// disk tier. With a node number (`--node`), the daemon also publishes its KV events and
+/// heartbeat under it, with restart epoch `epoch`. An unreachable cluster is not an error
+/// (logged: its calls fail fast until it comes back); a malformed node list is.
 pub fn shared_tier(
     model: &LoadedModel,
     digests: Option<&ModelDigests>,
     nodes: Option<&str>,
     timeout_ms: u64,
+    node: Option<u8>,
+    epoch: u64,
 ) -> Result<Option<SharedTierConfig>> {
     let nodes = parse_nodes(nodes.unwrap_or_default())?;
     if nodes.is_empty() {
@@ -35,7 +39,19 @@ pub fn shared_tier(
         timeout: Duration::from_millis(timeout_ms),
         ..RedisTierConfig::new(nodes.clone())
     };
-    let tier = RedisTier::open(cfg).context("--kv-tier")?;
+    let tier = RedisTier::open(cfg.clone()).context("--kv-tier")?;
+    let events = match node {
+        Some(n) => {
+            let publisher = EventPublisher::start(EventsConfig::new(cfg), n, epoch)
+                .context("the KV events publisher")?;
+            tracing::info!(node = n, epoch, "publishing KV events and a heartbeat");
+            Some(Arc::new(publisher) as Arc<dyn EventSink>)
+        }
+        None => {
+            tracing::info!("no --node: KV events are not published (agentd route cannot see this daemon's cache)");
+            None
+        }
+    };
     if tier.is_connected() {
         tracing::info!(nodes = ?nodes, timeout_ms, "shared KV tier on: Redis Cluster reachable");
         eprintln!("agentd: shared KV tier on {} (reachable)", nodes.join(","));
@@ -50,6 +66,7 @@ pub fn shared_tier(
         tier: Arc::new(tier),
         digests,
         export_queue: EXPORT_QUEUE,
+        events,
     }))
 }
 

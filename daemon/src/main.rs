@@ -343,6 +343,10 @@ enum BenchCommand {
         #[command(flatten)]
         sched: SchedArgs,
     },
+    /// Several daemons behind `agentd route` on a shared KV tier: routed vs round-robin vs no
+    /// shared tier (prompt tokens computed, TTFT, tokens/s), and a cold prefill against a
+    /// cross-daemon hit.
+    Cluster(bench::cluster::ClusterArgs),
     /// Many sessions in multi-turn loops (shared system prompt, forks, closes) against a child
     /// daemon for minutes: errors, turn latency and the daemon's RSS per minute.
     Soak {
@@ -661,6 +665,10 @@ fn main() -> Result<()> {
             };
             print_report(async { Ok(bench::latency::run_latency_bench(engine, &cfg).await?) })
         }
+        Command::Bench(BenchCommand::Cluster(args)) => {
+            let cfg = args.config(|kv| child_config(&cli_globals, kv))?;
+            print_report(async { Ok(bench::cluster::run_cluster_bench(&cfg).await?) })
+        }
         Command::Bench(BenchCommand::Soak {
             sessions,
             minutes,
@@ -932,11 +940,16 @@ fn serve(
         args.kv_tier_timeout_ms,
         file.kv_tier_timeout_ms,
     );
+    // One restart epoch for the KV events' heartbeat and Health: `agentd route` and the index
+    // see the same restart.
+    let epoch = agentd_kvtier::events::new_epoch();
     sched_cfg.shared = kv_tier::shared_tier(
         &engine,
         sched_cfg.store.as_ref().map(|s| &s.digests),
         kv_tier_nodes.as_deref(),
         kv_tier_timeout,
+        sched_cfg.node,
+        epoch,
     )?;
     let draft = args.draft.load(&engine, opts)?;
     let sched_cfg_node = sched_cfg.node;
@@ -958,7 +971,7 @@ fn serve(
         node: sched_cfg_node,
         // A new epoch per start: `agentd route` sees a restart (and forgets the sessions it
         // counted there) when it changes.
-        epoch: rand::random(),
+        epoch,
     };
     eprintln!("agentd: listening on {}", socket.display());
     rt.block_on(serve(handle, engine, cfg, listener))?;

@@ -9,6 +9,8 @@
 //! - [`key`]: namespaces, page keys, runs, the Redis key form and its Cluster hash tags.
 //! - [`value`]: one value per page (header and K/V bytes together), checked on every read.
 //! - [`MemoryTier`]: a map in memory with an optional capacity, for tests.
+//! - [`events`]: KV events (which daemon holds which pages) on a capped Redis Stream, node
+//!   heartbeats with restart epochs, and the index a router builds from them.
 //! - [`RedisTier`]: the shared tier on Redis Cluster (redis-rs's async cluster client on its
 //!   own small tokio runtime), every call bounded by a timeout.
 //!
@@ -21,6 +23,7 @@
 //! Every read is checked ([`value::decode`]); a value that fails a check is deleted from the
 //! tier and reported as [`TierError::Damaged`], never served.
 
+pub mod events;
 pub mod key;
 mod memory;
 mod redis_tier;

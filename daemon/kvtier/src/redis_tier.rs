@@ -254,7 +254,7 @@ impl RedisTier {
     }
 
     /// Runs `f` on the connection within the timeout.
-    fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
+    pub(crate) fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
     where
         F: FnOnce(ClusterConnection) -> Fut,
         Fut: Future<Output = std::result::Result<T, redis::RedisError>>,

@@ -74,8 +74,14 @@ impl Scheduler {
         let pages = m.pages[..tokens.len().div_ceil(self.cfg.page_size)].to_vec();
         let new_id = PrefixId(self.fresh_id());
         let ns = Namespace::Published(super::scheduler::published_namespace(&tokens));
-        if let Err(e) = self.tree.insert(ns, &tokens, &pages) {
-            return reply(Err(e.into()));
+        match self.tree.insert(ns, &tokens, &pages) {
+            Ok(ins) => self.announce(
+                agentd_kvtier::events::EventKind::Stored,
+                ns,
+                &tokens,
+                ins.already_cached / self.cfg.page_size,
+            ),
+            Err(e) => return reply(Err(e.into())),
         }
         let len = tokens.len();
         self.prefixes.insert(

@@ -11,7 +11,7 @@ use agentd_store::{PageRead, Store, StoreError};
 use std::sync::{mpsc, Arc};
 
 /// Evicted runs matched at least this often are written back to disk.
-pub(super) const WRITE_BACK_HITS: u64 = 2;
+pub(crate) const WRITE_BACK_HITS: u64 = 2;
 
 /// One run of pages to load for one namespace: the tokens it covers and the page reads.
 pub(super) struct RunLoad {
@@ -362,7 +362,15 @@ impl Scheduler {
                     pages.extend(loaded.iter().map(|l| l.id()));
                     pages.truncate(tokens.len().div_ceil(ps));
                     match self.tree.insert(ns, tokens, &pages) {
-                        Ok(_) => added = Some(tokens.len() - resident),
+                        Ok(ins) => {
+                            added = Some(tokens.len() - resident);
+                            self.announce(
+                                agentd_kvtier::events::EventKind::Stored,
+                                ns,
+                                tokens,
+                                ins.already_cached / ps,
+                            );
+                        }
                         Err(e) => tracing::error!(error = %e, "inserting loaded pages failed"),
                     }
                 }

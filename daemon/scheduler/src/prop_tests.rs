@@ -183,7 +183,8 @@ fn scheduler(window: Option<usize>, draft: bool) -> Scheduler {
                 prefill_chunk: 16,
                 adaptive: false,
             },
-            node: None,
+            // Ids carry a node number, as behind `agentd route`.
+            node: Some(5),
         },
     )
     .expect("scheduler")

@@ -853,6 +853,7 @@ impl Scheduler {
         match self.tree.evict(pages) {
             Ok(report) => {
                 self.stats.evicted_pages += report.freed as u64;
+                self.announce_evicted(&report.evicted);
                 self.persist_evicted(report.evicted);
             }
             Err(e) => tracing::error!(error = %e, "eviction failed"),

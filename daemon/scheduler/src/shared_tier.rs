@@ -19,6 +19,7 @@ use super::scheduler::Scheduler;
 use super::types::*;
 use crate::cache::{EvictedRun, Namespace, PageId};
 use agentd_engine::ModelDigests;
+use agentd_kvtier::events::{EventKind, EventSink};
 use agentd_kvtier::{KvTier, PageRun, TierNamespace};
 use agentd_store::format::Fingerprint;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,9 @@ pub struct SharedTierConfig {
     pub digests: ModelDigests,
     /// Exports queued at most (each is one run's pages); more are dropped and counted.
     pub export_queue: usize,
+    /// Where the pages this daemon starts and stops holding are announced (KV events on the
+    /// cluster's stream, [`agentd_kvtier::events`]), if anywhere.
+    pub events: Option<Arc<dyn EventSink>>,
 }
 
 impl std::fmt::Debug for SharedTierConfig {
@@ -43,6 +47,7 @@ impl std::fmt::Debug for SharedTierConfig {
             .field("tier", &self.tier.name())
             .field("digests", &self.digests)
             .field("export_queue", &self.export_queue)
+            .field("events", &self.events.is_some())
             .finish()
     }
 }
@@ -96,6 +101,7 @@ pub(super) struct SharedTier {
     done: mpsc::Receiver<Loaded>,
     exports: mpsc::SyncSender<Export>,
     counters: Arc<Counters>,
+    events: Option<Arc<dyn EventSink>>,
 }
 
 impl SharedTier {
@@ -149,6 +155,7 @@ impl SharedTier {
             done,
             exports,
             counters,
+            events: cfg.events.clone(),
         })
     }
 
@@ -250,6 +257,9 @@ impl Scheduler {
                 w()
             }
         };
+        if let Some(events) = &cfg.events {
+            events.set_fingerprint(fp.clone());
+        }
         let tier = SharedTier::spawn(cfg, fp, Arc::new(wake))
             .map_err(|e| SchedError::Spawn(Cause::new(e)))?;
         self.shared = Some(tier);
@@ -302,6 +312,35 @@ impl Scheduler {
         // is whole in the pool, so it is exported with the rest.
         let first = run.start / self.cfg.page_size;
         self.export_run(run.ns, &run.tokens, first, &run.pages);
+    }
+
+    /// Announces that this daemon now holds (`Stored`) or no longer holds (`Removed`) the
+    /// whole pages `first_page..` of `tokens` in `ns` (a KV event; nothing without events).
+    pub(super) fn announce(
+        &self,
+        kind: EventKind,
+        ns: Namespace,
+        tokens: &[u32],
+        first_page: usize,
+    ) {
+        let Some(shared) = &self.shared else { return };
+        let Some(events) = &shared.events else { return };
+        if !self.cfg.cache || tokens.len() / self.cfg.page_size <= first_page {
+            return;
+        }
+        events.publish(kind, &shared.namespace(ns), tokens, first_page);
+    }
+
+    /// Announces the runs an eviction removed, except those written back to the disk tier
+    /// (still held here, a disk read away).
+    pub(super) fn announce_evicted(&self, runs: &[EvictedRun]) {
+        let ps = self.cfg.page_size;
+        for run in runs {
+            let on_disk = self.store.is_some() && run.hits >= crate::persist::WRITE_BACK_HITS;
+            if !on_disk {
+                self.announce(EventKind::Removed, run.ns, &run.tokens, run.start / ps);
+            }
+        }
     }
 
     /// If waiting request `i`'s prompt continues for at least one whole page past what memory

@@ -26,6 +26,7 @@ fn spawn(tier: &Arc<MemoryTier>) -> SchedulerHandle {
         shared: Some(SharedTierConfig {
             tier: tier.clone(),
             digests: digests(),
+            events: None,
             export_queue: 8,
         }),
         ..Default::default()
@@ -245,6 +246,7 @@ async fn exports_beyond_the_queue_are_dropped_and_counted_not_waited_for() {
         shared: Some(SharedTierConfig {
             tier: tier.clone(),
             digests: digests(),
+            events: None,
             export_queue: 1,
         }),
         ..Default::default()
@@ -274,4 +276,115 @@ async fn exports_beyond_the_queue_are_dropped_and_counted_not_waited_for() {
         assert!(start.elapsed() < Duration::from_secs(10), "{s:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A KV event sink that keeps the index a router would build from one node's events.
+#[derive(Default)]
+struct IndexSink {
+    index: std::sync::Mutex<agentd_kvtier::events::KvIndex>,
+}
+
+impl agentd_kvtier::events::EventSink for IndexSink {
+    fn set_fingerprint(&self, fingerprint: agentd_store::format::Fingerprint) {
+        let hb = agentd_kvtier::events::Heartbeat {
+            node: 0,
+            epoch: 1,
+            fingerprint,
+        };
+        self.index.lock().unwrap().heartbeat(0, Some(&hb));
+    }
+
+    fn publish(
+        &self,
+        kind: agentd_kvtier::events::EventKind,
+        ns: &TierNamespace,
+        tokens: &[u32],
+        first_page: usize,
+    ) {
+        let run = PageRun::new(ns, tokens);
+        let ev = agentd_kvtier::events::KvEvent {
+            node: 0,
+            epoch: 1,
+            kind,
+            keys: run.keys()[first_page..].iter().map(|k| *k.hash()).collect(),
+        };
+        self.index.lock().unwrap().apply(&ev);
+    }
+}
+
+/// The pages a scheduler computes, loads from the tier or evicts are announced as KV events
+/// (here: into an index, as a router's), keyed as the tier keys them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn computed_loaded_and_evicted_pages_are_announced_as_kv_events() {
+    let tier = Arc::new(MemoryTier::default());
+    let spawn_with = |sink: &Arc<IndexSink>| {
+        let cfg = SchedulerConfig {
+            kv_memory: 64 * page_bytes(16),
+            shared: Some(SharedTierConfig {
+                tier: tier.clone(),
+                digests: digests(),
+                events: Some(sink.clone()),
+                export_queue: 8,
+            }),
+            ..Default::default()
+        };
+        SchedulerHandle::spawn(fake(VOCAB), cfg).unwrap()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let prompt = random_tokens(&mut rng, 100);
+    let keys = run_of(&prompt, 1).keys().to_vec();
+    let matched = |s: &IndexSink| s.index.lock().unwrap().matched_pages(0, &keys);
+
+    // Computed: the prompt's 6 whole pages are announced (and those of its output, which the
+    // prompt's keys do not reach).
+    let sink_a = Arc::new(IndexSink::default());
+    let a = spawn_with(&sink_a);
+    let sid = a.create_session(1, None, prompt.clone()).await.unwrap();
+    run_to_end(&a, 1, sid, greedy(4)).await;
+    assert_eq!(matched(&sink_a), 6);
+    // Another tenant's keys are other keys.
+    let other = run_of(&prompt, 2).keys().to_vec();
+    assert_eq!(sink_a.index.lock().unwrap().matched_pages(0, &other), 0);
+
+    // Pinned and exported, then loaded by another scheduler: announced there too.
+    a.register_prefix(1, prompt.clone(), false).await.unwrap();
+    exported(&a, 6).await;
+    let sink_b = Arc::new(IndexSink::default());
+    let b = spawn_with(&sink_b);
+    let mut longer = prompt.clone();
+    longer.extend(random_tokens(&mut rng, 10));
+    let sid = b.create_session(1, None, longer).await.unwrap();
+    let (_, usage) = run_to_end(&b, 1, sid, greedy(2)).await;
+    assert_eq!(usage.tier_cached_tokens, 96, "{usage:?}");
+    assert_eq!(matched(&sink_b), 6);
+
+    // Evicted (no disk tier here): announced as removed.
+    b.close(1, sid).await.unwrap();
+    b.evict_cache(None).await.unwrap();
+    assert_eq!(matched(&sink_b), 0);
+    assert_eq!(sink_b.index.lock().unwrap().node_pages(0), 0);
+    a.check_invariants().await.unwrap().unwrap();
+    b.check_invariants().await.unwrap().unwrap();
+}
+
+/// The same prefix published on two schedulers is one namespace: the second loads the first's
+/// exported pages instead of computing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_published_on_two_schedulers_is_computed_once() {
+    let tier = Arc::new(MemoryTier::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let prefix = random_tokens(&mut rng, 100);
+    let a = spawn(&tier);
+    a.register_prefix(1, prefix.clone(), true).await.unwrap();
+    exported(&a, 6).await;
+    let b = spawn(&tier);
+    let p = b.register_prefix(2, prefix.clone(), true).await.unwrap();
+    let s = b.stats().await.unwrap();
+    assert_eq!(s.shared_tier.unwrap().loaded_tokens, 96, "{s:?}");
+    assert!(s.prefill_tokens <= 4, "only the last partial page: {s:?}");
+    // Any tenant's session from it hits.
+    let sid = b.create_session(3, Some(p.id), vec![5, 6]).await.unwrap();
+    let (_, usage) = run_to_end(&b, 3, sid, greedy(3)).await;
+    assert!(usage.cached_tokens >= 96, "{usage:?}");
+    b.check_invariants().await.unwrap().unwrap();
 }

@@ -8,6 +8,7 @@ use crate::cache::PageId;
 use crate::draft_model::DraftJob;
 use agentd_engine::executor::{first_key_read, RowKind, SeqStep};
 use agentd_engine::{ExecError, Executor, FinishReason};
+use agentd_kvtier::events::EventKind;
 use std::time::Instant;
 
 /// One sequence's share of a step.
@@ -585,6 +586,13 @@ impl Scheduler {
         let res = self.tree.insert(s.req.ns, &s.req.tokens[..n], &pages);
         match res {
             Ok(ins) => {
+                let s = &self.running[i];
+                self.announce(
+                    EventKind::Stored,
+                    s.req.ns,
+                    &s.req.tokens[..n],
+                    ins.already_cached / ps,
+                );
                 if let Some(node) = ins.last_node {
                     if self.tree.lock(node).is_ok() {
                         if let Some(old) = self.running[i].node.replace(node) {

@@ -485,3 +485,31 @@ async fn windowed_models_release_pages_behind_the_window_and_reuse_long_prefixes
     let st = h.stats().await.unwrap();
     assert_eq!(st.free_pages + st.tree.pages_held, st.pool_pages, "{st:?}");
 }
+
+/// With a node number every id a scheduler hands out carries it; a published prefix's
+/// namespace is decided by its tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_carry_the_node_and_published_namespaces_agree_across_schedulers() {
+    let prefix: Vec<u32> = (1..40).collect();
+    for node in [0u8, 9, 127] {
+        let h = handle(SchedulerConfig {
+            node: Some(node),
+            ..Default::default()
+        });
+        for _ in 0..20 {
+            let sid = h.create_session(1, None, vec![1, 2]).await.unwrap();
+            assert_eq!(crate::node_of_id(sid.0), node, "{:#x}", sid.0);
+            assert!(sid.0 < 1 << 63 && sid.0 != 0);
+        }
+        let p = h.register_prefix(1, prefix.clone(), true).await.unwrap();
+        assert_eq!(crate::node_of_id(p.id.0), node);
+    }
+    assert_eq!(
+        crate::published_namespace(&prefix),
+        crate::published_namespace(&prefix.clone())
+    );
+    assert_ne!(
+        crate::published_namespace(&prefix),
+        crate::published_namespace(&prefix[1..])
+    );
+}

@@ -34,21 +34,48 @@ impl ChildDaemon {
     pub async fn start(cfg: &ChildConfig) -> Result<ChildDaemon> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("agentd.sock");
+        let mut args = cfg.global_args.clone();
+        args.push("serve".into());
+        args.extend(["--socket".into(), socket.clone().into_os_string()]);
+        args.extend([
+            "--cache-dir".into(),
+            dir.path().join("cache").into_os_string(),
+        ]);
+        args.extend(cfg.serve_args.iter().cloned());
+        Self::spawn(dir, socket, &args, "agentd serve").await
+    }
+
+    /// Starts `agentd route` on a socket of its own with `route_args` after it (the daemons,
+    /// the placement, …) and waits until it answers a health check.
+    pub async fn start_router(route_args: &[OsString]) -> Result<ChildDaemon> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("route.sock");
+        let mut args: Vec<OsString> = vec!["route".into(), "--socket".into()];
+        args.push(socket.clone().into_os_string());
+        args.extend(route_args.iter().cloned());
+        Self::spawn(dir, socket, &args, "agentd route").await
+    }
+
+    /// The socket it listens on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn spawn(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        args: &[OsString],
+        what: &str,
+    ) -> Result<ChildDaemon> {
         let exe = std::env::current_exe().context("finding the agentd binary")?;
         let child = Command::new(exe)
-            .args(&cfg.global_args)
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--cache-dir")
-            .arg(dir.path().join("cache"))
-            .args(&cfg.serve_args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             // Its warnings and errors show on the benchmark's stderr.
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting agentd serve")?;
+            .with_context(|| format!("starting {what}"))?;
         let mut daemon = ChildDaemon {
             child,
             socket,
@@ -62,10 +89,10 @@ impl ChildDaemon {
                 }
             }
             if let Some(status) = daemon.child.try_wait()? {
-                bail!("agentd serve exited with {status} before answering");
+                bail!("{what} exited with {status} before answering");
             }
             if since.elapsed() > Duration::from_secs(120) {
-                bail!("agentd serve did not answer within two minutes");
+                bail!("{what} did not answer within two minutes");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -1,5 +1,6 @@
 //! `agentd bench …`: measurements that print JSON (never asserted as times in tests).
 //!
+//! - `cluster`: daemons behind `agentd route` on a shared KV tier: routed, round-robin, no tier.
 //! - `engine`: prefill and decode throughput of the CPU executor (and the KV dtype's bytes).
 //! - `kv-quality`: Q8_0 KV pages against f16 ones: KL divergence, top-1 and greedy agreement.
 //! - `http`: the HTTP API's per-request overhead next to the gRPC figure.
@@ -13,10 +14,11 @@
 //! - `spec`: decode speed with and without speculative decoding, agent and chat workloads.
 //! - `soak`: many sessions in multi-turn loops for minutes: errors, turn latency, RSS per minute.
 //!
-//! `soak` and `memory` run the daemon as a child process (`child`), so the RSS they read is the
+//! `soak`, `memory` and `cluster` run daemons as child processes (`child`), so the RSS they read is the
 //! daemon's alone; the others run the service in this process.
 
 pub mod child;
+pub mod cluster;
 pub mod engine;
 pub mod http;
 pub mod kv_quality;
@@ -24,6 +26,7 @@ pub mod latency;
 pub mod memory;
 pub mod perplexity;
 pub mod prefix;
+pub mod redis_cluster;
 pub mod restart;
 pub mod serve;
 pub mod soak;
