@@ -11,6 +11,8 @@
 //! - [`placement`]: where new sessions go — the [`placement::PrefixIndex`] trait (what each
 //!   daemon's cache holds) and the [`placement::Policy`] (cache-aware cost, round-robin or
 //!   least-loaded), tested on fakes.
+//! - [`kv_index`]: [`kv_index::KvEventIndex`], the `PrefixIndex` over the shared tier's KV
+//!   events (`agentd route --kv-tier`).
 //! - [`registry`]: the router's prefixes — whose, published or not, their tokens and their
 //!   id on each daemon.
 //! - `prefixes`, `fanout`: prefix calls on every daemon that has the prefix; Stats and
@@ -24,6 +26,7 @@
 
 pub mod backend;
 mod fanout;
+pub mod kv_index;
 pub mod placement;
 mod prefixes;
 pub mod registry;
@@ -31,6 +34,7 @@ pub mod service;
 
 pub use backend::{Backends, DaemonAddr};
 pub use fanout::sum_stats;
+pub use kv_index::KvEventIndex;
 pub use placement::{CacheNamespace, Cached, Placement, Policy, PrefixIndex};
 pub use service::RouterService;
 

@@ -29,8 +29,9 @@ pub struct RouteArgs {
     /// Give each Unix user its own tenant (as `agentd serve --tenant-per-uid`).
     #[arg(long)]
     tenant_per_uid: bool,
-    /// The daemons share this KV tier (Redis Cluster seed nodes, comma separated): a prefix
-    /// held by one daemon counts as loadable by the others, and placement defaults to `cache`.
+    /// The daemons share this KV tier (Redis Cluster seed nodes, comma separated): placement
+    /// follows the KV events the daemons publish there (what each holds; what the others can
+    /// load from the tier), and defaults to `cache`.
     #[arg(long, env = "AGENTD_KV_TIER", value_name = "URLS")]
     kv_tier: Option<String>,
     /// How new sessions are placed: `cache` (fewest uncached prompt tokens plus weighted
@@ -87,11 +88,24 @@ pub fn route(args: RouteArgs) -> Result<()> {
     } else {
         Placement::LeastLoaded
     });
-    if args.kv_tier.is_some() {
-        // The shared tier's KV-event index (agentd_kvtier::events) plugs in as a PrefixIndex;
-        // until it does, placement knows the prefixes the router registered.
-        tracing::warn!("--kv-tier: placement uses the router's prefix registry; the KV-event index is not wired in yet");
-    }
+    // With a shared tier, placement follows the daemons' KV events on it.
+    let index = match &args.kv_tier {
+        Some(urls) => {
+            let nodes: Vec<String> = urls
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if let Some(bad) = nodes.iter().find(|n| !n.starts_with("redis://")) {
+                anyhow::bail!("--kv-tier: {bad:?} is not a redis://HOST:PORT URL");
+            }
+            let index = agentd_router::KvEventIndex::follow(nodes)
+                .context("--kv-tier: following the daemons' KV events")?;
+            Some(std::sync::Arc::new(index) as std::sync::Arc<dyn agentd_router::PrefixIndex>)
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -120,7 +134,7 @@ pub fn route(args: RouteArgs) -> Result<()> {
             load_weight: args.load_weight,
             ..Policy::default()
         },
-        index: None,
+        index,
         shared_tier: args.kv_tier.is_some(),
         grace: std::time::Duration::from_secs(args.grace_seconds),
     };
