@@ -105,6 +105,12 @@ impl Backend {
         self.health.lock().expect("health lock").clone()
     }
 
+    /// Sets what the health checks said (tests of routing and placement).
+    #[cfg(test)]
+    pub(crate) fn set_health(&self, h: Health) {
+        *self.health.lock().expect("health lock") = h;
+    }
+
     /// Its node number, if known.
     pub fn node(&self) -> Option<u8> {
         self.health().node

@@ -488,3 +488,97 @@ impl Agentd for RouterService {
             .map(Response::new)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{DaemonAddr, Health};
+    use agentd_service::access::Tenancy;
+    use proptest::prelude::*;
+
+    /// A router over daemons with nodes `nodes` (`None`: never answered), up or down.
+    fn router(nodes: &[(Option<u8>, bool)]) -> RouterService {
+        let addrs = (0..nodes.len())
+            .map(|i| {
+                format!("unix:/nowhere/{i}.sock")
+                    .parse::<DaemonAddr>()
+                    .unwrap()
+            })
+            .collect();
+        // Channels are made inside a runtime (never used here: nothing is called).
+        static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let rt = RT.get_or_init(|| tokio::runtime::Runtime::new().unwrap());
+        let _in_rt = rt.enter();
+        let backends = Arc::new(Backends::new(addrs).unwrap());
+        for (b, &(node, up)) in backends.all().iter().zip(nodes) {
+            b.set_health(Health {
+                node,
+                epoch: node.map(|_| 1),
+                up,
+                error: (!up).then(|| "connection refused".into()),
+            });
+        }
+        let access = Access {
+            tenancy: Tenancy::Single,
+            tokens: Default::default(),
+            operators: Default::default(),
+            server: "router",
+        };
+        RouterService::new(backends, access, Policy::default(), None, false)
+    }
+
+    proptest! {
+        #[test]
+        fn a_session_goes_to_the_daemon_whose_node_its_id_carries(
+            low in 0u64..(1 << 56), node in 0u8..128, up in any::<bool>(),
+        ) {
+            let r = router(&[(Some(3), true), (Some(node), up), (None, false)]);
+            let id = (u64::from(node) << 56) | low;
+            let b = r.session_backend(id).unwrap();
+            prop_assert_eq!(b.node(), Some(node));
+            // Node 3 is taken by the first daemon, unless the second has it too (then either).
+            if node != 3 {
+                prop_assert!(Arc::ptr_eq(&b, &r.backends.all()[1]));
+            }
+            let other = (node + 1) % 128;
+            if other != 3 {
+                let e = r.session_backend((u64::from(other) << 56) | low).unwrap_err();
+                prop_assert_eq!(e.code(), Code::NotFound);
+            }
+        }
+    }
+
+    #[test]
+    fn new_sessions_go_to_live_daemons_only_and_none_up_is_unavailable_naming_them() {
+        let r = router(&[(Some(1), false), (Some(2), true), (None, false)]);
+        for _ in 0..4 {
+            let b = r
+                .place(&[1, 2, 3], CacheNamespace::Tenant(0), &[], 0)
+                .unwrap();
+            assert_eq!(b.node(), Some(2));
+        }
+        let r = router(&[(Some(1), false), (None, false)]);
+        let e = r
+            .place(&[1], CacheNamespace::Tenant(0), &[], 0)
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(
+            e.message()
+                .contains("daemon node 1 (unix:/nowhere/0.sock): connection refused"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_daemon_holding_a_registered_prefix_is_preferred_when_placing_by_cache() {
+        let mut r = router(&[(Some(1), true), (Some(2), true)]);
+        r.policy.placement = crate::Placement::Cache;
+        let prompt: Vec<u32> = (0..100).collect();
+        for _ in 0..4 {
+            let b = r
+                .place(&prompt, CacheNamespace::Tenant(0), &[2], 80)
+                .unwrap();
+            assert_eq!(b.node(), Some(2));
+        }
+    }
+}
