@@ -362,3 +362,84 @@ async fn only_an_operator_may_act_as_another_tenant() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_keeps_tenants_apart_and_refuses_daemons_sharing_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let (da, db) = tokio::join!(
+        Daemon::start(&a, &["--node", "3"]),
+        Daemon::start(&b, &["--node", "3"])
+    );
+    // Two daemons with one node number: the router refuses to start, naming the problem.
+    let out = Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("route")
+        .arg("--socket")
+        .arg(dir.path().join("dup.sock"))
+        .arg("--daemon")
+        .arg(format!("unix:{}", a.display()))
+        .arg("--daemon")
+        .arg(format!("unix:{}", b.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("share a node number") && stderr.contains("node 3"), "{stderr}");
+    drop(db);
+
+    // Tenancy through the router: its own config (one tenant per uid; alice by bearer token
+    // over TCP), whatever the daemon's.
+    let addr = common::free_loopback_addr();
+    let config = dir.path().join("route.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tenant_per_uid = true\n[tcp]\nlisten = \"{addr}\"\n[tcp.tokens]\n\"alice-token-0123456789\" = \"alice\"\n"
+        ),
+    )
+    .unwrap();
+    let r = Router::start(
+        &dir.path().join("route.sock"),
+        &[&a],
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let alice = Client::connect_tcp(&addr, "alice-token-0123456789")
+        .await
+        .unwrap();
+    let q = alice.tokenize(&chatml("Hi"), true).await.unwrap();
+    let prefix = alice.register_prefix(q.clone()).await.unwrap();
+    let s = alice.create_session(Some(prefix), vec![]).await.unwrap();
+    let (_, usage) = run(s
+        .generate(&GenerateOptions::greedy().max_tokens(3).ignore_eos(true))
+        .await
+        .unwrap())
+    .await;
+    assert_eq!(usage.generated_tokens, 3);
+    assert_eq!(alice.stats().await.unwrap().sessions, 1);
+    // The router's operator (this uid, its own tenant) does not see alice's session or
+    // prefix, except when listing every tenant's.
+    let ops = Client::connect(&r.socket).await.unwrap();
+    let e = ops.session(s.id()).tokens().await.unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    let e = ops.create_session(Some(prefix), vec![]).await.unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    assert!(ops.list_prefixes(false).await.unwrap().is_empty());
+    let all = ops.list_prefixes(true).await.unwrap();
+    assert!(all.len() == 1 && !all[0].own && all[0].tenant != 0, "{all:?}");
+    assert_eq!(ops.stats().await.unwrap().sessions, 0);
+    // Admin calls are the router's operators' only.
+    let e = alice.evict_cache(None).await.unwrap_err();
+    assert!(matches!(&e, Error::PermissionDenied(_)), "{e}");
+    ops.evict_cache(None).await.unwrap();
+    // An operator publishes alice's prefix: every tenant may use it, and it survives alice
+    // dropping her own.
+    let published = ops.publish_prefix(prefix).await.unwrap();
+    alice.drop_prefix(prefix).await.unwrap();
+    let from_published = ops.create_session(Some(published), vec![]).await.unwrap();
+    assert_eq!(from_published.tokens().await.unwrap().0, q);
+    ops.unpin_prefix(published).await.unwrap();
+    let e = ops.unpin_prefix(published).await.unwrap_err();
+    assert!(matches!(&e, Error::NotFound(_)), "{e}");
+    drop(da);
+}
