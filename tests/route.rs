@@ -1,10 +1,15 @@
 //! End to end: `agentd route` in front of two real daemons (`--node 1`, `--node 2`), driven by
 //! the SDK as one daemon would be — prefix sessions placed where the prefix is, greedy output
 //! equal to a daemon's own, fork and close on the session's daemon, a killed daemon's sessions
-//! UNAVAILABLE (naming it) while new sessions go to the survivor; and the daemon's delegation
-//! headers, which only an operator may send.
+//! UNAVAILABLE (naming it) while new sessions go to the survivor; daemons sharing a node number
+//! refused; the router's own tenancy; with a shared tier on a real Redis Cluster, sessions placed
+//! by the daemons' KV events (skipped, saying so, without `redis-server`); and the daemon's
+//! delegation headers, which only an operator may send.
 
 mod common;
+
+#[path = "../daemon/kvtier/tests/support/cluster.rs"]
+mod cluster;
 
 use agentd_sdk::{Client, Error, Event, GenerateOptions};
 use common::{chatml, run, Daemon};
@@ -384,7 +389,10 @@ async fn the_router_keeps_tenants_apart_and_refuses_daemons_sharing_a_node() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("share a node number") && stderr.contains("node 3"), "{stderr}");
+    assert!(
+        stderr.contains("share a node number") && stderr.contains("node 3"),
+        "{stderr}"
+    );
     drop(db);
 
     // Tenancy through the router: its own config (one tenant per uid; alice by bearer token
@@ -426,7 +434,10 @@ async fn the_router_keeps_tenants_apart_and_refuses_daemons_sharing_a_node() {
     assert!(matches!(&e, Error::NotFound(_)), "{e}");
     assert!(ops.list_prefixes(false).await.unwrap().is_empty());
     let all = ops.list_prefixes(true).await.unwrap();
-    assert!(all.len() == 1 && !all[0].own && all[0].tenant != 0, "{all:?}");
+    assert!(
+        all.len() == 1 && !all[0].own && all[0].tenant != 0,
+        "{all:?}"
+    );
     assert_eq!(ops.stats().await.unwrap().sessions, 0);
     // Admin calls are the router's operators' only.
     let e = alice.evict_cache(None).await.unwrap_err();
@@ -442,4 +453,76 @@ async fn the_router_keeps_tenants_apart_and_refuses_daemons_sharing_a_node() {
     let e = ops.unpin_prefix(published).await.unwrap_err();
     assert!(matches!(&e, Error::NotFound(_)), "{e}");
     drop(da);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_shared_tier_sessions_follow_the_daemons_kv_events() {
+    if !cluster::redis_installed() {
+        eprintln!("skipped: redis-server and redis-cli are not installed");
+        return;
+    }
+    let redis = cluster::Cluster::start();
+    let urls = redis.urls().join(",");
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let args_a = ["--node", "1", "--kv-tier", &urls, "--disk-cache", "0"];
+    let args_b = ["--node", "2", "--kv-tier", &urls, "--disk-cache", "0"];
+    let (da, db) = tokio::join!(Daemon::start(&a, &args_a), Daemon::start(&b, &args_b));
+    let r = Router::start(
+        &dir.path().join("route.sock"),
+        &[&a, &b],
+        &["--kv-tier", &urls],
+    )
+    .await;
+    let c = Client::connect(&r.socket).await.unwrap();
+    // Each daemon pins a prompt of its own, registered on it directly: the router's registry
+    // knows neither; only the daemons' KV events say where each is.
+    let rules = |who: &str| -> String {
+        (0..8)
+            .map(|i| format!("Rule {i} of {who}: check the alerts, then write the ticket. "))
+            .collect()
+    };
+    let mut prompts = Vec::new();
+    for (node, socket) in [(1u8, &a), (2u8, &b)] {
+        let direct = Client::connect(socket).await.unwrap();
+        let tokens = direct
+            .tokenize(
+                &format!(
+                    "<|im_start|>system\n{}<|im_end|>\n",
+                    rules(&node.to_string())
+                ),
+                true,
+            )
+            .await
+            .unwrap();
+        assert!(tokens.len() >= 64, "{}", tokens.len());
+        direct.register_prefix(tokens.clone()).await.unwrap();
+        prompts.push((node, tokens));
+    }
+    // Until the router's index has the events, placement alternates between the idle daemons
+    // (each session is closed before the next); then every session with a daemon's prompt
+    // goes to that daemon.
+    let start = Instant::now();
+    let mut in_a_row = 0;
+    while in_a_row < 6 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "sessions never followed the KV events"
+        );
+        // Three sessions in a row per prompt: ties between idle daemons alternate, so this
+        // holds only when placement knows where each prompt is.
+        let (node, prompt) = &prompts[(in_a_row / 3) % 2];
+        let mut tokens = prompt.clone();
+        tokens.extend(c.tokenize(&chatml("Any alerts?"), true).await.unwrap());
+        let s = c.create_session(None, tokens).await.unwrap();
+        let on = node_of(s.id());
+        s.close().await.unwrap();
+        if on == *node {
+            in_a_row += 1;
+        } else {
+            in_a_row = 0;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    drop((da, db, redis));
 }
