@@ -171,6 +171,33 @@ async fn two_daemons_behind_the_router_serve_one_prefix_and_survive_one_dying() 
     assert_eq!(t1, direct_greedy(direct, &system, &q1, 12).await);
     assert_eq!(t2, direct_greedy(direct, &system, &q2, 12).await);
 
+    // Dropping a stream through the router cancels the generation on the daemon: the session
+    // is idle again at once (a busy session refuses a rewrite), long before 400 tokens.
+    let before = s1.tokens().await.unwrap().0.len();
+    let mut long = s1
+        .generate(&GenerateOptions::greedy().max_tokens(400).ignore_eos(true))
+        .await
+        .unwrap();
+    assert!(matches!(long.next().await, Some(Ok(Event::Token { .. }))));
+    drop(long);
+    let start = Instant::now();
+    loop {
+        let n = s1.tokens().await.unwrap().0.len() as u32;
+        match s1.rewrite(n, n, vec![]).await {
+            Ok(_) => break,
+            Err(Error::FailedPrecondition(_)) => {
+                assert!(start.elapsed() < Duration::from_secs(10), "never cancelled")
+            }
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = s1.tokens().await.unwrap().0.len();
+    assert!(
+        after < before + 200,
+        "{before} → {after}: the generation ran on"
+    );
+
     // A fork stays on its session's daemon; closing works through the router.
     let f = s1.fork().await.unwrap();
     assert_eq!(node_of(f.id()), holder);

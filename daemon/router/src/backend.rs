@@ -168,6 +168,14 @@ impl Backend {
             self.mark_down(&why);
             return Status::unavailable(format!("{} is unavailable: {why}", self.name()));
         }
+        match s.code() {
+            Code::Internal | Code::Unknown | Code::DataLoss => {
+                tracing::error!(daemon = %self.addr, code = ?s.code(), error = s.message(), "daemon call failed");
+            }
+            code => {
+                tracing::debug!(daemon = %self.addr, ?code, error = s.message(), "daemon refused a call")
+            }
+        }
         s
     }
 
