@@ -71,6 +71,10 @@ struct Cli {
 enum Command {
     /// Run the daemon: serve the gRPC API on a Unix socket until SIGTERM/SIGINT.
     Serve(ServeArgs),
+    /// Route the gRPC API to several daemons (`--daemon unix:PATH`, each with its own
+    /// `agentd serve --node N`): sessions go to the daemon that made them, new ones where
+    /// their prefix is cached; clients connect to the router as to a daemon.
+    Route(cli::route::RouteArgs),
     /// Print a running daemon's statistics (pool, cache hit rate, the caller's counters, the
     /// prefixes it may use) as JSON.
     Status(cli::admin::StatusArgs),
@@ -554,6 +558,7 @@ fn main() -> Result<()> {
                 .context("serve arguments")?;
             serve(cli.model, opts, args, sm)
         }
+        Command::Route(args) => cli::route::route(args),
         Command::Status(args) => cli::admin::status(args),
         Command::Prefix(cmd) => cli::admin::prefix(cmd),
         Command::Generate(args) => generate(load(cli.model, opts)?, args),
@@ -935,15 +940,19 @@ fn serve(
         args.kv_tier_timeout_ms,
         file.kv_tier_timeout_ms,
     );
+    // One restart epoch for the KV events' heartbeat and Health: `agentd route` and the index
+    // see the same restart.
+    let epoch = agentd_kvtier::events::new_epoch();
     sched_cfg.shared = kv_tier::shared_tier(
         &engine,
         sched_cfg.store.as_ref().map(|s| &s.digests),
         kv_tier_nodes.as_deref(),
         kv_tier_timeout,
         sched_cfg.node,
-        agentd_kvtier::events::new_epoch(),
+        epoch,
     )?;
     let draft = args.draft.load(&engine, opts)?;
+    let sched_cfg_node = sched_cfg.node;
     let handle = SchedulerHandle::spawn_with_drafter(
         Box::new(engine.cpu_executor()),
         draft.map(|d| Box::new(d.cpu_executor()) as Box<dyn agentd_engine::Executor>),
@@ -959,6 +968,10 @@ fn serve(
         http,
         model_name,
         tenant_names: file.tenant_names(),
+        node: sched_cfg_node,
+        // A new epoch per start: `agentd route` sees a restart (and forgets the sessions it
+        // counted there) when it changes.
+        epoch,
     };
     eprintln!("agentd: listening on {}", socket.display());
     rt.block_on(serve(handle, engine, cfg, listener))?;

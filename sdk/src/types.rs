@@ -369,6 +369,10 @@ pub struct Health {
     pub version: String,
     /// Whether it is ready to serve.
     pub ready: bool,
+    /// The daemon's node number (`agentd serve --node`), if it has one; `agentd route` has none.
+    pub node: Option<u8>,
+    /// Random, chosen when the daemon started: a new value means it restarted.
+    pub epoch: u64,
 }
 
 impl Health {
@@ -377,6 +381,8 @@ impl Health {
         Self {
             version: h.version,
             ready: h.ready,
+            node: h.has_node.then(|| u8::try_from(h.node).unwrap_or(u8::MAX)),
+            epoch: h.epoch,
         }
     }
 }

@@ -416,7 +416,7 @@ fn encode_integer(mut value: usize, prefix: u8, flags: u8, out: &mut Vec<u8>) {
 /// A client connection whose bytes to the server go through a [`Rewriter`]; writes to the
 /// client and the connection's info (the Unix peer's credentials, for tenancy) are the inner
 /// stream's.
-pub(crate) struct RewriteStream<S> {
+pub struct RewriteStream<S> {
     inner: S,
     rewriter: Rewriter,
     /// Rewritten bytes not yet read by h2, from `pos` on.
@@ -429,7 +429,7 @@ pub(crate) struct RewriteStream<S> {
 
 impl<S> RewriteStream<S> {
     /// Wraps an accepted connection.
-    pub(crate) fn new(inner: S) -> Self {
+    pub fn new(inner: S) -> Self {
         Self {
             inner,
             rewriter: Rewriter::default(),

@@ -10,10 +10,13 @@
 //! - `status`: scheduler errors → gRPC statuses.
 //! - [`http`]: the OpenAI-compatible HTTP API and `/metrics` on the same service.
 //! - [`metrics`]: Prometheus metrics, fed by both front ends.
-//! - `authority`: the Unix socket's connections rewritten so that any gRPC client's
+//! - [`access`]: who is calling — tenancy from the connection, operators, and the delegation
+//!   headers `agentd route` sends as an operator (shared with the router).
+//! - [`authority`]: the Unix socket's connections rewritten so that any gRPC client's
 //!   `:authority` (grpc-core sends the socket path) is one h2 accepts.
 
-mod authority;
+pub mod access;
+pub mod authority;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod http;
@@ -22,6 +25,7 @@ mod request;
 pub mod serve;
 mod status;
 
+pub use access::Tenancy;
 use agentd_engine::{GenerateOptions, LoadedModel};
 use agentd_scheduler::{AppendInput, Event, PrefixId, SchedulerHandle, SessionId, TenantId};
 use agentd_wire::proto::{self, agentd_server::Agentd, generate_event};
@@ -30,30 +34,19 @@ use status::to_status;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{wrappers::UnboundedReceiverStream, Stream, StreamExt};
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
-
-/// How callers map to tenants.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Tenancy {
-    /// A personal daemon: every caller is tenant 0.
-    Single,
-    /// Each Unix user (peer uid) is its own tenant.
-    PerUid,
-    /// The configuration's uid → tenant map; other uids are refused.
-    Map(std::collections::HashMap<u32, TenantId>),
-}
 
 /// The service: the scheduler, the model it runs (for rendering, tokenizing and compiling
 /// constraints off the scheduler thread) and the tenancy rules.
 pub struct AgentdService {
     sched: SchedulerHandle,
     model: Arc<LoadedModel>,
-    tenancy: Tenancy,
-    /// Bearer token → tenant, for calls over TCP.
-    tokens: std::collections::HashMap<String, TenantId>,
-    /// Unix uids allowed the admin RPCs.
-    operators: std::collections::HashSet<u32>,
+    /// Tenancy, bearer tokens (`access.tokens`, also the HTTP API's) and operators.
+    access: access::Access,
+    /// This daemon's node number (`--node`), for Health.
+    node: Option<u8>,
+    /// Chosen at random when the daemon started, for Health.
+    epoch: u64,
     page_size: usize,
     pool_pages: usize,
     /// The model file's SHA-256, hashed once on first use (on a blocking worker).
@@ -112,9 +105,14 @@ impl AgentdService {
             metrics,
             sched,
             model,
-            tenancy,
-            tokens,
-            operators,
+            access: access::Access {
+                tenancy,
+                tokens,
+                operators,
+                server: "daemon",
+            },
+            node: None,
+            epoch: 0,
             page_size,
             pool_pages,
             model_sha256: tokio::sync::OnceCell::new(),
@@ -176,10 +174,14 @@ impl AgentdService {
 
     /// Whether the caller is an operator (see [`Self::operator`]).
     fn is_operator<T>(&self, req: &Request<T>) -> bool {
-        req.extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|u| u.peer_cred)
-            .is_some_and(|c| self.operators.contains(&c.uid()))
+        self.access.caller(req).is_ok_and(|c| c.operator)
+    }
+
+    /// Sets what Health reports: the daemon's node number and its start epoch.
+    pub fn with_identity(mut self, node: Option<u8>, epoch: u64) -> Self {
+        self.node = node;
+        self.epoch = epoch;
+        self
     }
 
     /// Compiles the generation's options (its constraint) on a blocking worker, within the
@@ -227,73 +229,24 @@ impl AgentdService {
         }
     }
 
-    /// The caller's tenant: over the Unix socket from the connection's peer credentials, over
-    /// TCP from its bearer token; never from a request field.
+    /// The caller's tenant: over the Unix socket from the connection's peer credentials (or an
+    /// operator's delegation header), over TCP from its bearer token; never from a request
+    /// field (see [`access::Access::caller`]).
     fn tenant<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
         let span = tracing::Span::current();
         span.record("request", status::request_id());
-        let tenant = self.tenant_of(req)?;
+        let tenant = self.access.caller(req)?.tenant;
         span.record("tenant", tenant);
         Ok(tenant)
     }
 
-    fn tenant_of<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
-        let Some(uds) = req.extensions().get::<UdsConnectInfo>() else {
-            return self.tcp_tenant(req);
-        };
-        if self.tenancy == Tenancy::Single {
-            return Ok(0);
-        }
-        let uid = uds.peer_cred.map(|c| c.uid()).ok_or_else(|| {
-            Status::permission_denied("the caller's peer credentials are unavailable")
-        })?;
-        match &self.tenancy {
-            Tenancy::Map(map) => map.get(&uid).copied().ok_or_else(|| {
-                Status::permission_denied(format!(
-                    "uid {uid} is not a tenant of this daemon (see [tenants] in its config)"
-                ))
-            }),
-            _ => Ok(TenantId::from(uid)),
-        }
-    }
-
     /// The caller's tenant, when the caller is an operator: a Unix-socket peer whose uid is in
-    /// `operators`. Anyone else gets PERMISSION_DENIED.
+    /// `operators` (acting as another tenant only with `x-agentd-operator: 1`). Anyone else
+    /// gets PERMISSION_DENIED.
     fn operator<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
         let tenant = self.tenant(req)?;
-        let uid = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|u| u.peer_cred)
-            .map(|c| c.uid());
-        match uid {
-            Some(uid) if self.operators.contains(&uid) => Ok(tenant),
-            Some(uid) => Err(Status::permission_denied(format!(
-                "uid {uid} is not an operator of this daemon (operators are the daemon's own uid and the config's `operators`)"
-            ))),
-            None => Err(Status::permission_denied(
-                "admin calls are only accepted over the Unix socket, from an operator's uid",
-            )),
-        }
-    }
-
-    /// A TCP caller's tenant, from `authorization: Bearer <token>`.
-    fn tcp_tenant<T>(&self, req: &Request<T>) -> Result<TenantId, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization header is not `Bearer <token>`")
-            })?;
-        self.tokens
-            .get(token)
-            .copied()
-            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))
+        self.access.operator(req)?;
+        Ok(tenant)
     }
 }
 
@@ -323,6 +276,9 @@ impl Agentd for AgentdService {
         Ok(Response::new(proto::HealthReply {
             version: env!("CARGO_PKG_VERSION").into(),
             ready: true,
+            node: self.node.map_or(0, u32::from),
+            has_node: self.node.is_some(),
+            epoch: self.epoch,
         }))
     }
 

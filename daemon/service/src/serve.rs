@@ -85,6 +85,10 @@ pub struct ServeConfig {
     pub model_name: String,
     /// Tenant names from the configuration, for the metrics' `tenant` label.
     pub tenant_names: std::collections::HashMap<agentd_scheduler::TenantId, String>,
+    /// This daemon's node number (`--node`), reported by Health.
+    pub node: Option<u8>,
+    /// Random, chosen at start (in `main`), reported by Health so `agentd route` sees restarts.
+    pub epoch: u64,
 }
 
 /// The HTTP listener and how it behaves.
@@ -138,6 +142,8 @@ pub fn spawn_local_with(
         http,
         model_name: model_stem(&model),
         tenant_names: Default::default(),
+        node: None,
+        epoch: rand::random(),
     };
     let task = tokio::spawn(serve(sched, model, cfg, listener));
     Ok(LocalServer { socket, dir, task })
@@ -282,17 +288,20 @@ pub async fn serve(
         single,
         stats.disk.is_some(),
     ));
-    let service = std::sync::Arc::new(AgentdService::new(
-        sched,
-        model,
-        cfg.tenancy,
-        cfg.tokens,
-        operators,
-        stats.page_size,
-        stats.pool_pages,
-        vec![cfg.model_name.clone()],
-        metrics,
-    ));
+    let service = std::sync::Arc::new(
+        AgentdService::new(
+            sched,
+            model,
+            cfg.tenancy,
+            cfg.tokens,
+            operators,
+            stats.page_size,
+            stats.pool_pages,
+            vec![cfg.model_name.clone()],
+            metrics,
+        )
+        .with_identity(cfg.node, cfg.epoch),
+    );
     let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
     let mut rx = signalled_rx.clone();

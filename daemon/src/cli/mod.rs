@@ -1,11 +1,12 @@
 //! Subcommands that talk to a running daemon over its socket (`admin`, `connect`), and the
 //! model-file tools that need no daemon (`model`: `agentd model quantize`; `catalog`:
 //! `agentd model list|pull|rm` and the meaning of `--model NAME|PATH`; `tokenize`:
-//! `agentd model tokenize`).
+//! `agentd model tokenize`), and `route`: `agentd route`, the router in front of several daemons.
 
 pub mod admin;
 pub mod catalog;
 pub mod connect;
 pub mod model;
+pub mod route;
 pub mod run;
 pub mod tokenize;

@@ -94,12 +94,13 @@ impl HttpState {
     /// no tokens).
     fn tenant(&self, headers: &HeaderMap) -> Result<TenantId, ApiError> {
         let span = tracing::Span::current();
-        let tenant = if self.svc.tokens.is_empty() {
+        let tenant = if self.svc.access.tokens.is_empty() {
             0
         } else {
             let token = bearer(headers)?;
             *self
                 .svc
+                .access
                 .tokens
                 .get(token)
                 .ok_or_else(|| ApiError::unauthorized("unknown bearer token"))?
@@ -265,7 +266,7 @@ async fn metrics(
             return Err(ApiError::unauthorized("unknown bearer token for /metrics"));
         }
         Some(_) => {}
-        None if !st.svc.tokens.is_empty() => {
+        None if !st.svc.access.tokens.is_empty() => {
             return Err(ApiError::forbidden(
                 "this daemon has tenant tokens, so its metrics (every tenant's) need [http] metrics_token",
             ))
