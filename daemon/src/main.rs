@@ -75,6 +75,14 @@ enum Command {
     /// `agentd serve --node N`): sessions go to the daemon that made them, new ones where
     /// their prefix is cached; clients connect to the router as to a daemon.
     Route(cli::route::RouteArgs),
+    /// What CUDA this machine has (NVIDIA driver, NVRTC, devices), with every CUDA kernel
+    /// source compiled for each device into the PTX cache. The CUDA executor itself is not
+    /// built yet: agentd runs on the CPU.
+    Device {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a running daemon's statistics (pool, cache hit rate, the caller's counters, the
     /// prefixes it may use) as JSON.
     Status(cli::admin::StatusArgs),
@@ -559,6 +567,15 @@ fn main() -> Result<()> {
             serve(cli.model, opts, args, sm)
         }
         Command::Route(args) => cli::route::route(args),
+        Command::Device { json } => {
+            let report = cli::device::run()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                cli::device::print(&report);
+            }
+            Ok(())
+        }
         Command::Status(args) => cli::admin::status(args),
         Command::Prefix(cmd) => cli::admin::prefix(cmd),
         Command::Generate(args) => generate(load(cli.model, opts)?, args),

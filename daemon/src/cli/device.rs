@@ -79,7 +79,9 @@ pub fn print(r: &DeviceReport) {
     }
     println!(
         "NVRTC: {}",
-        r.nvrtc_version.as_deref().unwrap_or("none (kernels cannot be compiled)")
+        r.nvrtc_version
+            .as_deref()
+            .unwrap_or("none (kernels cannot be compiled)")
     );
     if let Some(e) = &r.error {
         println!("note: {e}");
