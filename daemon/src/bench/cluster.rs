@@ -111,7 +111,11 @@ pub struct ModeReport {
     pub mode: Mode,
     /// Prompt tokens the daemons computed, all together (registrations included).
     pub prompt_tokens_computed: u64,
-    /// The same, in system prompts' worth (the aim in `routed`: about one per prompt).
+    /// Of those, the sessions' own (each session's prompt tokens not found cached: its user
+    /// message and the template's turn markers).
+    pub session_tokens_computed: u64,
+    /// The rest — system prompts computed by registrations, here or on another daemon — in
+    /// system prompts' worth (the aim in `routed`: 1.0 per prompt, so `prompts` in all).
     pub system_prompts_computed: f64,
     /// Tokens the daemons loaded from the shared tier.
     pub tier_loaded_tokens: u64,
@@ -239,6 +243,7 @@ struct SessionResult {
     ttft: f64,
     generated: u64,
     cached: u64,
+    computed: u64,
 }
 
 async fn run_mode(
@@ -333,10 +338,12 @@ async fn run_mode(
     let mut ttfts: Vec<f64> = results.iter().map(|r| r.ttft * 1e3).collect();
     let generated: u64 = results.iter().map(|r| r.generated).sum();
     let mean_prompt = prompt_tokens.iter().sum::<usize>() as f64 / prompt_tokens.len() as f64;
+    let session_computed: u64 = results.iter().map(|r| r.computed).sum();
     let report = ModeReport {
         mode,
         prompt_tokens_computed: computed,
-        system_prompts_computed: computed as f64 / mean_prompt,
+        session_tokens_computed: session_computed,
+        system_prompts_computed: computed.saturating_sub(session_computed) as f64 / mean_prompt,
         tier_loaded_tokens: loaded,
         session_cached_tokens: results.iter().map(|r| r.cached).sum(),
         ttft_p50_ms: percentile(&mut ttfts, 0.5),
@@ -390,6 +397,7 @@ async fn session(mut c: Client, prefix: u64, i: usize, max_tokens: u32) -> Resul
         ttft,
         generated: u64::from(usage.generated_tokens),
         cached: u64::from(usage.cached_tokens),
+        computed: u64::from(usage.prompt_tokens.saturating_sub(usage.cached_tokens)),
     })
 }
 
