@@ -11,4 +11,5 @@ pub mod device;
 pub mod model;
 pub mod route;
 pub mod run;
+pub mod serve;
 pub mod tokenize;
