@@ -10,10 +10,10 @@
 //! node's *epoch*: the daemon's start time in microseconds, so a restarted daemon has a newer
 //! epoch than any of its earlier runs.
 //!
-//! **The index.** [`KvIndex`] maps each page key to the set of nodes holding it. An event or
-//! heartbeat with a newer epoch than the index knows for its node purges that node's entries
-//! first (a restarted daemon's memory is empty); events of an older epoch are ignored; an
-//! expired heartbeat purges the node and marks it down. Lookups only count nodes whose
+//! **The index.** [`KvIndex`] maps each page key to the set of nodes holding it. An event with
+//! a newer epoch than the index knows for its node, or a heartbeat with any other epoch,
+//! purges that node's entries first (a restarted daemon's memory is empty); events of an older
+//! epoch are ignored; an expired heartbeat purges the node and marks it down. Lookups only count nodes whose
 //! heartbeat is current.
 //!
 //! All keys share the hash tag `{events}`, so the stream and all 128 heartbeats live in one
@@ -226,19 +226,27 @@ impl KvIndex {
         }
     }
 
-    /// Records node `node`'s heartbeat: `Some` when current (a newer epoch purges the node's
-    /// entries), `None` when it expired or is missing (the node's entries are purged and the
-    /// node is down until a heartbeat comes back).
+    /// Records node `node`'s heartbeat: `Some` when current (an epoch other than the node's,
+    /// newer or older, is a restart: the node's entries are purged), `None` when it expired or
+    /// is missing (the node's entries are purged and the node is down until a heartbeat comes
+    /// back).
     pub fn heartbeat(&mut self, node: u8, hb: Option<&Heartbeat>) {
         if node as usize >= MAX_NODES {
             return;
         }
         match hb {
             Some(hb) => {
-                if let Some(state) = self.at_epoch(node, hb.epoch) {
-                    state.alive = true;
-                    state.fingerprint = Some(hb.fingerprint.clone());
+                // The heartbeat is the authority on the node's current run: any other epoch
+                // (older too, after a clock stepped back) is a restart.
+                if self.nodes.get(&node).is_some_and(|s| s.epoch != hb.epoch) {
+                    self.purge(node);
+                    self.nodes.get_mut(&node).expect("known").epoch = hb.epoch;
                 }
+                let state = self
+                    .at_epoch(node, hb.epoch)
+                    .expect("the epoch is the node's");
+                state.alive = true;
+                state.fingerprint = Some(hb.fingerprint.clone());
             }
             None => {
                 self.purge(node);
