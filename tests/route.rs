@@ -553,3 +553,41 @@ async fn with_a_shared_tier_sessions_follow_the_daemons_kv_events() {
     }
     drop((da, db, redis));
 }
+
+/// The SDK's agent loop works through the router unchanged: the calculator agent registers its
+/// prefix, learns its template from a probe session, calls its tool and answers, with the
+/// sessions spread over two daemons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_runs_through_the_router_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let (da, db) = tokio::join!(
+        Daemon::start(&a, &["--node", "1"]),
+        Daemon::start(&b, &["--node", "2"])
+    );
+    let r = Router::start(&dir.path().join("r.sock"), &[&da.socket, &db.socket], &[]).await;
+    let c = Client::connect(&r.socket).await.unwrap();
+    let calc = agentd_agents::calculator();
+    let mut nodes = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let s = calc.session(&c).await.unwrap();
+        nodes.insert((s.id() >> 56) & 0x7f);
+        let out = calc.run(&s, "What is 12 times 7?").await.unwrap();
+        let results: Vec<&str> = out
+            .transcript
+            .iter()
+            .filter(|m| m.role == agentd_sdk::Role::Tool)
+            .map(|m| m.content.as_str())
+            .collect();
+        assert!(
+            results.iter().any(|r| r.contains("84")),
+            "the tool was called and returned 84: {results:?}"
+        );
+        s.close().await.unwrap();
+    }
+    assert_eq!(
+        nodes.len(),
+        2,
+        "least-loaded placement spreads the sessions: {nodes:?}"
+    );
+}
