@@ -38,26 +38,56 @@ impl KvEventIndex {
 
 impl PrefixIndex for KvEventIndex {
     fn cached(&self, node: u8, ns: CacheNamespace, tokens: &[u32]) -> Cached {
-        let Ok(index) = self.index.read() else {
-            return Cached::default();
-        };
-        // A node without a heartbeat is not known to hold anything.
-        let Some(fingerprint) = index.fingerprint(node) else {
-            return Cached::default();
-        };
+        self.cached_all(&[node], ns, tokens)[0]
+    }
+
+    /// The prompt's page keys are hashed once per distinct fingerprint (once, when the daemons
+    /// run the same model the same way), outside the index's lock.
+    fn cached_all(&self, nodes: &[u8], ns: CacheNamespace, tokens: &[u32]) -> Vec<Cached> {
         let ns = match ns {
             CacheNamespace::Tenant(t) => Namespace::Tenant(t),
             CacheNamespace::Published(p) => Namespace::Published(p),
         };
-        let tier_ns = TierNamespace::new(fingerprint.clone(), ns);
-        let page = tier_ns.page_size();
-        let run = PageRun::new(&tier_ns, tokens);
-        let local = index.matched_pages(node, run.keys());
-        let anywhere = index.held_anywhere(run.keys()).max(local);
-        Cached {
-            local: local * page,
-            anywhere: anywhere * page,
+        // A node without a heartbeat is not known to hold anything.
+        let fingerprints: Vec<_> = match self.index.read() {
+            Ok(index) => nodes
+                .iter()
+                .map(|&n| index.fingerprint(n).cloned())
+                .collect(),
+            Err(_) => return vec![Cached::default(); nodes.len()],
+        };
+        let mut runs: Vec<(agentd_store::format::Fingerprint, PageRun, usize)> = Vec::new();
+        for fp in fingerprints.iter().flatten() {
+            if !runs.iter().any(|(f, _, _)| f == fp) {
+                let tier_ns = TierNamespace::new(fp.clone(), ns);
+                runs.push((
+                    fp.clone(),
+                    PageRun::new(&tier_ns, tokens),
+                    tier_ns.page_size(),
+                ));
+            }
         }
+        let Ok(index) = self.index.read() else {
+            return vec![Cached::default(); nodes.len()];
+        };
+        nodes
+            .iter()
+            .zip(&fingerprints)
+            .map(|(&node, fp)| {
+                let Some((_, run, page)) = fp
+                    .as_ref()
+                    .and_then(|fp| runs.iter().find(|(f, _, _)| f == fp))
+                else {
+                    return Cached::default();
+                };
+                let local = index.matched_pages(node, run.keys());
+                let anywhere = index.held_anywhere(run.keys()).max(local);
+                Cached {
+                    local: local * page,
+                    anywhere: anywhere * page,
+                }
+            })
+            .collect()
     }
 }
 

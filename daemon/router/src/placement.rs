@@ -63,6 +63,12 @@ pub trait PrefixIndex: Send + Sync {
     /// (`local`), and how many it could load from the shared tier because some daemon holds
     /// them (`anywhere`, at least `local` when the tier has them). Whole pages only.
     fn cached(&self, node: u8, ns: CacheNamespace, tokens: &[u32]) -> Cached;
+
+    /// [`PrefixIndex::cached`] for each of `nodes`, in order. Implementations that hash the
+    /// prompt override it to hash once for all the daemons that share a fingerprint.
+    fn cached_all(&self, nodes: &[u8], ns: CacheNamespace, tokens: &[u32]) -> Vec<Cached> {
+        nodes.iter().map(|&n| self.cached(n, ns, tokens)).collect()
+    }
 }
 
 /// One daemon as placement sees it.

@@ -11,7 +11,7 @@
 //! (unix:/run/b.sock) is unavailable: …"); new sessions then go elsewhere.
 
 use crate::backend::{Backend, Backends};
-use crate::placement::{CacheNamespace, Candidate, Policy, PrefixIndex};
+use crate::placement::{CacheNamespace, Cached, Candidate, Policy, PrefixIndex};
 use crate::registry::Registry;
 use agentd_scheduler::node_of_id;
 use agentd_service::access::{Access, Caller, OPERATOR_HEADER, TENANT_HEADER};
@@ -120,12 +120,21 @@ impl RouterService {
             .iter()
             .filter_map(|b| b.node().map(|n| (b.clone(), n)))
             .collect();
+        let up: Vec<u8> = known
+            .iter()
+            .filter(|(b, _)| b.is_up())
+            .map(|(_, n)| *n)
+            .collect();
+        let cached_up = match &self.index {
+            Some(index) => index.cached_all(&up, ns, prompt),
+            None => vec![Default::default(); up.len()],
+        };
         let candidates: Vec<Candidate> = known
             .iter()
             .map(|(b, node)| {
-                let mut cached = match &self.index {
-                    Some(index) if b.is_up() => index.cached(*node, ns, prompt),
-                    _ => Default::default(),
+                let mut cached = match up.iter().position(|n| n == node) {
+                    Some(i) if b.is_up() => cached_up[i],
+                    _ => Cached::default(),
                 };
                 if held.contains(node) {
                     cached.local = cached.local.max(held_tokens);
