@@ -591,3 +591,40 @@ async fn an_agent_runs_through_the_router_unchanged() {
         "least-loaded placement spreads the sessions: {nodes:?}"
     );
 }
+
+/// Node numbers outside 0–127 (flag or config file) and daemon addresses the router cannot
+/// use are refused at start, each with a message naming what is wrong.
+#[test]
+fn bad_node_numbers_and_daemon_addresses_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(&config, "node = 200\n").unwrap();
+    let sock = dir.path().join("a.sock");
+    let cases: [(&[&str], &str); 3] = [
+        (&["serve", "--node", "128"], "128 is not in 0..=127"),
+        (
+            &[
+                "serve",
+                "--socket",
+                sock.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            "node = 200",
+        ),
+        (
+            &["route", "--daemon", "tcp://127.0.0.1:5"],
+            "bad daemon address",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_agentd"))
+            .args(args)
+            .env("AGENTD_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
