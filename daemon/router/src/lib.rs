@@ -160,7 +160,7 @@ pub async fn serve(cfg: RouterConfig, listener: UnixListener) -> Result<(), Rout
         None => None,
     };
     tokio::spawn(async move {
-        shutdown_signal().await;
+        agentd_service::serve::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     let server = async move {
@@ -189,18 +189,4 @@ pub async fn serve(cfg: RouterConfig, listener: UnixListener) -> Result<(), Rout
     poller.abort();
     let _ = std::fs::remove_file(&cfg.socket);
     result
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
 }

@@ -73,7 +73,7 @@ impl Scheduler {
         let m = self.tree.match_prefix(src_ns, &tokens);
         let pages = m.pages[..tokens.len().div_ceil(self.cfg.page_size)].to_vec();
         let new_id = PrefixId(self.fresh_id());
-        let ns = Namespace::Published(super::scheduler::published_namespace(&tokens));
+        let ns = Namespace::Published(super::ids::published_namespace(&tokens));
         match self.tree.insert(ns, &tokens, &pages) {
             Ok(ins) => self.announce(
                 agentd_kvtier::events::EventKind::Stored,

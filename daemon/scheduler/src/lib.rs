@@ -34,6 +34,7 @@ mod actor;
 mod admin;
 pub mod cache;
 pub mod draft_model;
+mod ids;
 mod persist;
 #[allow(clippy::module_inception)]
 mod scheduler;
@@ -45,8 +46,9 @@ mod types;
 pub use actor::SchedulerHandle;
 pub use admin::PrefixEntry;
 pub use draft_model::{DraftConfig, DraftError};
+pub use ids::{node_of_id, published_namespace};
 pub use persist::fingerprint;
-pub use scheduler::{node_of_id, published_namespace, PrefixInfo, Scheduler};
+pub use scheduler::{PrefixInfo, Scheduler};
 pub use shared_tier::SharedTierConfig;
 pub use spec::SpecConfig;
 pub use types::*;

@@ -293,7 +293,9 @@ impl Scheduler {
     pub(super) fn fresh_id(&mut self) -> u64 {
         loop {
             let id = match self.cfg.node {
-                Some(n) => (u64::from(n & 0x7f) << NODE_SHIFT) | (rand::random::<u64>() >> 8),
+                Some(n) => {
+                    (u64::from(n & 0x7f) << super::ids::NODE_SHIFT) | (rand::random::<u64>() >> 8)
+                }
                 None => rand::random::<u64>() >> 1,
             };
             let taken = id == 0
@@ -659,7 +661,7 @@ impl Scheduler {
         }
         let id = PrefixId(self.fresh_id());
         let ns = if publish {
-            Namespace::Published(published_namespace(&tokens))
+            Namespace::Published(super::ids::published_namespace(&tokens))
         } else {
             Namespace::Tenant(tenant)
         };
@@ -896,26 +898,4 @@ impl Scheduler {
             spec: Default::default(),
         });
     }
-}
-
-/// Where a node number sits in an id ([`SchedulerConfig::node`]).
-const NODE_SHIFT: u32 = 56;
-
-/// The node number an id made by a daemon started with a node number carries (bits 56–62).
-pub fn node_of_id(id: u64) -> u8 {
-    ((id >> NODE_SHIFT) & 0x7f) as u8
-}
-
-/// The cache namespace of a published prefix: derived from its tokens alone (SHA-256), so that
-/// the same prefix published on several daemons is cached under the same namespace everywhere
-/// and the shared tier's pages of one daemon are hits on the others. 63 bits, never 0.
-pub fn published_namespace(tokens: &[u32]) -> u64 {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(b"agentd-published-prefix");
-    for t in tokens {
-        h.update(t.to_le_bytes());
-    }
-    let d = h.finalize();
-    (u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) >> 1).max(1)
 }

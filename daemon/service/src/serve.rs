@@ -251,7 +251,9 @@ pub fn bind_socket(path: &Path, group: Option<&SocketGroup>) -> Result<UnixListe
     Ok(listener)
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT (logged); never, if the handlers cannot be installed. The
+/// daemon's and `agentd route`'s graceful shutdown wait on it.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
