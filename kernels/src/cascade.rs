@@ -169,7 +169,7 @@ pub fn paged_prefix_states<S: KvStore>(
                 unsafe { super::block_states_avx2(&p, &mut acc, &mut m, &mut l) };
                 return (acc, m, l);
             }
-            super::block_states(&p, false, &mut acc, &mut m, &mut l);
+            super::block_states::<_, false>(&p, false, &mut acc, &mut m, &mut l);
             (acc, m, l)
         })
         .collect();

@@ -12,6 +12,8 @@ pub struct Features {
     /// AVX-512 F, BW, VL and VNNI on top of `avx2`: the same byte dot product with 32 vector
     /// registers and mask registers.
     pub avx512_vnni: bool,
+    /// AVX-512 F on top of `avx2`: 512-bit float registers (the attention kernels).
+    pub avx512: bool,
 }
 
 /// The features of the CPU we run on (detected on first call; `AGENTD_FORCE_SCALAR=1` turns
@@ -25,6 +27,7 @@ pub fn features() -> Features {
             avx2,
             avx_vnni: avx2 && detect_avx_vnni(),
             avx512_vnni: avx2 && detect_avx512_vnni(),
+            avx512: avx2 && detect_avx512f(),
         }
     })
 }
@@ -61,5 +64,15 @@ fn detect_avx512_vnni() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_avx512_vnni() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx512f() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512f() -> bool {
     false
 }

@@ -248,6 +248,12 @@ pub fn matmul_many_with(
     } else {
         all_groups.div_ceil(threads * 4).max(1)
     };
+    // The 512-bit kernel takes panel groups two at a time.
+    let per_unit = if isa == Isa::Avx512Vnni {
+        per_unit.next_multiple_of(2)
+    } else {
+        per_unit
+    };
     let mut units = Vec::new();
     let mut col0 = 0;
     for (mi, m) in mats.iter().enumerate() {
@@ -356,12 +362,26 @@ fn run_unit(
     let mut t0 = 0;
     while t0 < n {
         let t1 = (t0 + chunk).min(n);
-        for g in groups.clone() {
-            let panel = m.group(g);
+        let mut g = groups.start;
+        while g < groups.end {
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512Vnni && g + 1 < groups.end {
+                let (p0, p1) = (m.group(g), m.group(g + 1));
+                wide_tiles(m.ty, p0, p1, recs, &rows[t0..t1], |k, o| {
+                    let (a, b) = o.split_at(GROUP);
+                    emit(t0 + k, g, a.try_into().expect("eight outputs"));
+                    emit(t0 + k, g + 1, b.try_into().expect("eight outputs"));
+                });
+                g += 2;
+                continue;
+            }
+            let this = g;
+            g += 1;
+            let panel = m.group(this);
             #[cfg(target_arch = "x86_64")]
             if isa != Isa::Scalar {
                 simd_tiles(isa, m.ty, panel, recs, &rows[t0..t1], |k, o| {
-                    emit(t0 + k, g, o)
+                    emit(t0 + k, this, o)
                 });
                 continue;
             }
@@ -369,7 +389,7 @@ fn run_unit(
             for t in t0..t1 {
                 let mut o = [0f32; 8];
                 scalar::group_dot(m.ty, panel, acts, t, &mut o);
-                emit(t, g, &o);
+                emit(t, this, &o);
             }
         }
         t0 = t1;
@@ -424,6 +444,51 @@ fn simd_tiles(
         }
     }
 }
+/// Tiles of eight (four for `Q6_K`, whose halves need twice the registers) or one activation
+/// rows against two panel groups at once, on 512-bit registers.
+#[cfg(target_arch = "x86_64")]
+fn wide_tiles(
+    ty: QuantType,
+    p0: &[u8],
+    p1: &[u8],
+    recs: usize,
+    rows: &[crate::quant::x86::ActPtr],
+    mut emit: impl FnMut(usize, &[f32; 16]),
+) {
+    use crate::quant::x86;
+    let (k8, k4, k1) = (
+        x86::kernel16::<8>(ty),
+        x86::kernel16::<4>(ty),
+        x86::kernel16::<1>(ty),
+    );
+    let eight = ty != QuantType::Q6_K;
+    let mut t = 0;
+    macro_rules! run {
+        ($f:expr, $r:expr) => {{
+            let a: &[x86::ActPtr; $r] = rows[t..t + $r].try_into().expect("tile rows");
+            let mut o = [[0f32; 16]; $r];
+            // SAFETY: the caller checked AVX-512 VNNI; both panels hold `recs` records, and
+            // every activation row holds `recs` records' worth of elements in the form `ty`
+            // reads (checked in `matmul_many_with`).
+            unsafe { $f(p0.as_ptr(), p1.as_ptr(), recs, a, &mut o) };
+            for (k, o) in o.iter().enumerate() {
+                emit(t + k, o);
+            }
+            t += $r;
+        }};
+    }
+    while t < rows.len() {
+        let left = rows.len() - t;
+        if eight && left >= 8 {
+            run!(k8, 8)
+        } else if left >= 4 {
+            run!(k4, 4)
+        } else {
+            run!(k1, 1)
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn act_ptr(ty: QuantType, acts: &QuantizedRows, t: usize) -> crate::quant::x86::ActPtr {
     use crate::quant::x86::ActPtr;

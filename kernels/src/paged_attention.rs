@@ -604,11 +604,16 @@ fn attend_blocks<S: KvStore>(
             let mut lse = vec![0f32; p.rows.len() * group];
             #[cfg(target_arch = "x86_64")]
             if sp.simd {
-                // SAFETY: `simd` is set only where AVX2, FMA and F16C were detected.
-                unsafe { block_queries_avx2(&p, &mut res, &mut lse) };
+                if cpu::features().avx512 && head_dim.is_multiple_of(16) {
+                    // SAFETY: AVX-512F was detected.
+                    unsafe { block_queries_avx512(&p, &mut res, &mut lse) };
+                } else {
+                    // SAFETY: `simd` is set only where AVX2, FMA and F16C were detected.
+                    unsafe { block_queries_avx2(&p, &mut res, &mut lse) };
+                }
                 return (res, lse);
             }
-            block_queries(&p, false, &mut res, &mut lse);
+            block_queries::<S, false>(&p, false, &mut res, &mut lse);
             (res, lse)
         })
         .collect();
@@ -780,11 +785,16 @@ impl<S: KvStore> Walk<'_, S> {
 /// every query of the block. Writes rows of `group × head_dim` (normalised) into `out` and each
 /// query's log-sum-exp into `lse`.
 #[inline(always)]
-fn block_queries<S: KvStore>(p: &Block<'_, S>, simd: bool, out: &mut [f32], lse: &mut [f32]) {
+fn block_queries<S: KvStore, const W: bool>(
+    p: &Block<'_, S>,
+    simd: bool,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     let nq = p.rows.len() * p.group;
     let mut m = vec![f32::NEG_INFINITY; nq];
     let mut l = vec![0f32; nq];
-    block_states(p, simd, out, &mut m, &mut l);
+    block_states::<S, W>(p, simd, out, &mut m, &mut l);
     for (qi, acc) in out.chunks_exact_mut(p.head_dim).enumerate() {
         if l[qi] > 0.0 {
             scale_body(acc, 1.0 / l[qi]);
@@ -799,7 +809,7 @@ fn block_queries<S: KvStore>(p: &Block<'_, S>, simd: bool, out: &mut [f32], lse:
 /// `group` maxima and sums per row) of every query of a [`Block`] over its keys, in the
 /// canonical order; with `p.init`, starting from each row's state over the keys before.
 #[inline(always)]
-fn block_states<S: KvStore>(
+fn block_states<S: KvStore, const W: bool>(
     p: &Block<'_, S>,
     simd: bool,
     out: &mut [f32],
@@ -844,7 +854,7 @@ fn block_states<S: KvStore>(
     while c0 < last {
         let c1 = chunk_end(c0, last);
         if c0 == p.keys.start && p.init.is_none() {
-            block_chunk(
+            block_chunk::<S, W>(
                 p,
                 simd,
                 c0..c1,
@@ -861,7 +871,7 @@ fn block_states<S: KvStore>(
             cm.resize(nq, f32::NEG_INFINITY);
             cl.clear();
             cl.resize(nq, 0.0);
-            block_chunk(
+            block_chunk::<S, W>(
                 p,
                 simd,
                 c0..c1,
@@ -896,7 +906,7 @@ struct Buffers {
 /// masked) to below `visible.1(row)` only.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn block_chunk<S: KvStore>(
+fn block_chunk<S: KvStore, const W: bool>(
     p: &Block<'_, S>,
     simd: bool,
     keys: std::ops::Range<usize>,
@@ -923,6 +933,18 @@ fn block_chunk<S: KvStore>(
                 let head = p.kvh * p.group + g;
                 let qv = &p.q[r * p.q_row + head * d..][..d];
                 let acc = &mut acc[qi * d..(qi + 1) * d];
+                #[cfg(target_arch = "x86_64")]
+                if W {
+                    // SAFETY: `W` is set only in `block_queries_avx512`, for heads that are a
+                    // multiple of 16 on a CPU with AVX-512F; the tile holds `n` keys.
+                    unsafe {
+                        let tmax = tile::scores_avx512(qv, &buf.k, d, p.scale, s);
+                        let tmax = mask_below(s, t0, lo, tmax);
+                        tile::fold_softmax(acc, &mut m[qi], &mut l[qi], s, tmax);
+                        tile::accumulate_avx512(acc, &buf.v, d, s);
+                    }
+                    continue;
+                }
                 let tmax = tile::scores(simd, qv, &buf.k, d, p.scale, s);
                 let tmax = mask_below(s, t0, lo, tmax);
                 tile::fold_softmax(acc, &mut m[qi], &mut l[qi], s, tmax);
@@ -936,7 +958,15 @@ fn block_chunk<S: KvStore>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_queries_avx2<S: KvStore>(p: &Block<'_, S>, out: &mut [f32], lse: &mut [f32]) {
-    block_queries(p, true, out, lse)
+    block_queries::<S, false>(p, true, out, lse)
+}
+
+/// [`block_queries`] with the scores and the weighted values on 512-bit registers (the same
+/// bits as the AVX2 kernels: see [`tile::scores_avx512`]); heads a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn block_queries_avx512<S: KvStore>(p: &Block<'_, S>, out: &mut [f32], lse: &mut [f32]) {
+    block_queries::<S, true>(p, true, out, lse)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -947,7 +977,7 @@ unsafe fn block_states_avx2<S: KvStore>(
     m: &mut [f32],
     l: &mut [f32],
 ) {
-    block_states(p, true, out, m, l)
+    block_states::<S, false>(p, true, out, m, l)
 }
 
 /// `scores[j] = scale · q·k_j` for a run of keys (see [`tile::scores`]).

@@ -349,6 +349,175 @@ unsafe fn accumulate_avx2<E: KvElem>(acc: &mut [f32], v: &[E], stride: usize, w:
     }
 }
 
+/// [`scores`] for f32 keys on 512-bit registers, for head sizes that are a multiple of 16 (the
+/// prefill path's tile copy; the CPU must have AVX-512F). Lanes 0–7 of each accumulator run
+/// [`scores_avx2`]'s `a0` (the even 8-wide chunks) and lanes 8–15 its `a1` (the odd ones), and
+/// the halves are added and reduced as there, so every score is the same bits in half the
+/// multiply-adds. Heads of 64, 128 and 256 keep the query in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+#[inline]
+pub(crate) unsafe fn scores_avx512(
+    q: &[f32],
+    k: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> f32 {
+    let (d, n) = (q.len(), out.len());
+    if n == 0 {
+        return f32::NEG_INFINITY;
+    }
+    assert!(d.is_multiple_of(16), "head size not a multiple of 16");
+    assert!(
+        k.len() >= (n - 1) * stride + d,
+        "key run shorter than its rows"
+    );
+    match d {
+        64 => scores_regs::<4>(q, k, stride, scale, out),
+        128 => scores_regs::<8>(q, k, stride, scale, out),
+        256 => scores_regs::<16>(q, k, stride, scale, out),
+        _ => {
+            let qp = q.as_ptr();
+            let dot = |kp: *const f32| -> __m512 {
+                let mut a = _mm512_setzero_ps();
+                for c in (0..d).step_by(16) {
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c)), _mm512_loadu_ps(kp.add(c)), a);
+                }
+                a
+            };
+            scores_by_four(k, stride, scale, out, dot)
+        }
+    }
+}
+
+/// [`scores_avx512`] for heads of `16 N` elements, the query in `N` registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+#[inline]
+unsafe fn scores_regs<const N: usize>(
+    q: &[f32],
+    k: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> f32 {
+    let qv: [__m512; N] = std::array::from_fn(|i| _mm512_loadu_ps(q.as_ptr().add(16 * i)));
+    // The first 16-wide step multiplied for 64-wide heads (as `scores_avx2` does), fused
+    // multiply-adds from zero otherwise.
+    let dot = |kp: *const f32| -> __m512 {
+        let mut a = if N == 4 {
+            _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp))
+        } else {
+            _mm512_fmadd_ps(qv[0], _mm512_loadu_ps(kp), _mm512_setzero_ps())
+        };
+        for (i, qi) in qv.iter().enumerate().skip(1) {
+            a = _mm512_fmadd_ps(*qi, _mm512_loadu_ps(kp.add(16 * i)), a);
+        }
+        a
+    };
+    scores_by_four(k, stride, scale, out, dot)
+}
+
+/// The scores of a run of keys four at a time (the last few one at a time) from each key's
+/// 16-lane accumulator (`dot`), reduced as [`scores_avx2`] reduces its two 8-lane ones; returns
+/// the largest, kept as a vector maximum (the same value as a scalar fold: a maximum is exact
+/// and a NaN score is skipped either way).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scores_by_four(
+    k: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+    dot: impl Fn(*const f32) -> __m512,
+) -> f32 {
+    let n = out.len();
+    let sv = _mm_set1_ps(scale);
+    let mut vmax = _mm_set1_ps(f32::NEG_INFINITY);
+    let mut j = 0;
+    while j + 4 <= n {
+        let kp = k.as_ptr().add(j * stride);
+        let v: [__m256; 4] = std::array::from_fn(|t| halves_sum(dot(kp.add(t * stride))));
+        let s = _mm_mul_ps(hsum4(v), sv);
+        _mm_storeu_ps(out.as_mut_ptr().add(j), s);
+        // `maxps` keeps its second operand when the first is NaN.
+        vmax = _mm_max_ps(s, vmax);
+        j += 4;
+    }
+    let mut lanes = [0f32; 4];
+    _mm_storeu_ps(lanes.as_mut_ptr(), vmax);
+    let mut tmax = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for (t, o) in out[j..].iter_mut().enumerate() {
+        *o = hsum(halves_sum(dot(k.as_ptr().add((j + t) * stride)))) * scale;
+        tmax = tmax.max(*o);
+    }
+    tmax
+}
+
+/// The low eight lanes plus the high eight.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn halves_sum(a: __m512) -> __m256 {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+    _mm256_add_ps(_mm512_castps512_ps256(a), hi)
+}
+
+/// [`accumulate`] for f32 values on 512-bit registers, for head sizes that are a multiple of
+/// 16 (the CPU must have AVX-512F): each lane takes the same fused multiply-adds, key by key,
+/// as in [`accumulate_avx2`], so the result is the same bits. Heads of 64, 128 and 256 keep the
+/// accumulator in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+#[inline]
+pub(crate) unsafe fn accumulate_avx512(acc: &mut [f32], v: &[f32], stride: usize, w: &[f32]) {
+    let d = acc.len();
+    if w.is_empty() {
+        return;
+    }
+    assert!(d.is_multiple_of(16), "head size not a multiple of 16");
+    assert!(
+        v.len() >= (w.len() - 1) * stride + d,
+        "value run shorter than its rows"
+    );
+    match d {
+        64 => accumulate_regs::<4>(acc, v, stride, w),
+        128 => accumulate_regs::<8>(acc, v, stride, w),
+        256 => accumulate_regs::<16>(acc, v, stride, w),
+        _ => {
+            let ap = acc.as_mut_ptr();
+            for (j, &wj) in w.iter().enumerate() {
+                let vp = v.as_ptr().add(j * stride);
+                let wv = _mm512_set1_ps(wj);
+                for c in (0..d).step_by(16) {
+                    let r =
+                        _mm512_fmadd_ps(wv, _mm512_loadu_ps(vp.add(c)), _mm512_loadu_ps(ap.add(c)));
+                    _mm512_storeu_ps(ap.add(c), r);
+                }
+            }
+        }
+    }
+}
+
+/// [`accumulate_avx512`] with the accumulator in `N` registers (`acc.len() == 16 N`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+#[inline]
+unsafe fn accumulate_regs<const N: usize>(acc: &mut [f32], v: &[f32], stride: usize, w: &[f32]) {
+    let ap = acc.as_mut_ptr();
+    let mut r: [__m512; N] = std::array::from_fn(|i| _mm512_loadu_ps(ap.add(16 * i)));
+    for (j, &wj) in w.iter().enumerate() {
+        let vp = v.as_ptr().add(j * stride);
+        let wv = _mm512_set1_ps(wj);
+        for (i, r) in r.iter_mut().enumerate() {
+            *r = _mm512_fmadd_ps(wv, _mm512_loadu_ps(vp.add(16 * i)), *r);
+        }
+    }
+    for (i, r) in r.iter().enumerate() {
+        _mm512_storeu_ps(ap.add(16 * i), *r);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +550,40 @@ mod tests {
                         let one = score_avx2(&q, kh.as_ptr().add(j * stride)) * 0.125;
                         assert_eq!(x.to_bits(), one.to_bits(), "f16 d {d} n {n} key {j}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The 512-bit prefill kernels give the AVX2 kernels' bits (which decode uses) for every
+    /// head size that is a multiple of 16 and any run length.
+    #[test]
+    fn wide_scores_and_values_equal_avx2_bit_for_bit() {
+        let f = cpu::features();
+        if !(f.avx2 && f.avx512) {
+            return;
+        }
+        for d in [16usize, 32, 48, 64, 96, 128, 256] {
+            for n in [1usize, 3, 4, 5, 8, 15, 64] {
+                let stride = d + 16;
+                let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+                let k: Vec<f32> = (0..stride * n).map(|i| (i as f32 * 0.71).cos()).collect();
+                let w: Vec<f32> = (0..n).map(|j| (j as f32 * 0.3).exp().recip()).collect();
+                let (mut s1, mut s2) = (vec![0f32; n], vec![0f32; n]);
+                let (mut a1, mut a2) = (vec![0.5f32; d], vec![0.5f32; d]);
+                // SAFETY: AVX2 and AVX-512F were detected; the runs are long enough.
+                unsafe {
+                    let m1 = scores_avx512(&q, &k, stride, 0.125, &mut s1);
+                    let m2 = scores_avx2(&q, &k, stride, 0.125, &mut s2);
+                    assert_eq!(m1.to_bits(), m2.to_bits(), "max, d {d} n {n}");
+                    accumulate_avx512(&mut a1, &k, stride, &w);
+                    accumulate_avx2(&mut a2, &k, stride, &w);
+                }
+                for (j, (x, y)) in s1.iter().zip(&s2).enumerate() {
+                    assert_eq!(x.to_bits(), y.to_bits(), "score d {d} n {n} key {j}");
+                }
+                for (i, (x, y)) in a1.iter().zip(&a2).enumerate() {
+                    assert_eq!(x.to_bits(), y.to_bits(), "value d {d} n {n} lane {i}");
                 }
             }
         }

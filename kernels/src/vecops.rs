@@ -101,7 +101,13 @@ pub fn exp_approx(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the bits of n + 127 + 2^23, whose mantissa is the integer n + 127 (in 1..=254
+    // after the clamp): the same value as `(n as i32 + 127) << 23`, without a saturating
+    // float-to-integer conversion, which does not vectorise.
+    let biased = ((n + 127.0) + 8_388_608.0)
+        .to_bits()
+        .wrapping_sub(0x4B00_0000);
+    let pow2 = f32::from_bits(biased << 23);
     let v = e * pow2;
     if x < -87.0 {
         0.0
@@ -200,6 +206,18 @@ mod tests {
         let mut g = vec![1.0f32, -2.0, 0.5];
         gelu_mul(&mut g, &[2.0, 1.0, 0.0]);
         assert_eq!(g, vec![gelu_tanh(1.0) * 2.0, gelu_tanh(-2.0), 0.0]);
+    }
+
+    /// The exponent trick in `exp_approx` gives `2^n` for every `n` the clamp lets through.
+    #[test]
+    fn exp_approx_power_of_two_is_exact() {
+        for n in -126i32..=127 {
+            let biased = ((n as f32 + 127.0) + 8_388_608.0)
+                .to_bits()
+                .wrapping_sub(0x4B00_0000);
+            assert_eq!(f32::from_bits(biased << 23), 2f32.powi(n), "2^{n}");
+        }
+        assert!(exp_approx(f32::NAN).is_nan());
     }
 
     #[test]

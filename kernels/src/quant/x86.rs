@@ -299,3 +299,236 @@ pub(crate) fn kernel<const R: usize>(ty: QuantType, isa: u8) -> TileFn<R> {
         QuantType::F16 => pick!(8),
     }
 }
+
+/// Two 32-byte loads, from two panel groups, as one 512-bit register (group `p0` in the low
+/// half: its eight rows' lanes come first).
+#[inline(always)]
+unsafe fn ld2(p0: *const u8, p1: *const u8) -> __m512i {
+    let lo = _mm512_castsi256_si512(_mm256_loadu_si256(p0 as *const __m256i));
+    _mm512_inserti64x4::<1>(lo, _mm256_loadu_si256(p1 as *const __m256i))
+}
+
+/// Eight f16 at `p0` and eight at `p1`, as sixteen f32.
+#[inline(always)]
+unsafe fn ph2(p0: *const u8, p1: *const u8) -> __m512 {
+    let lo = _mm256_castsi128_si256(_mm_loadu_si128(p0 as *const __m128i));
+    _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+        lo,
+        _mm_loadu_si128(p1 as *const __m128i),
+    ))
+}
+
+/// Eight bytes at `p0` and eight at `p1` as sixteen 32-bit integers (`SIGNED`: as `i8`).
+#[inline(always)]
+unsafe fn bytes2<const SIGNED: bool>(p0: *const u8, p1: *const u8) -> __m512i {
+    let b = _mm_unpacklo_epi64(
+        _mm_loadl_epi64(p0 as *const __m128i),
+        _mm_loadl_epi64(p1 as *const __m128i),
+    );
+    if SIGNED {
+        _mm512_cvtepi8_epi32(b)
+    } else {
+        _mm512_cvtepu8_epi32(b)
+    }
+}
+
+#[inline(always)]
+unsafe fn bcast4w(p: *const i8) -> __m512i {
+    _mm512_set1_epi32((p as *const i32).read_unaligned())
+}
+
+/// [`sub_dots`] for two panel groups at once on 512-bit registers (sixteen weight rows, lane
+/// `8k + r` for row `r` of group `k`). The integer sums are exact, so how they are grouped does
+/// not matter: every format but `Q6_K` (whose halves have their own scales) sums both halves
+/// into `lo`.
+#[inline(always)]
+unsafe fn sub_dots16<const T: u8, const R: usize>(
+    v0: *const u8,
+    v1: *const u8,
+    a: &[ActPtr; R],
+    e0: usize,
+    lo: &mut [__m512i; R],
+    hi: &mut [__m512i; R],
+) {
+    let ty = fmt(T);
+    let split = T == tag(QuantType::Q6_K);
+    if T == tag(QuantType::Q8_0) {
+        for g in 0..8 {
+            let v = ld2(v0.add(32 * g), v1.add(32 * g));
+            for t in 0..R {
+                lo[t] = _mm512_dpbusd_epi32(lo[t], v, bcast4w(a[t].qs.add(e0 + 4 * g)));
+            }
+        }
+        return;
+    }
+    let m0f = _mm512_set1_epi8(0x0f);
+    for g in 0..4 {
+        let v = ld2(v0.add(32 * g), v1.add(32 * g));
+        let mut l = _mm512_and_si512(v, m0f);
+        let mut h = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m0f);
+        match ty.high_planes() {
+            1 => {
+                let p = ld2(v0.add(128), v1.add(128));
+                let m = _mm512_set1_epi8(0x10);
+                let up = _mm_cvtsi32_si128(4 - g as i32);
+                let down = _mm_cvtsi32_si128(g as i32);
+                l = _mm512_or_si512(l, _mm512_and_si512(_mm512_sll_epi16(p, up), m));
+                h = _mm512_or_si512(h, _mm512_and_si512(_mm512_srl_epi16(p, down), m));
+            }
+            2 => {
+                let pl = ld2(v0.add(128), v1.add(128));
+                let ph = ld2(v0.add(160), v1.add(160));
+                let m = _mm512_set1_epi8(0x30);
+                let (pl, ph) = if g < 3 {
+                    let up = _mm_cvtsi32_si128(4 - 2 * g as i32);
+                    (_mm512_sll_epi16(pl, up), _mm512_sll_epi16(ph, up))
+                } else {
+                    (_mm512_srli_epi16::<2>(pl), _mm512_srli_epi16::<2>(ph))
+                };
+                l = _mm512_or_si512(l, _mm512_and_si512(pl, m));
+                h = _mm512_or_si512(h, _mm512_and_si512(ph, m));
+            }
+            _ => {}
+        }
+        for t in 0..R {
+            let yl = bcast4w(a[t].qs.add(e0 + 4 * g));
+            let yh = bcast4w(a[t].qs.add(e0 + 16 + 4 * g));
+            lo[t] = _mm512_dpbusd_epi32(lo[t], l, yl);
+            if split {
+                hi[t] = _mm512_dpbusd_epi32(hi[t], h, yh);
+            } else {
+                lo[t] = _mm512_dpbusd_epi32(lo[t], h, yh);
+            }
+        }
+    }
+}
+
+/// [`tile`] on 512-bit registers for two panel groups (`p0`, `p1`: sixteen weight rows):
+/// `out[t][8k + r]` = row `r` of group `k` · activation row `a[t]`. Each lane follows the f32
+/// operations of [`tile`] (and of [`super::scalar::group_dot`]) for its row, so it gives their
+/// bits; only the integer sums, which are exact, are grouped differently.
+#[inline(always)]
+pub(crate) unsafe fn tile16<const T: u8, const R: usize>(
+    p0: *const u8,
+    p1: *const u8,
+    recs: usize,
+    a: &[ActPtr; R],
+    out: &mut [[f32; 16]; R],
+) {
+    let ty = fmt(T);
+    let (rb, sb, subs) = (ty.rec_bytes(), ty.sub_bytes(), ty.rec_elems() / BLOCK);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let zero = _mm512_setzero_si512();
+    let offset = ty.offset();
+    for i in 0..recs {
+        let (r0, r1) = (p0.add(i * rb), p1.add(i * rb));
+        if T == tag(QuantType::F16) {
+            for k in 0..BLOCK {
+                let w = ph2(r0.add(16 * k), r1.add(16 * k));
+                for t in 0..R {
+                    let x = _mm512_set1_ps(*a[t].f.add(i * BLOCK + k));
+                    acc[t] = _mm512_fmadd_ps(w, x, acc[t]);
+                }
+            }
+            continue;
+        }
+        let (t0, t1) = (r0.add(subs * sb), r1.add(subs * sb));
+        let d16 = ph2(t0, t1);
+        if !ty.is_k() {
+            let (mut lo, mut hi) = ([zero; R], [zero; R]);
+            sub_dots16::<T, R>(r0, r1, a, i * BLOCK, &mut lo, &mut hi);
+            for t in 0..R {
+                let mut v = lo[t];
+                if offset != 0 {
+                    v = _mm512_sub_epi32(v, _mm512_set1_epi32(offset * ysum(&a[t], i, None)));
+                }
+                let dd = _mm512_mul_ps(d16, _mm512_set1_ps(*a[t].d.add(i)));
+                acc[t] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(v), acc[t]);
+                if ty.has_min() {
+                    let m16 = ph2(t0.add(16), t1.add(16));
+                    acc[t] = _mm512_fmadd_ps(m16, _mm512_set1_ps(*a[t].s.add(i)), acc[t]);
+                }
+            }
+            continue;
+        }
+        let mut sumi = [zero; R];
+        for s in 0..subs {
+            let blk = i * subs + s;
+            let (mut lo, mut hi) = ([zero; R], [zero; R]);
+            sub_dots16::<T, R>(
+                r0.add(s * sb),
+                r1.add(s * sb),
+                a,
+                blk * BLOCK,
+                &mut lo,
+                &mut hi,
+            );
+            if T == tag(QuantType::Q6_K) {
+                let sc = |h: usize| bytes2::<true>(t0.add(16 + 8 * h), t1.add(16 + 8 * h));
+                let (sl, sh) = (sc(2 * s), sc(2 * s + 1));
+                for t in 0..R {
+                    let l =
+                        _mm512_sub_epi32(lo[t], _mm512_set1_epi32(32 * ysum(&a[t], blk, Some(0))));
+                    let h =
+                        _mm512_sub_epi32(hi[t], _mm512_set1_epi32(32 * ysum(&a[t], blk, Some(1))));
+                    let p = _mm512_add_epi32(_mm512_mullo_epi32(sl, l), _mm512_mullo_epi32(sh, h));
+                    sumi[t] = _mm512_add_epi32(sumi[t], p);
+                }
+            } else {
+                let sc = bytes2::<false>(t0.add(32 + 8 * s), t1.add(32 + 8 * s));
+                for t in 0..R {
+                    sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(sc, lo[t]));
+                }
+            }
+        }
+        for t in 0..R {
+            let dy = _mm512_set1_ps(*a[t].d.add(i));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d16, dy), _mm512_cvtepi32_ps(sumi[t]), acc[t]);
+            if ty.has_min() {
+                let mut summ = zero;
+                for s in 0..subs {
+                    let m = bytes2::<false>(t0.add(96 + 8 * s), t1.add(96 + 8 * s));
+                    let ys = _mm512_set1_epi32(ysum(&a[t], i * subs + s, None));
+                    summ = _mm512_add_epi32(summ, _mm512_mullo_epi32(m, ys));
+                }
+                let dmin16 = ph2(t0.add(16), t1.add(16));
+                acc[t] =
+                    _mm512_fnmadd_ps(_mm512_mul_ps(dmin16, dy), _mm512_cvtepi32_ps(summ), acc[t]);
+            }
+        }
+    }
+    for t in 0..R {
+        _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+    }
+}
+
+/// A two-group tile kernel: two panel groups, records, activation rows, outputs.
+pub(crate) type Tile16Fn<const R: usize> =
+    unsafe fn(*const u8, *const u8, usize, &[ActPtr; R], &mut [[f32; 16]; R]);
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn on_avx512_wide<const T: u8, const R: usize>(
+    p0: *const u8,
+    p1: *const u8,
+    n: usize,
+    a: &[ActPtr; R],
+    o: &mut [[f32; 16]; R],
+) {
+    tile16::<T, R>(p0, p1, n, a, o)
+}
+
+/// The two-group (512-bit) tile kernel for format `ty` (the caller checked that the CPU has
+/// AVX-512 VNNI, BW and VL).
+pub(crate) fn kernel16<const R: usize>(ty: QuantType) -> Tile16Fn<R> {
+    match ty {
+        QuantType::Q4_0 => on_avx512_wide::<0, R>,
+        QuantType::Q4_1 => on_avx512_wide::<1, R>,
+        QuantType::Q5_0 => on_avx512_wide::<2, R>,
+        QuantType::Q5_1 => on_avx512_wide::<3, R>,
+        QuantType::Q8_0 => on_avx512_wide::<4, R>,
+        QuantType::Q4_K => on_avx512_wide::<5, R>,
+        QuantType::Q5_K => on_avx512_wide::<6, R>,
+        QuantType::Q6_K => on_avx512_wide::<7, R>,
+        QuantType::F16 => on_avx512_wide::<8, R>,
+    }
+}
