@@ -29,6 +29,7 @@ pub mod kv_store;
 pub mod matmul;
 pub mod norm;
 pub mod paged_attention;
+pub mod pool;
 pub mod quant;
 pub mod rope;
 mod tile;

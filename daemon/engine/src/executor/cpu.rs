@@ -69,7 +69,10 @@ impl Executor for CpuExecutor {
     }
 
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Vec<Option<Vec<f32>>>, ExecError> {
-        Ok(self.model.forward_batch(steps, &mut self.kv)?)
+        let (model, kv) = (&self.model, &mut self.kv);
+        Ok(agentd_kernels::pool::hot(|| {
+            model.forward_batch(steps, kv)
+        })?)
     }
 
     fn copy_page(&mut self, src: u32, dst: u32, tokens: usize) -> Result<(), ExecError> {
