@@ -6,7 +6,8 @@
 //! activation row in one parallel pass: the weight row groups are split into contiguous ranges,
 //! one task each; a task walks its groups for a chunk of activation rows that stays in cache,
 //! and for each group runs tiles of up to eight activation rows, so each weight block is read
-//! once per tile. A row's result does not depend on the tile, the chunk, the thread or the
+//! once per tile. On AVX-512 VNNI the groups go two at a time through 512-bit registers
+//! (sixteen weight rows per tile, [`crate::quant::x86::tile16`]). A row's result does not depend on the tile, the chunk, the thread or the
 //! batch it was computed in (see [`crate::quant`]).
 
 use crate::cpu;
@@ -444,8 +445,8 @@ fn simd_tiles(
         }
     }
 }
-/// Tiles of eight (four for `Q6_K`, whose halves need twice the registers) or one activation
-/// rows against two panel groups at once, on 512-bit registers.
+/// Tiles of eight, four or one activation rows against two panel groups at once, on 512-bit
+/// registers.
 #[cfg(target_arch = "x86_64")]
 fn wide_tiles(
     ty: QuantType,
@@ -461,7 +462,6 @@ fn wide_tiles(
         x86::kernel16::<4>(ty),
         x86::kernel16::<1>(ty),
     );
-    let eight = ty != QuantType::Q6_K;
     let mut t = 0;
     macro_rules! run {
         ($f:expr, $r:expr) => {{
@@ -479,7 +479,7 @@ fn wide_tiles(
     }
     while t < rows.len() {
         let left = rows.len() - t;
-        if eight && left >= 8 {
+        if left >= 8 {
             run!(k8, 8)
         } else if left >= 4 {
             run!(k4, 4)

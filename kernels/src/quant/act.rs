@@ -106,30 +106,80 @@ impl QuantizedRows {
     }
 }
 
+/// Elements per parallel task when quantising a batch of rows (smaller batches, such as a
+/// decode step's, run on the calling thread).
+const PAR_ELEMS: usize = 16 << 10;
+
+/// One contiguous run of blocks and its outputs.
+struct Part<'a> {
+    x: &'a [f32],
+    qs: &'a mut [i8],
+    d: &'a mut [f32],
+    /// Empty for per-256 blocks.
+    s: &'a mut [f32],
+    sum16: &'a mut [i32],
+}
+
 fn quantize_into(q: &mut QBlocks, x: &[f32], block: usize) {
+    use rayon::prelude::*;
     let blocks = x.len() / block;
     q.qs.resize(x.len(), 0);
     q.d.resize(blocks, 0.0);
     q.s.resize(if block == BLOCK { blocks } else { 0 }, 0.0);
     q.sum16.resize(x.len() / 16, 0);
-    #[cfg(target_arch = "x86_64")]
-    if cpu::features().avx2 {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn fast(q: &mut QBlocks, x: &[f32], block: usize) {
-            quantize_body(q, x, block)
-        }
-        // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { fast(q, x, block) };
+    // Blocks are independent, so how they are shared out does not change a bit.
+    let per = PAR_ELEMS.next_multiple_of(block);
+    let mut parts = Vec::with_capacity(x.len().div_ceil(per));
+    let (mut xs, mut qs, mut d, mut s, mut sum16) = (
+        x,
+        &mut q.qs[..],
+        &mut q.d[..],
+        &mut q.s[..],
+        &mut q.sum16[..],
+    );
+    while !xs.is_empty() {
+        let len = per.min(xs.len());
+        let nb = len / block;
+        let (x0, x1) = xs.split_at(len);
+        let (q0, q1) = std::mem::take(&mut qs).split_at_mut(len);
+        let (d0, d1) = std::mem::take(&mut d).split_at_mut(nb);
+        let ns = nb.min(s.len());
+        let (s0, s1) = std::mem::take(&mut s).split_at_mut(ns);
+        let (m0, m1) = std::mem::take(&mut sum16).split_at_mut(len / 16);
+        parts.push(Part {
+            x: x0,
+            qs: q0,
+            d: d0,
+            s: s0,
+            sum16: m0,
+        });
+        (xs, qs, d, s, sum16) = (x1, q1, d1, s1, m1);
     }
-    quantize_body(q, x, block)
+    let run = |p: Part<'_>| {
+        #[cfg(target_arch = "x86_64")]
+        if cpu::features().avx2 {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn fast(p: Part<'_>, block: usize) {
+                quantize_body(p, block)
+            }
+            // SAFETY: AVX2 and FMA were detected at run time.
+            return unsafe { fast(p, block) };
+        }
+        quantize_body(p, block)
+    };
+    if parts.len() > 1 {
+        parts.into_par_iter().for_each(run);
+    } else {
+        parts.into_iter().for_each(run);
+    }
 }
 
 #[inline(always)]
-fn quantize_body(q: &mut QBlocks, x: &[f32], block: usize) {
-    for (b, (xs, qs)) in x
-        .chunks_exact(block)
-        .zip(q.qs.chunks_exact_mut(block))
-        .enumerate()
+fn quantize_body(p: Part<'_>, block: usize) {
+    for (b, (xs, qs)) in
+        p.x.chunks_exact(block)
+            .zip(p.qs.chunks_exact_mut(block))
+            .enumerate()
     {
         // Eight running maxima, then their maximum: the same value as a sequential fold (max is
         // exact and order-free), but a dependency chain LLVM can vectorise.
@@ -143,21 +193,25 @@ fn quantize_body(q: &mut QBlocks, x: &[f32], block: usize) {
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (o, v) in qs.iter_mut().zip(xs) {
-            *o = (v * id).round() as i8;
+            // `round` gives an integer in -127..=127 (for finite inputs), read from the float's
+            // bits after adding 1.5 · 2^23: the value `as i8` gives, without a saturating
+            // conversion, which does not vectorise (a NaN input gives some byte, not 0).
+            let r = (v * id).round();
+            *o = ((r + 12_582_912.0).to_bits() as i32 - 0x4B40_0000) as i8;
         }
         let mut sum = 0i32;
         for (k, s16) in qs.chunks_exact(16).enumerate() {
             let s: i32 = s16.iter().map(|&v| v as i32).sum();
-            q.sum16[b * block / 16 + k] = s;
+            p.sum16[b * block / 16 + k] = s;
             sum += s;
         }
         if block == BLOCK {
             // Rounded to f16 as ggml's `block_q8_1` stores it.
             let d = f16::from_f32(d).to_f32();
-            q.d[b] = d;
-            q.s[b] = d * sum as f32;
+            p.d[b] = d;
+            p.s[b] = d * sum as f32;
         } else {
-            q.d[b] = d;
+            p.d[b] = d;
         }
     }
 }

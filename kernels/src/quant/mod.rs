@@ -21,7 +21,9 @@
 //! **One order of operations.** Each output is computed by the same sequence of operations
 //! whatever the kernel: per block, an exact integer dot product (how it is summed cannot change
 //! it), then a fixed sequence of f32 multiplies and fused multiply-adds into one accumulator.
-//! The scalar twin ([`scalar`]), the AVX2, AVX-VNNI and AVX-512 VNNI kernels ([`x86`]), one row
+//! The scalar twin ([`scalar`]), the AVX2, AVX-VNNI and AVX-512 VNNI kernels ([`x86`]: 256-bit
+//! registers over one panel group, or 512-bit ones over two, each lane doing its row's f32
+//! steps in the same order; only exact integer sums are grouped differently), one row
 //! alone or a tile of rows, one thread or many: all give the same bits. A prompt row and a
 //! decode row, a cache hit and a recompute, a batch of one and a batch of 32 are therefore
 //! bit-identical by construction.

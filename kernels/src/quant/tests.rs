@@ -303,3 +303,71 @@ fn bad_shapes_are_errors() {
     assert!(m.matmul(&acts, &mut out[..5]).is_err());
     m.matmul(&acts, &mut out).unwrap();
 }
+
+/// A batch large enough to be quantised in parallel parts gives every row the bits it gets
+/// alone (the parts are cut at block boundaries, and blocks are independent).
+#[test]
+fn large_batches_quantize_each_row_as_alone() {
+    use super::ActKind;
+    let (rows, cols) = (90, 768);
+    let mut rng = Lcg(7);
+    let x = activations(&mut rng, rows, cols);
+    for kind in [ActKind::Block32, ActKind::Super256] {
+        let all = QuantizedRows::new(&x, rows, cols, &[kind]);
+        let pick = |q: &QuantizedRows| {
+            if kind == ActKind::Block32 {
+                q.b32.clone().unwrap()
+            } else {
+                q.b256.clone().unwrap()
+            }
+        };
+        let a = pick(&all);
+        let block = if kind == ActKind::Block32 { 32 } else { 256 };
+        let per_row = cols / block;
+        for r in 0..rows {
+            let one = pick(&QuantizedRows::new(
+                &x[r * cols..(r + 1) * cols],
+                1,
+                cols,
+                &[kind],
+            ));
+            assert_eq!(
+                &a.qs[r * cols..(r + 1) * cols],
+                &one.qs[..],
+                "{kind:?} row {r}"
+            );
+            let d: Vec<u32> = a.d[r * per_row..(r + 1) * per_row]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let d1: Vec<u32> = one.d.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(d, d1, "{kind:?} row {r} scales");
+            if !one.s.is_empty() {
+                let s: Vec<u32> = a.s[r * per_row..(r + 1) * per_row]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let s1: Vec<u32> = one.s.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(s, s1, "{kind:?} row {r} sums");
+            }
+            assert_eq!(
+                &a.sum16[r * cols / 16..(r + 1) * cols / 16],
+                &one.sum16[..],
+                "{kind:?} row {r}"
+            );
+        }
+        // The values are the rounded scaled inputs.
+        for (i, (&q, &v)) in a.qs.iter().zip(&x).enumerate() {
+            let b = i / block;
+            let want = if a.d[b] > 0.0 {
+                (v / a.d[b]).round()
+            } else {
+                0.0
+            };
+            assert!(
+                (q as f32 - want).abs() <= 1.0,
+                "{kind:?} element {i}: {q} vs {want}"
+            );
+        }
+    }
+}

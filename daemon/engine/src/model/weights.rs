@@ -375,13 +375,21 @@ fn forward_quant(
     let total: usize = mats.iter().map(|m| m.rows()).sum();
     s.fused.resize(total * n, 0.0);
     matmul_many(mats, &s.acts, &mut s.fused)?;
-    for (j, fused) in s.fused.chunks_exact(total).enumerate() {
-        let mut at = 0;
-        for (m, out) in mats.iter().zip(outs.iter_mut()) {
-            let r = m.rows();
-            out[j * r..(j + 1) * r].copy_from_slice(&fused[at..at + r]);
-            at += r;
+    // Each activation row's outputs lie side by side in `fused`; split them into the matrices'
+    // outputs (in parallel for prompt-sized batches).
+    let mut at = 0;
+    for (m, out) in mats.iter().zip(outs.iter_mut()) {
+        let r = m.rows();
+        let copy = |(o, f): (&mut [f32], &[f32])| o.copy_from_slice(&f[at..at + r]);
+        if n >= 64 {
+            use rayon::prelude::*;
+            out.par_chunks_mut(r)
+                .zip(s.fused.par_chunks(total))
+                .for_each(copy);
+        } else {
+            out.chunks_mut(r).zip(s.fused.chunks(total)).for_each(copy);
         }
+        at += r;
     }
     Ok(())
 }
