@@ -7,8 +7,8 @@
 //! one task each; a task walks its groups for a chunk of activation rows that stays in cache,
 //! and for each group runs tiles of up to eight activation rows, so each weight block is read
 //! once per tile. On AVX-512 VNNI the groups go two at a time through 512-bit registers
-//! (sixteen weight rows per tile, [`crate::quant::x86::tile16`]). A row's result does not depend on the tile, the chunk, the thread or the
-//! batch it was computed in (see [`crate::quant`]).
+//! (sixteen weight rows per tile). A row's result does not depend on the tile, the chunk, the
+//! thread or the batch it was computed in (see [`crate::quant`]).
 
 use crate::cpu;
 use crate::quant::formats::GROUP;
@@ -445,6 +445,7 @@ fn simd_tiles(
         }
     }
 }
+
 /// Tiles of eight, four or one activation rows against two panel groups at once, on 512-bit
 /// registers.
 #[cfg(target_arch = "x86_64")]

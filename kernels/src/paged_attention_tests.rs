@@ -6,6 +6,7 @@ use super::flash_decode::{decode, Plan, SERIAL_DECODE_KEYS};
 use super::*;
 use crate::attention::causal_attention;
 use crate::attention::tests::naive;
+use crate::vecops::scale_body;
 use proptest::prelude::*;
 
 /// A shuffled page table of `needed` pages out of a pool of `needed + spare` pages.
