@@ -20,24 +20,6 @@ use rayon::prelude::*;
 
 /// A single sequence's KV in its own growable pages, for the oracle tests (the product runs
 /// every sequence through the scheduler).
-/// Elements per task of the elementwise steps that run in parallel for a batch of rows.
-const PAR_ELEMS: usize = 32 << 10;
-
-/// `gate = act(gate) · up`, elementwise, in parallel for large batches (each element is computed
-/// alone, so the split changes no bit).
-fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
-    let one = |g: &mut [f32], u: &[f32]| match act {
-        Activation::Silu => vecops::silu_mul(g, u),
-        Activation::GeluTanh => vecops::gelu_mul(g, u),
-    };
-    if gate.len() < 2 * PAR_ELEMS {
-        return one(gate, up);
-    }
-    gate.par_chunks_mut(PAR_ELEMS)
-        .zip(up.par_chunks(PAR_ELEMS))
-        .for_each(|(g, u)| one(g, u));
-}
-
 #[cfg(test)]
 pub struct KvCache {
     pages: KvPages,
@@ -598,6 +580,24 @@ pub(crate) fn shared_prefix_groups(seqs: &[SeqStep<'_>], page_size: usize) -> Ve
         }
     }
     groups
+}
+
+/// Elements per task of the elementwise steps that run in parallel for a batch of rows.
+const PAR_ELEMS: usize = 32 << 10;
+
+/// `gate = act(gate) · up`, elementwise, in parallel for large batches (each element is computed
+/// alone, so the split changes no bit).
+fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
+    let one = |g: &mut [f32], u: &[f32]| match act {
+        Activation::Silu => vecops::silu_mul(g, u),
+        Activation::GeluTanh => vecops::gelu_mul(g, u),
+    };
+    if gate.len() < 2 * PAR_ELEMS {
+        return one(gate, up);
+    }
+    gate.par_chunks_mut(PAR_ELEMS)
+        .zip(up.par_chunks(PAR_ELEMS))
+        .for_each(|(g, u)| one(g, u));
 }
 
 #[cfg(test)]
