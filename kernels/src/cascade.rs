@@ -165,8 +165,13 @@ pub fn paged_prefix_states<S: KvStore>(
             let (mut acc, mut m, mut l) = (vec![0f32; nq * d], vec![0f32; nq], vec![0f32; nq]);
             #[cfg(target_arch = "x86_64")]
             if sp.simd {
-                // SAFETY: `simd` is set only where AVX2, FMA and F16C were detected.
-                unsafe { super::block_states_avx2(&p, &mut acc, &mut m, &mut l) };
+                if crate::cpu::features().avx512 && d.is_multiple_of(16) {
+                    // SAFETY: AVX-512F was detected.
+                    unsafe { super::block_states_avx512(&p, &mut acc, &mut m, &mut l) };
+                } else {
+                    // SAFETY: `simd` is set only where AVX2, FMA and F16C were detected.
+                    unsafe { super::block_states_avx2(&p, &mut acc, &mut m, &mut l) };
+                }
                 return (acc, m, l);
             }
             super::block_states::<_, false>(&p, false, &mut acc, &mut m, &mut l);

@@ -783,7 +783,7 @@ fn seg_accumulate(simd: bool, acc: &mut [f32], v: &[f16], stride: usize, w: &[f3
 mod prefill;
 use prefill::{block_queries, block_states, Block};
 #[cfg(target_arch = "x86_64")]
-use prefill::{block_queries_avx2, block_queries_avx512, block_states_avx2};
+use prefill::{block_queries_avx2, block_queries_avx512, block_states_avx2, block_states_avx512};
 
 #[path = "flash_decode.rs"]
 mod flash_decode;

@@ -234,3 +234,16 @@ pub(super) unsafe fn block_states_avx2<S: KvStore>(
 ) {
     block_states::<S, false>(p, true, out, m, l)
 }
+
+/// [`block_states_avx2`] with the 512-bit scores and weighted values (the same bits); heads a
+/// multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+pub(super) unsafe fn block_states_avx512<S: KvStore>(
+    p: &Block<'_, S>,
+    out: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
+    block_states::<S, true>(p, true, out, m, l)
+}
