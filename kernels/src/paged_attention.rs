@@ -708,12 +708,19 @@ impl Walk<'_, f16> {
         let mut tmax = f32::NEG_INFINITY;
         for (j, off, len) in self.segments(t0, n) {
             let seg = &mut s[j..j + len];
-            tmax = tmax.max(seg_scores(simd, q, &self.k[off..], self.kv_row, scale, seg));
+            tmax = tmax.max(tile::scores(
+                simd,
+                q,
+                &self.k[off..],
+                self.kv_row,
+                scale,
+                seg,
+            ));
         }
         let tmax = mask_below(s, t0, lo, tmax);
         tile::fold_softmax(acc, m, l, s, tmax);
         for (j, off, len) in self.segments(t0, n) {
-            seg_accumulate(simd, acc, &self.v[off..], self.kv_row, &s[j..j + len]);
+            tile::accumulate(simd, acc, &self.v[off..], self.kv_row, &s[j..j + len]);
         }
     }
 }
@@ -758,25 +765,6 @@ impl<S: KvStore> Walk<'_, S> {
             }
         }
     }
-}
-
-/// `scores[j] = scale · q·k_j` for a run of keys (see [`tile::scores`]).
-#[inline(always)]
-fn seg_scores(
-    simd: bool,
-    q: &[f32],
-    k: &[f16],
-    stride: usize,
-    scale: f32,
-    scores: &mut [f32],
-) -> f32 {
-    tile::scores(simd, q, k, stride, scale, scores)
-}
-
-/// `acc += Σ_j w[j] · v_j` over a run of values (see [`tile::accumulate`]).
-#[inline(always)]
-fn seg_accumulate(simd: bool, acc: &mut [f32], v: &[f16], stride: usize, w: &[f32]) {
-    tile::accumulate(simd, acc, v, stride, w)
 }
 
 #[path = "paged_prefill.rs"]

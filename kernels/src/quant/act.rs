@@ -129,6 +129,17 @@ fn quantize_into(q: &mut QBlocks, x: &[f32], block: usize) {
     q.sum16.resize(x.len() / 16, 0);
     // Blocks are independent, so how they are shared out does not change a bit.
     let per = PAR_ELEMS.next_multiple_of(block);
+    if x.len() <= per {
+        // A decode step's rows: one part, on this thread.
+        let whole = Part {
+            x,
+            qs: &mut q.qs,
+            d: &mut q.d,
+            s: &mut q.s,
+            sum16: &mut q.sum16,
+        };
+        return quantize_part(whole, block);
+    }
     let mut parts = Vec::with_capacity(x.len().div_ceil(per));
     let (mut xs, mut qs, mut d, mut s, mut sum16) = (
         x,
@@ -155,23 +166,21 @@ fn quantize_into(q: &mut QBlocks, x: &[f32], block: usize) {
         });
         (xs, qs, d, s, sum16) = (x1, q1, d1, s1, m1);
     }
-    let run = |p: Part<'_>| {
-        #[cfg(target_arch = "x86_64")]
-        if cpu::features().avx2 {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn fast(p: Part<'_>, block: usize) {
-                quantize_body(p, block)
-            }
-            // SAFETY: AVX2 and FMA were detected at run time.
-            return unsafe { fast(p, block) };
+    parts.into_par_iter().for_each(|p| quantize_part(p, block));
+}
+
+/// Quantises one part with the fastest body this CPU runs.
+fn quantize_part(p: Part<'_>, block: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if cpu::features().avx2 {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fast(p: Part<'_>, block: usize) {
+            quantize_body(p, block)
         }
-        quantize_body(p, block)
-    };
-    if parts.len() > 1 {
-        parts.into_par_iter().for_each(run);
-    } else {
-        parts.into_iter().for_each(run);
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { fast(p, block) };
     }
+    quantize_body(p, block)
 }
 
 #[inline(always)]
